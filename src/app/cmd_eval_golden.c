@@ -1,0 +1,187 @@
+/* cmd_eval_golden.c — `strata eval-golden DIR`: reproduce transformers' logits.
+ *
+ * DIR is a model directory holding golden.safetensors with, for K = 0, 1, ...:
+ *   prompt_K  I32 [T]          token ids
+ *   logits_K  F32 [T, vocab]   next-token logits after each prefix (transformers, float64)
+ *   greedy_K  I32 [G]          greedy continuation
+ * Each prompt is checked three ways: one prefill over the whole prompt (logits of every
+ * position), the decode path (one token at a time through the KV cache), and the greedy
+ * continuation. A prompt passes when max|dlogit| <= tol * max|logit| on both paths and every
+ * greedy token matches.
+ */
+#include "app.h"
+#include "strata/model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct golden_case {
+    const int32_t *prompt; /* [T] */
+    const float *logits;   /* [T, V] */
+    const int32_t *greedy; /* [G] */
+    int T, G;
+} golden_case;
+
+static int32_t argmax(const float *x, int n) {
+    int32_t b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+/* max |a-b| and max |b| over n values. */
+static void diff_stats(const float *a, const float *b, size_t n, double *max_d, double *max_ref) {
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= *max_d)) *max_d = d; /* NaN propagates as failure */
+        if (fabs(b[i]) > *max_ref) *max_ref = fabs(b[i]);
+    }
+}
+
+static int load_case(const sft_set *g, int k, int vocab, golden_case *c, const char *path, st_err *err) {
+    char n1[32], n2[32], n3[32];
+    snprintf(n1, sizeof n1, "prompt_%d", k);
+    snprintf(n2, sizeof n2, "logits_%d", k);
+    snprintf(n3, sizeof n3, "greedy_%d", k);
+    const sft_tensor *p = sft_set_find(g, n1), *l = sft_set_find(g, n2), *gr = sft_set_find(g, n3);
+    if (!p) return 1; /* no more cases */
+    if (!l || !gr) return st_err_set(err, ST_ERR_MISSING, "%s: %s present but %s or %s missing", path, n1, n2, n3);
+    if (p->dtype != SFT_I32 || p->ndim != 1 || p->shape[0] < 1)
+        return st_err_set(err, ST_ERR_FORMAT, "%s: %s must be I32 [T]", path, n1);
+    if (l->dtype != SFT_F32 || l->ndim != 2 || l->shape[0] != p->shape[0] || l->shape[1] != vocab)
+        return st_err_set(err, ST_ERR_FORMAT, "%s: %s must be F32 [%lld, %d]", path, n2, (long long)p->shape[0], vocab);
+    if (gr->dtype != SFT_I32 || gr->ndim != 1)
+        return st_err_set(err, ST_ERR_FORMAT, "%s: %s must be I32 [G]", path, n3);
+    c->prompt = p->data;
+    c->logits = l->data;
+    c->greedy = gr->data;
+    c->T = (int)p->shape[0];
+    c->G = (int)gr->shape[0];
+    return 0;
+}
+
+static void usage(void) {
+    fprintf(stderr, "usage: strata eval-golden DIR [--exact] [--threads N] [--tol X] [--batch N]\n"
+                    "  Checks DIR's model against DIR/golden.safetensors (prefill, decode and greedy).\n"
+                    "  --exact      float32 reference path (default; the only CPU path so far)\n"
+                    "  --tol X      relative tolerance on logits (default 1e-3)\n"
+                    "  --batch N    prefill chunk size (default 64; smaller exercises chunking)\n");
+}
+
+int cmd_eval_golden(int argc, char **argv) {
+    const char *dir = NULL;
+    double tol = 1e-3;
+    int threads = 0, batch = 64;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--exact")) continue;
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--tol") && i + 1 < argc) tol = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage();
+            return 0;
+        } else if (argv[i][0] == '-') {
+            fprintf(stderr, "strata eval-golden: unknown option '%s'\n", argv[i]);
+            usage();
+            return 2;
+        } else if (!dir) dir = argv[i];
+        else {
+            usage();
+            return 2;
+        }
+    }
+    if (!dir || batch < 1) {
+        usage();
+        return 2;
+    }
+    st_err err = {0};
+    model *m = NULL;
+    sft_set g = {0};
+    model_ctx *ctx = NULL;
+    float *logits = NULL;
+    int rc = 1, passed = 0, failed = 0;
+    char *gpath = st_path_join(dir, "golden.safetensors");
+    if (!gpath) goto out;
+    if (model_load(&m, dir, NULL, &err)) {
+        fprintf(stderr, "strata: %s\n", err.msg);
+        goto out;
+    }
+    if (sft_set_open_file(&g, gpath, &err)) {
+        fprintf(stderr, "strata: %s\n", err.msg);
+        goto out;
+    }
+    const int V = m->desc.n_vocab;
+    golden_case cases[64];
+    int n_cases = 0, max_len = 0;
+    for (int k = 0; k < 64; k++) {
+        int r = load_case(&g, k, V, &cases[n_cases], gpath, &err);
+        if (r == 1) break;
+        if (r < 0) {
+            fprintf(stderr, "strata: %s\n", err.msg);
+            goto out;
+        }
+        int len = cases[n_cases].T + cases[n_cases].G;
+        if (len > max_len) max_len = len;
+        n_cases++;
+    }
+    if (!n_cases) {
+        fprintf(stderr, "strata: %s: no prompt_0 / logits_0 / greedy_0 tensors\n", gpath);
+        goto out;
+    }
+    model_ctx_opts o = {.max_ctx = max_len + 1, .n_slots = 1, .max_batch = batch, .n_threads = threads};
+    if (o.max_ctx > m->desc.max_pos) o.max_ctx = (int)m->desc.max_pos;
+    if (model_ctx_init(&ctx, m, &o, &err)) {
+        fprintf(stderr, "strata: %s\n", err.msg);
+        goto out;
+    }
+    logits = malloc((size_t)max_len * V * sizeof(float));
+    if (!logits) goto out;
+    printf("model %s: %s, %d layers, %d-dim, vocab %d; %d prompts\n", dir, m->desc.model_type, m->desc.n_layer,
+           m->desc.n_embd, V, n_cases);
+    for (int k = 0; k < n_cases; k++) {
+        golden_case *c = &cases[k];
+        double pre_d = 0, pre_ref = 0, dec_d = 0, dec_ref = 0;
+        /* 1. prefill: every position's logits in one pass */
+        if (model_forward_seq(ctx, c->prompt, c->T, 0, logits, LOGITS_ALL, &err)) {
+            fprintf(stderr, "strata: prompt %d: %s\n", k, err.msg);
+            failed++;
+            continue;
+        }
+        diff_stats(logits, c->logits, (size_t)c->T * V, &pre_d, &pre_ref);
+        /* 2. decode path: token by token through the KV cache */
+        int ok = 1;
+        for (int t = 0; t < c->T && ok; t++) {
+            if (model_forward_seq(ctx, &c->prompt[t], 1, t, logits, LOGITS_LAST, &err)) ok = 0;
+            else diff_stats(logits, c->logits + (size_t)t * V, (size_t)V, &dec_d, &dec_ref);
+        }
+        /* 3. greedy continuation from the decode path's last logits */
+        int match = 0;
+        for (int i = 0; i < c->G && ok; i++) {
+            int32_t tok = argmax(logits, V);
+            if (tok != c->greedy[i]) break;
+            match++;
+            if (i + 1 < c->G && model_forward_seq(ctx, &tok, 1, c->T + i, logits, LOGITS_LAST, &err)) ok = 0;
+        }
+        if (!ok) {
+            fprintf(stderr, "strata: prompt %d: %s\n", k, err.msg);
+            failed++;
+            continue;
+        }
+        double pre_rel = pre_ref > 0 ? pre_d / pre_ref : pre_d, dec_rel = dec_ref > 0 ? dec_d / dec_ref : dec_d;
+        int pass = pre_rel <= tol && dec_rel <= tol && match == c->G;
+        printf("prompt %d (%3d tokens): prefill max|dlogit|/max|logit| %.2e, decode %.2e, greedy %d/%d  %s\n", k, c->T,
+               pre_rel, dec_rel, match, c->G, pass ? "PASS" : "FAIL");
+        if (pass) passed++;
+        else failed++;
+    }
+    printf("golden: %d passed, %d failed\n", passed, failed);
+    rc = failed ? 1 : 0;
+out:
+    free(logits);
+    model_ctx_free(ctx);
+    sft_set_close(&g);
+    model_free(m);
+    free(gpath);
+    return rc;
+}

@@ -1,0 +1,67 @@
+/* cpu_ops.h — the CPU backend's ops: the reference every other backend is checked against.
+ *
+ * All activations are float32, row-major; `T` is the number of token rows. Ops borrow every
+ * pointer; none allocates: scratch comes from a cpu_scratch sized once by the caller.
+ * Threaded ops split work over the st_pool (NULL pool = serial).
+ */
+#ifndef STRATA_CPU_OPS_H
+#define STRATA_CPU_OPS_H
+
+#include "strata/model.h"
+#include "strata/pool.h"
+
+/* Per-thread scratch for linear/attention: n_threads rows of `row_cap` floats each. */
+typedef struct cpu_scratch {
+    float *buf;       /* [n_threads, row_cap] */
+    int n_threads;
+    size_t row_cap;
+} cpu_scratch;
+
+int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap);
+void cpu_scratch_free(cpu_scratch *s);
+
+/* Dequantizes / converts row r of w into dst[cols] (float32). Exact: w = s * q + b. */
+void cpu_weight_row(const wt_linear *w, int64_t r, float *dst);
+
+/* Reads quantized value v (0-based) of a row's LSB-first uint32 bitstream. */
+static inline uint32_t cpu_mlx_q_get(const uint32_t *row, int bits, size_t v) {
+    size_t bit = (size_t)bits * v;
+    uint64_t x = row[bit >> 5];
+    if ((bit & 31) + (size_t)bits > 32) x |= (uint64_t)row[(bit >> 5) + 1] << 32;
+    return (uint32_t)(x >> (bit & 31)) & ((1u << bits) - 1u);
+}
+
+/* out[T, rows] = x[T, cols] W^T. out must not alias x. */
+void cpu_linear(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T);
+
+/* Embedding lookup: out[T, cols] = rows tokens[t] of the table (dense or quantized). */
+void cpu_embed(float *out, const int32_t *tokens, int T, const wt_linear *table);
+
+/* RMSNorm over n_rows rows of length n: out = x * rsqrt(mean(x^2) + eps) * w. out may alias x. */
+void cpu_rmsnorm(float *out, const float *x, const float *w, int64_t n_rows, int n, float eps);
+
+/* Rotate-half RoPE on the first n_rot dims of each of n_heads heads of x[T, n_heads, head_dim]
+ * with cs[T, n_rot/2, 2] = (cos, sin) per token and frequency. */
+void cpu_rope(float *x, const float *cs, int T, int n_heads, int head_dim, int n_rot);
+
+/* Computes cos/sin tables cs[T, n_rot/2, 2] for positions pos[T] and inv_freq[n_rot/2]
+ * (angles in double precision). */
+void cpu_rope_table(float *cs, const int32_t *pos, int T, const double *inv_freq, int n_rot);
+
+/* Causal attention against a KV cache. q[T, n_head, hd]; for token t the keys/values are
+ * kc/vc rows 0..pos[t] of its slot: kc + slot_off[t] is [max_ctx, n_head_kv, hd].
+ * out[T, n_head, hd]. Needs s->row_cap >= max_ctx. */
+void cpu_attention(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
+                   const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+                   float scale);
+
+/* out[i] = silu(gate[i]) * up[i] for n elements (out may alias gate). */
+void cpu_swiglu(float *out, const float *gate, const float *up, int64_t n);
+
+/* x[i] += y[i]. */
+void cpu_add(float *x, const float *y, int64_t n);
+
+/* AVX2-or-scalar dot product. */
+float cpu_dot(const float *a, const float *b, int64_t n);
+
+#endif
