@@ -51,6 +51,7 @@ typedef struct sft_file {
     size_t n_tensors;
     uint64_t header_len;
     char *metadata_format;        /* __metadata__.format if present ("pt", "mlx"), owned  */
+    void *owned_buf;              /* in-memory sets: tensor data block, freed on close    */
 } sft_file;
 
 /* Opens, maps and validates path. On failure returns ST_ERR_IO/FORMAT with
@@ -85,6 +86,12 @@ int sft_set_open_dir(sft_set *s, const char *dir, st_err *err);
 int sft_set_open_file(sft_set *s, const char *path, st_err *err);
 
 void sft_set_close(sft_set *s);
+
+/* Builds a one-file set over tensors already in memory (synthetic models, tests). Takes
+ * ownership of `tensors` (a malloc'ed array of n entries whose `name` fields are malloc'ed and
+ * whose `data` point into `buf`) and of `buf` (malloc'ed or st_alloc_aligned'ed; freed with
+ * free()) on success and on failure. `label` names the set in messages. */
+int sft_set_from_memory(sft_set *s, sft_tensor *tensors, size_t n, void *buf, const char *label, st_err *err);
 
 /* Hash lookup; NULL if absent. */
 const sft_tensor *sft_set_find(const sft_set *s, const char *name);

@@ -213,6 +213,7 @@ void sft_file_close(sft_file *f) {
     for (size_t i = 0; i < f->n_tensors; i++) free(f->tensors[i].name);
     free(f->tensors);
     free(f->metadata_format);
+    free(f->owned_buf);
     if (f->map.path || f->map.data) st_mmap_close(&f->map);
     memset(f, 0, sizeof *f);
 }
@@ -302,6 +303,27 @@ int sft_set_open_file(sft_set *s, const char *path, st_err *err) {
         s->file_names[0] = strdup(b ? b + 1 : path);
         if (!s->file_names[0]) rc = st_err_set(err, ST_ERR_NOMEM, "out of memory");
     }
+    if (!rc) rc = set_index(s, err);
+    if (rc) sft_set_close(s);
+    return rc;
+}
+
+int sft_set_from_memory(sft_set *s, sft_tensor *tensors, size_t n, void *buf, const char *label, st_err *err) {
+    memset(s, 0, sizeof *s);
+    int rc = set_alloc(s, 1, err);
+    if (rc) {
+        for (size_t i = 0; i < n; i++) free(tensors[i].name);
+        free(tensors);
+        free(buf);
+        sft_set_close(s);
+        return rc;
+    }
+    s->n_files = 1;
+    s->files[0].tensors = tensors;
+    s->files[0].n_tensors = n;
+    s->files[0].owned_buf = buf;
+    s->file_names[0] = strdup(label ? label : "memory");
+    if (!s->file_names[0]) rc = st_err_set(err, ST_ERR_NOMEM, "out of memory");
     if (!rc) rc = set_index(s, err);
     if (rc) sft_set_close(s);
     return rc;
