@@ -139,6 +139,8 @@ typedef struct model {
     float *out_norm;          /* [n_embd]                                                    */
     layer_weights *layers;    /* [n_layer]                                                   */
     int layer_begin, layer_end; /* the layer range this process holds [begin, end)           */
+    int holds_embed;          /* 1 if this stage takes token ids (embedding bound as input)   */
+    int holds_output;         /* 1 if this stage ends with norm + lm_head                     */
     size_t weight_bytes;      /* bytes of bound weights (as stored)                          */
 } model;
 
@@ -189,6 +191,14 @@ typedef enum logits_mode { LOGITS_NONE, LOGITS_LAST, LOGITS_ALL } logits_mode;
 int model_forward(model_ctx *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
                   float *logits, logits_mode mode, st_err *err);
 
+/* A pipeline stage's forward: runs the context's layer range on T rows whose input is token
+ * ids (a stage holding the embedding) or hidden states hidden_in[T, n_embd] (later stages).
+ * hidden_out[T, n_embd] (may be NULL) receives the residual stream after the last layer; a
+ * stage holding the output layer may also produce logits per mode. Same row rules as
+ * model_forward. No allocation. */
+int model_forward_stage(model_ctx *c, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
+                        const int32_t *slot, int T, float *hidden_out, float *logits, logits_mode mode, st_err *err);
+
 /* Convenience: one sequence in slot 0, positions start..start+T-1. */
 int model_forward_seq(model_ctx *c, const int32_t *tokens, int T, int start, float *logits, logits_mode mode,
                       st_err *err);
@@ -196,6 +206,20 @@ int model_forward_seq(model_ctx *c, const int32_t *tokens, int T, int start, flo
 /* The context's thread pool (for residency figures) and its timers. */
 st_pool *model_ctx_pool(model_ctx *c);
 const model *model_ctx_model(const model_ctx *c);
+const model_ctx_opts *model_ctx_get_opts(const model_ctx *c);
+
+/* Wall nanoseconds spent inside forward chunks (every kernel of the pass) and the number of
+ * chunks since the last reset; reset also clears the pool's busy counters. */
+void model_ctx_timers(const model_ctx *c, uint64_t *compute_ns, uint64_t *n_forward);
+void model_ctx_timers_reset(model_ctx *c);
+
+/* Bytes of the KV cache allocation. */
+size_t model_ctx_kv_bytes(const model_ctx *c);
+
+/* Writes n_tokens positions of pseudo-random K/V into `slot` without running the model (to
+ * measure decode at the end of a full context in seconds instead of hours). The cache then
+ * holds no real history: use only for benchmarks. */
+int model_ctx_kv_fill_synthetic(model_ctx *c, int slot, int n_tokens, uint64_t seed, st_err *err);
 
 #ifdef __cplusplus
 }

@@ -45,6 +45,9 @@ struct model_ctx {
     /* KV cache: [n_slots][n_local_layers][max_ctx][n_head_kv*hd] f32 */
     float *kc, *vc;
     size_t kv_layer_stride, kv_slot_stride;
+    /* timers */
+    uint64_t compute_ns;   /* wall time inside forward chunks (all kernels), since reset    */
+    uint64_t n_forward;    /* forward chunks run                                            */
 };
 
 static void *xalloc(size_t n, size_t elem, int *fail) {
@@ -255,8 +258,8 @@ static void moe_forward(model_ctx *c, const layer_weights *L, float *out, const 
 /* ------------------------------------------------------------------------------------------ */
 /* one chunk                                                                                  */
 
-static void forward_chunk(model_ctx *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
-                          float *logits, logits_mode mode) {
+static void forward_chunk(model_ctx *c, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
+                          const int32_t *slot, int T, float *hidden_out, float *logits, logits_mode mode) {
     const model *m = c->m;
     const model_desc *d = &m->desc;
     const int D = d->n_embd, H = d->n_head, Hkv = d->n_head_kv, hd = d->head_dim;
@@ -265,7 +268,8 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const int32_t *po
     st_pool *P = c->pool;
     cpu_scratch *S = &c->scratch;
 
-    cpu_embed(c->x, tokens, T, &m->embed);
+    if (tokens) cpu_embed(c->x, tokens, T, &m->embed);
+    else memcpy(c->x, hidden_in, (size_t)T * D * sizeof(float));
     cpu_rope_table(c->cs, pos, T, c->inv_freq, d->n_rot);
     for (int l = m->layer_begin; l < m->layer_end; l++) {
         const layer_weights *L = &m->layers[l];
@@ -306,6 +310,7 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const int32_t *po
         }
         cpu_add(c->x, c->tmp, (int64_t)T * D);
     }
+    if (hidden_out) memcpy(hidden_out, c->x, (size_t)T * D * sizeof(float));
     if (mode == LOGITS_NONE) return;
     if (mode == LOGITS_LAST) {
         cpu_rmsnorm(c->xn, c->x + (size_t)(T - 1) * D, m->out_norm, 1, D, d->norm_eps);
@@ -316,11 +321,57 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const int32_t *po
     }
 }
 
+/* Checks token ids (when given), positions and slots of T rows. */
+static int check_rows(const model_ctx *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
+                      st_err *err) {
+    const model_desc *d = &c->m->desc;
+    for (int t = 0; t < T; t++) {
+        if (tokens && (tokens[t] < 0 || tokens[t] >= d->n_vocab))
+            return st_err_set(err, ST_ERR_ARG, "token id %d at index %d is outside the vocabulary (%d)", tokens[t], t,
+                              d->n_vocab);
+        if (pos[t] < 0 || pos[t] >= c->o.max_ctx)
+            return st_err_set(err, ST_ERR_ARG, "position %d is beyond the context of %d tokens", pos[t], c->o.max_ctx);
+        if (slot[t] < 0 || slot[t] >= c->o.n_slots)
+            return st_err_set(err, ST_ERR_ARG, "slot %d does not exist (%d slots)", slot[t], c->o.n_slots);
+    }
+    return ST_OK;
+}
+
+int model_forward_stage(model_ctx *c, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
+                        const int32_t *slot, int T, float *hidden_out, float *logits, logits_mode mode, st_err *err) {
+    const model *m = c->m;
+    const int D = m->desc.n_embd, V = m->desc.n_vocab;
+    if (!tokens == !hidden_in)
+        return st_err_set(err, ST_ERR_ARG, "a stage takes either token ids or hidden states, not both");
+    if (tokens && !m->holds_embed)
+        return st_err_set(err, ST_ERR_ARG, "this stage (layers %d..%d) holds no embedding: it needs hidden states",
+                          m->layer_begin, m->layer_end - 1);
+    if (mode != LOGITS_NONE && !m->holds_output)
+        return st_err_set(err, ST_ERR_ARG, "this stage (layers %d..%d) holds no output layer", m->layer_begin,
+                          m->layer_end - 1);
+    int rc = check_rows(c, tokens, pos, slot, T, err);
+    if (rc) return rc;
+    const int B = c->o.max_batch;
+    for (int t0 = 0; t0 < T; t0 += B) {
+        int n = T - t0 < B ? T - t0 : B;
+        logits_mode lm = mode;
+        float *lg = logits;
+        if (mode == LOGITS_LAST) lm = t0 + n == T ? LOGITS_LAST : LOGITS_NONE;
+        if (mode == LOGITS_ALL) lg = logits + (size_t)t0 * V;
+        uint64_t t_start = st_time_ns();
+        forward_chunk(c, tokens ? tokens + t0 : NULL, hidden_in ? hidden_in + (size_t)t0 * D : NULL, pos + t0,
+                      slot + t0, n, hidden_out ? hidden_out + (size_t)t0 * D : NULL, lg, lm);
+        c->compute_ns += st_time_ns() - t_start;
+        c->n_forward++;
+    }
+    return ST_OK;
+}
+
 int model_forward(model_ctx *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T, float *logits,
                   logits_mode mode, st_err *err) {
     const model *m = c->m;
     const model_desc *d = &m->desc;
-    if (m->layer_begin != 0 || (mode != LOGITS_NONE && !m->out_norm))
+    if (!m->holds_embed || (mode != LOGITS_NONE && !m->holds_output))
         return st_err_set(err, ST_ERR_ARG, "model_forward needs the whole model (this one holds layers %d..%d)",
                           m->layer_begin, m->layer_end - 1);
     for (int t = 0; t < T; t++) {
@@ -339,7 +390,10 @@ int model_forward(model_ctx *c, const int32_t *tokens, const int32_t *pos, const
         float *lg = logits;
         if (mode == LOGITS_LAST) lm = t0 + n == T ? LOGITS_LAST : LOGITS_NONE;
         if (mode == LOGITS_ALL) lg = logits + (size_t)t0 * d->n_vocab;
-        forward_chunk(c, tokens + t0, pos + t0, slot + t0, n, lg, lm);
+        uint64_t t_start = st_time_ns();
+        forward_chunk(c, tokens + t0, NULL, pos + t0, slot + t0, n, NULL, lg, lm);
+        c->compute_ns += st_time_ns() - t_start;
+        c->n_forward++;
     }
     return ST_OK;
 }
@@ -359,6 +413,44 @@ int model_forward_seq(model_ctx *c, const int32_t *tokens, int T, int start, flo
         if (mode == LOGITS_ALL) lg = logits + (size_t)t0 * c->m->desc.n_vocab;
         int rc = model_forward(c, tokens + t0, c->pos_tmp, c->slot_tmp, n, lg, lm, err);
         if (rc) return rc;
+    }
+    return ST_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* instrumentation and cache tools                                                            */
+
+void model_ctx_timers(const model_ctx *c, uint64_t *compute_ns, uint64_t *n_forward) {
+    if (compute_ns) *compute_ns = c->compute_ns;
+    if (n_forward) *n_forward = c->n_forward;
+}
+
+void model_ctx_timers_reset(model_ctx *c) {
+    c->compute_ns = 0;
+    c->n_forward = 0;
+    st_pool_stats_reset(c->pool);
+}
+
+const model_ctx_opts *model_ctx_get_opts(const model_ctx *c) { return &c->o; }
+
+size_t model_ctx_kv_bytes(const model_ctx *c) { return 2 * c->kv_slot_stride * (size_t)c->o.n_slots * sizeof(float); }
+
+int model_ctx_kv_fill_synthetic(model_ctx *c, int slot, int n_tokens, uint64_t seed, st_err *err) {
+    if (slot < 0 || slot >= c->o.n_slots || n_tokens < 0 || n_tokens > c->o.max_ctx)
+        return st_err_set(err, ST_ERR_ARG, "cannot fill %d tokens of slot %d (context %d, %d slots)", n_tokens, slot,
+                          c->o.max_ctx, c->o.n_slots);
+    const model_desc *d = &c->m->desc;
+    const size_t kvd = (size_t)d->n_head_kv * d->head_dim, n_local = (size_t)(c->m->layer_end - c->m->layer_begin);
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t l = 0; l < n_local; l++) {
+        float *k = c->kc + (size_t)slot * c->kv_slot_stride + l * c->kv_layer_stride;
+        float *v = c->vc + (size_t)slot * c->kv_slot_stride + l * c->kv_layer_stride;
+        for (size_t i = 0; i < (size_t)n_tokens * kvd; i++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            float r = (float)((x >> 40) & 0xffff) / 65536.0f - 0.5f;
+            k[i] = r;
+            v[i] = -r;
+        }
     }
     return ST_OK;
 }

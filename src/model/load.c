@@ -270,6 +270,8 @@ int model_bind(model **out, model_desc *desc, sft_set *weights, const model_load
             else rc = bind_linear(&b, "lm_head", d->n_vocab, d->n_embd, &m->output);
         }
     }
+    m->holds_embed = with_embed;
+    m->holds_output = with_output;
     for (int l = m->layer_begin; l < m->layer_end && !rc; l++) rc = bind_layer(&b, l);
     if (!rc) {
         m->weight_bytes = 0;
