@@ -1,34 +1,38 @@
 /* pool.c — persistent parallel-for thread pool (see pool.h).
  *
- * A generation counter publishes each job; workers spin on it for a short while, then sleep on
- * a condition variable. Tasks are claimed with an atomic counter; the caller participates and
- * then waits until all tasks are finished and every worker has acknowledged the generation.
+ * A job is published through one 64-bit word: generation (24 bits) | n_tasks (20 bits) |
+ * next task (20 bits). Threads claim tasks by compare-and-swap on that word, so a claim is
+ * valid only in the generation it was made in: a worker that wakes late can never run a task of
+ * a newer job with a stale view, and the caller never waits for idle workers to check in — only
+ * for the tasks that were actually claimed. Workers spin briefly for the next generation, then
+ * sleep on a condition variable; waits yield the CPU so an oversubscribed machine (tests in
+ * parallel, several processes) does not burn quanta spinning on descheduled threads.
  */
-#define _GNU_SOURCE
 #include "strata/pool.h"
 
 #include "strata/base.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#define POOL_SPIN_ITERS 200000
+#define POOL_SPIN_ITERS 20000
+#define POOL_YIELD_AFTER 256
+#define POOL_TASK_BITS 20
+#define POOL_TASK_MASK ((1ull << POOL_TASK_BITS) - 1)
 
 struct st_pool {
     int n_threads;
     pthread_t *threads;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    _Atomic uint64_t gen;     /* incremented per job                            */
-    _Atomic int next_task;    /* next task index to claim                       */
-    _Atomic int done_tasks;   /* tasks finished                                 */
+    _Atomic uint64_t job;       /* gen:24 | n_tasks:20 | next:20                           */
+    _Atomic int done_tasks;     /* tasks of the current job finished                       */
     _Atomic int stop;
     _Atomic int sleepers;
-    _Atomic int acked;        /* workers that finished the current generation  */
-    st_pool_fn fn;
+    st_pool_fn fn;              /* valid while a claimed task of the current job runs     */
     void *ctx;
-    int n_tasks;
     _Atomic uint64_t busy_ns;
     uint64_t run_wall_ns;
 };
@@ -38,16 +42,23 @@ typedef struct {
     int id;
 } worker_arg;
 
-static void pool_work(st_pool *p, int tid) {
-    int n = p->n_tasks;
-    uint64_t t0 = st_time_ns();
+static inline uint64_t job_gen(uint64_t w) { return w >> (2 * POOL_TASK_BITS); }
+static inline int job_n(uint64_t w) { return (int)((w >> POOL_TASK_BITS) & POOL_TASK_MASK); }
+static inline int job_next(uint64_t w) { return (int)(w & POOL_TASK_MASK); }
+
+/* Claims and runs tasks of generation gen until none are left. */
+static void pool_work(st_pool *p, uint64_t gen, int tid) {
+    uint64_t t0 = 0;
     int did = 0;
+    uint64_t w = atomic_load_explicit(&p->job, memory_order_acquire);
     for (;;) {
-        int t = atomic_fetch_add_explicit(&p->next_task, 1, memory_order_acq_rel);
-        if (t >= n) break;
-        p->fn(p->ctx, t, n, tid);
-        did++;
+        if (job_gen(w) != gen || job_next(w) >= job_n(w)) break;
+        if (!atomic_compare_exchange_weak_explicit(&p->job, &w, w + 1, memory_order_acq_rel, memory_order_acquire))
+            continue;
+        if (!did++) t0 = st_time_ns();
+        p->fn(p->ctx, job_next(w), job_n(w), tid);
         atomic_fetch_add_explicit(&p->done_tasks, 1, memory_order_release);
+        w = atomic_load_explicit(&p->job, memory_order_acquire);
     }
     if (did) atomic_fetch_add_explicit(&p->busy_ns, st_time_ns() - t0, memory_order_relaxed);
 }
@@ -61,23 +72,23 @@ static void *pool_main(void *arg) {
     for (;;) {
         uint64_t g;
         int spins = 0;
-        while ((g = atomic_load_explicit(&p->gen, memory_order_acquire)) == seen &&
+        while ((g = job_gen(atomic_load_explicit(&p->job, memory_order_acquire))) == seen &&
                !atomic_load_explicit(&p->stop, memory_order_acquire)) {
             if (++spins < POOL_SPIN_ITERS) {
-                __builtin_ia32_pause();
+                if (spins % POOL_YIELD_AFTER == 0) sched_yield();
+                else __builtin_ia32_pause();
                 continue;
             }
             pthread_mutex_lock(&p->mu);
             atomic_fetch_add(&p->sleepers, 1);
-            while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
+            while (job_gen(atomic_load(&p->job)) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
             atomic_fetch_sub(&p->sleepers, 1);
             pthread_mutex_unlock(&p->mu);
             spins = 0;
         }
         if (atomic_load(&p->stop)) break;
         seen = g;
-        pool_work(p, id);
-        atomic_fetch_add_explicit(&p->acked, 1, memory_order_acq_rel);
+        pool_work(p, g, id);
     }
     return NULL;
 }
@@ -96,19 +107,14 @@ st_pool *st_pool_init(int n_threads) {
     }
     for (int i = 1; i < n_threads; i++) {
         worker_arg *wa = malloc(sizeof *wa);
-        if (!wa) {
+        if (!wa || pthread_create(&p->threads[i], NULL, pool_main, wa) != 0) {
+            free(wa);
             p->n_threads = i;
             st_pool_free(p);
             return NULL;
         }
         wa->p = p;
         wa->id = i;
-        if (pthread_create(&p->threads[i], NULL, pool_main, wa) != 0) {
-            free(wa);
-            p->n_threads = i;
-            st_pool_free(p);
-            return NULL;
-        }
     }
     return p;
 }
@@ -130,6 +136,7 @@ int st_pool_threads(const st_pool *p) { return p ? p->n_threads : 1; }
 
 void st_pool_run(st_pool *p, st_pool_fn fn, void *ctx, int n_tasks) {
     if (n_tasks <= 0) return;
+    ST_ASSERT((uint64_t)n_tasks <= POOL_TASK_MASK);
     if (!p || p->n_threads == 1 || n_tasks == 1) {
         uint64_t t0 = st_time_ns();
         for (int t = 0; t < n_tasks; t++) fn(ctx, t, n_tasks, 0);
@@ -143,22 +150,21 @@ void st_pool_run(st_pool *p, st_pool_fn fn, void *ctx, int n_tasks) {
     uint64_t t0 = st_time_ns();
     p->fn = fn;
     p->ctx = ctx;
-    p->n_tasks = n_tasks;
-    atomic_store_explicit(&p->next_task, 0, memory_order_relaxed);
     atomic_store_explicit(&p->done_tasks, 0, memory_order_relaxed);
-    atomic_store_explicit(&p->acked, 0, memory_order_relaxed);
-    atomic_fetch_add(&p->gen, 1); /* seq_cst: pairs with the sleepers check */
+    uint64_t gen = job_gen(atomic_load(&p->job)) + 1;
+    /* seq_cst store: pairs with the sleepers check below and in the workers */
+    atomic_store(&p->job, (gen << (2 * POOL_TASK_BITS)) | ((uint64_t)n_tasks << POOL_TASK_BITS));
     if (atomic_load(&p->sleepers) > 0) {
         pthread_mutex_lock(&p->mu);
         pthread_cond_broadcast(&p->cv);
         pthread_mutex_unlock(&p->mu);
     }
-    pool_work(p, 0);
-    /* Wait for every worker to leave this generation: only then may the next call rewrite
-     * fn/ctx/n_tasks without a late worker reading a half-updated job. */
-    while (atomic_load_explicit(&p->done_tasks, memory_order_acquire) < n_tasks ||
-           atomic_load_explicit(&p->acked, memory_order_acquire) < p->n_threads - 1)
-        __builtin_ia32_pause();
+    pool_work(p, gen, 0);
+    int spins = 0;
+    while (atomic_load_explicit(&p->done_tasks, memory_order_acquire) < n_tasks) {
+        if (++spins % POOL_YIELD_AFTER == 0) sched_yield();
+        else __builtin_ia32_pause();
+    }
     p->run_wall_ns += st_time_ns() - t0;
 }
 
