@@ -107,14 +107,16 @@ st_pool *st_pool_init(int n_threads) {
     }
     for (int i = 1; i < n_threads; i++) {
         worker_arg *wa = malloc(sizeof *wa);
+        if (wa) {
+            wa->p = p;
+            wa->id = i;
+        }
         if (!wa || pthread_create(&p->threads[i], NULL, pool_main, wa) != 0) {
             free(wa);
             p->n_threads = i;
             st_pool_free(p);
             return NULL;
         }
-        wa->p = p;
-        wa->id = i;
     }
     return p;
 }
