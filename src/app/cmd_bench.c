@@ -1,0 +1,327 @@
+/* cmd_bench.c — `strata bench`: the seed's table (latency, orchestration, TPS, residency, max
+ * stable context) plus TTFT, prefill speed, MBU and aggregate throughput.
+ *
+ * How each figure is measured (also printed in the report's notes):
+ * - token latency: wall time of each decode step (forward of one token + greedy pick) after
+ *   two warm-up steps; p50/p90/p99 over --gen steps.
+ * - orchestration: (decode wall time - time inside forward chunks) / tokens: everything per
+ *   token that is not a kernel of the forward pass (sampling, bookkeeping, dispatch).
+ * - residency: busy thread-time of the CPU pool / (decode wall time x threads).
+ * - MBU: bytes a token must read (weights touched - routed experts only for MoE - plus the KV
+ *   cache read at the mean decode position) / mean token time / read bandwidth measured here.
+ * - max stable context: the KV cache is allocated for max_position_embeddings (or the largest
+ *   that fits in available memory, with the reason), filled with synthetic K/V to the end,
+ *   and 8 tokens are decoded there.
+ */
+#include "app.h"
+#include "strata/bench.h"
+#include "strata/gpu.h"
+#include "strata/model.h"
+#include "strata/synth.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: strata bench MODEL_DIR|--synthetic PRESET[:QUANT] [options]\n"
+            "  --prompt N        prompt tokens for TTFT/prefill (default 128)\n"
+            "  --gen N           decoded tokens for latency figures (default 64)\n"
+            "  --concurrency N   sequences decoding together for aggregate TPS (default 1)\n"
+            "  --context N       target context for the max-stable-context test (default: the model's max)\n"
+            "  --no-max-context  skip the max-context test\n"
+            "  --threads N       CPU threads (default: all)\n"
+            "  --exact           float32 reference kernels\n"
+            "  --out DIR         where report.md and report.json go (default .)\n"
+            "  --compare FILE    print ratios against an earlier report.json\n");
+}
+
+static void machine_desc(char *buf, size_t cap) {
+    char cpu[160] = "unknown CPU";
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (f) {
+        char line[512];
+        while (fgets(line, sizeof line, f))
+            if (!strncmp(line, "model name", 10)) {
+                char *p = strchr(line, ':');
+                if (p) {
+                    p += 2;
+                    p[strcspn(p, "\n")] = 0;
+                    snprintf(cpu, sizeof cpu, "%s", p);
+                }
+                break;
+            }
+        fclose(f);
+    }
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    char mem[32];
+    st_fmt_bytes((double)pages * (double)psz, mem, sizeof mem);
+    snprintf(buf, cap, "%s, %d cores, %s RAM", cpu, st_cpu_count(), mem);
+}
+
+static double mem_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    double kb = 0;
+    if (!f) return 0;
+    char line[256];
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lf kB", &kb) == 1) break;
+    fclose(f);
+    return kb * 1024.0;
+}
+
+static int32_t argmax(const float *x, int n) {
+    int32_t b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+static int die(const st_err *e) {
+    fprintf(stderr, "strata: %s\n", e->msg);
+    return 1;
+}
+
+int cmd_bench(int argc, char **argv) {
+    const char *dir = NULL, *synthetic = NULL, *out_dir = ".", *compare = NULL;
+    int prompt = 128, gen = 64, conc = 1, threads = 0, exact = 0, do_max = 1;
+    int64_t ctx_target = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int more = i + 1 < argc;
+        if (!strcmp(a, "--synthetic") && more) synthetic = argv[++i];
+        else if (!strcmp(a, "--prompt") && more) prompt = atoi(argv[++i]);
+        else if (!strcmp(a, "--gen") && more) gen = atoi(argv[++i]);
+        else if (!strcmp(a, "--concurrency") && more) conc = atoi(argv[++i]);
+        else if (!strcmp(a, "--context") && more) ctx_target = atoll(argv[++i]);
+        else if (!strcmp(a, "--threads") && more) threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--out") && more) out_dir = argv[++i];
+        else if (!strcmp(a, "--compare") && more) compare = argv[++i];
+        else if (!strcmp(a, "--exact")) exact = 1;
+        else if (!strcmp(a, "--no-max-context")) do_max = 0;
+        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage();
+            return 0;
+        } else if (a[0] != '-' && !dir) dir = a;
+        else {
+            fprintf(stderr, "strata bench: unknown or incomplete option '%s'\n", a);
+            usage();
+            return 2;
+        }
+    }
+    if ((!dir) == (!synthetic) || prompt < 1 || gen < 4 || conc < 1) {
+        usage();
+        return 2;
+    }
+    (void)exact;
+    st_err err = {0};
+    model *m = NULL;
+    model_ctx *ctx = NULL;
+    float *logits = NULL;
+    int32_t *toks = NULL, *pos = NULL, *slot = NULL, *cur = NULL;
+    double *lat = NULL;
+    int rc = 1;
+    bench_result r;
+    memset(&r, 0, sizeof r);
+    machine_desc(r.machine, sizeof r.machine);
+    snprintf(r.flags, sizeof r.flags, "--prompt %d --gen %d --concurrency %d%s", prompt, gen, conc, exact ? " --exact" : "");
+    if (synthetic) {
+        if (synth_model(&m, synthetic, 1, NULL, &err)) return die(&err);
+        snprintf(r.model, sizeof r.model, "synthetic %s (random weights)", synthetic);
+    } else {
+        if (model_load(&m, dir, NULL, &err)) return die(&err);
+        snprintf(r.model, sizeof r.model, "%s", dir);
+    }
+    const model_desc *d = &m->desc;
+    const int V = d->n_vocab;
+    if (d->q_bits) snprintf(r.quant, sizeof r.quant, "MLX affine %d-bit g%d", d->q_bits, d->q_group);
+    else snprintf(r.quant, sizeof r.quant, "%s", sft_dtype_name(m->layers[0].wq.dtype));
+    r.weight_bytes = (double)m->weight_bytes;
+    r.prompt_tokens = prompt;
+    r.gen_tokens = gen;
+    r.concurrency = conc;
+    int need_ctx = prompt + gen + 8;
+    if (need_ctx > d->max_pos) {
+        fprintf(stderr, "strata: prompt + gen (%d) exceeds the model's context %lld\n", need_ctx, (long long)d->max_pos);
+        goto out;
+    }
+    model_ctx_opts o = {.max_ctx = need_ctx, .n_slots = conc, .max_batch = prompt < 256 ? prompt : 256,
+                        .n_threads = threads};
+    if (model_ctx_init(&ctx, m, &o, &err)) {
+        die(&err);
+        goto out;
+    }
+    st_pool *pool = model_ctx_pool(ctx);
+    r.threads = st_pool_threads(pool);
+    st_backend_announce(r.threads);
+    snprintf(r.backend, sizeof r.backend, "CPU, %d threads, %s%s", r.threads,
+             st_cpu_has_avx512() ? "AVX-512" : st_cpu_has_avx2() ? "AVX2" : "scalar", exact ? ", exact f32" : "");
+    fprintf(stderr, "strata: measuring memory read bandwidth ...\n");
+    r.mem_bw_gbs = bench_measure_bandwidth(pool, (size_t)1 << 30, 4) / 1e9;
+
+    logits = malloc((size_t)V * (size_t)conc * sizeof(float));
+    toks = malloc((size_t)(prompt > conc ? prompt : conc) * sizeof(int32_t));
+    pos = malloc((size_t)conc * sizeof(int32_t));
+    slot = malloc((size_t)conc * sizeof(int32_t));
+    cur = malloc((size_t)conc * sizeof(int32_t));
+    lat = malloc((size_t)gen * sizeof(double));
+    if (!logits || !toks || !pos || !slot || !lat || !cur) {
+        fprintf(stderr, "strata: out of memory\n");
+        goto out;
+    }
+    uint64_t rng = 0x1234567;
+    for (int i = 0; i < prompt; i++) {
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        toks[i] = (int32_t)(rng % (uint64_t)V);
+    }
+    /* TTFT and prefill */
+    fprintf(stderr, "strata: prefill of %d tokens ...\n", prompt);
+    uint64_t t0 = st_time_ns();
+    if (model_forward_seq(ctx, toks, prompt, 0, logits, LOGITS_LAST, &err)) {
+        die(&err);
+        goto out;
+    }
+    int32_t next = argmax(logits, V);
+    uint64_t t1 = st_time_ns();
+    r.ttft_s = (double)(t1 - t0) * 1e-9;
+    r.prefill_tok_s = prompt / r.ttft_s;
+    /* decode: 2 warm-up steps, then gen timed steps */
+    int p = prompt;
+    for (int w = 0; w < 2; w++) {
+        if (model_forward_seq(ctx, &next, 1, p++, logits, LOGITS_LAST, &err)) {
+            die(&err);
+            goto out;
+        }
+        next = argmax(logits, V);
+    }
+    model_ctx_timers_reset(ctx);
+    st_progress pr;
+    st_progress_begin(&pr, "decode", gen, "tok");
+    uint64_t d0 = st_time_ns();
+    for (int i = 0; i < gen - 2; i++) {
+        uint64_t s = st_time_ns();
+        if (model_forward_seq(ctx, &next, 1, p++, logits, LOGITS_LAST, &err)) {
+            die(&err);
+            goto out;
+        }
+        next = argmax(logits, V);
+        lat[i] = (double)(st_time_ns() - s) * 1e-6;
+        st_progress_update(&pr, i + 1);
+    }
+    uint64_t d1 = st_time_ns();
+    st_progress_end(&pr);
+    int n_lat = gen - 2;
+    uint64_t compute_ns = 0, busy = 0;
+    model_ctx_timers(ctx, &compute_ns, NULL);
+    st_pool_stats(pool, &busy, NULL);
+    double wall = (double)(d1 - d0);
+    r.lat_mean_ms = wall * 1e-6 / n_lat;
+    r.decode_tok_s = 1000.0 / r.lat_mean_ms;
+    r.orch_us_per_token = (wall - (double)compute_ns) * 1e-3 / n_lat;
+    r.residency_cpu = bench_residency(busy, d1 - d0, r.threads);
+    r.lat_p50_ms = bench_percentile(lat, (size_t)n_lat, 50);
+    r.lat_p90_ms = bench_percentile(lat, (size_t)n_lat, 90);
+    r.lat_p99_ms = bench_percentile(lat, (size_t)n_lat, 99);
+    r.bytes_per_token = bench_bytes_per_token(m, prompt + gen / 2, sizeof(float));
+    r.mbu = bench_mbu(r.bytes_per_token, r.lat_mean_ms * 1e-3, r.mem_bw_gbs * 1e9);
+    /* aggregate throughput: conc sequences, short prompts, decoded together */
+    r.aggregate_tok_s = r.decode_tok_s;
+    if (conc > 1) {
+        int sp = 16 < prompt ? 16 : prompt;
+        for (int s = 0; s < conc; s++) {
+            for (int i = 0; i < sp; i++) toks[i] = (int32_t)((i * 7919 + s * 104729) % V);
+            int32_t ps[16], ss[16];
+            for (int i = 0; i < sp; i++) ps[i] = i, ss[i] = s;
+            if (model_forward(ctx, toks, ps, ss, sp, logits, LOGITS_LAST, &err)) {
+                die(&err);
+                goto out;
+            }
+            cur[s] = argmax(logits, V);
+        }
+        int steps = gen;
+        uint64_t a0 = st_time_ns();
+        for (int st = 0; st < steps; st++) {
+            for (int s = 0; s < conc; s++) pos[s] = sp + st, slot[s] = s;
+            if (model_forward(ctx, cur, pos, slot, conc, logits, LOGITS_ALL, &err)) {
+                die(&err);
+                goto out;
+            }
+            for (int s = 0; s < conc; s++) cur[s] = argmax(logits + (size_t)s * V, V);
+        }
+        r.aggregate_tok_s = (double)conc * steps / ((double)(st_time_ns() - a0) * 1e-9);
+    }
+    model_ctx_free(ctx);
+    ctx = NULL;
+    /* max stable context */
+    r.max_ctx_target = ctx_target > 0 ? ctx_target : d->max_pos;
+    if (r.max_ctx_target > d->max_pos) {
+        fprintf(stderr, "strata: --context %lld exceeds the model's max_position_embeddings %lld\n",
+                (long long)r.max_ctx_target, (long long)d->max_pos);
+        goto out;
+    }
+    if (do_max) {
+        int64_t c = r.max_ctx_target;
+        double avail = mem_available();
+        double per_tok = (double)model_desc_kv_bytes_per_token(d, sizeof(float)) * (m->layer_end - m->layer_begin);
+        snprintf(r.max_ctx_note, sizeof r.max_ctx_note, "full context, KV f32");
+        while (c > 64 && per_tok * (double)c > 0.85 * avail) c /= 2;
+        if (c < r.max_ctx_target) {
+            char b1[32], b2[32];
+            snprintf(r.max_ctx_note, sizeof r.max_ctx_note, "largest that fits: KV for %lld tokens needs %s, %s available",
+                     (long long)r.max_ctx_target, st_fmt_bytes(per_tok * (double)r.max_ctx_target, b1, sizeof b1),
+                     st_fmt_bytes(avail, b2, sizeof b2));
+        }
+        model_ctx_opts mo = {.max_ctx = (int)c, .n_slots = 1, .max_batch = 8, .n_threads = threads};
+        fprintf(stderr, "strata: allocating the KV cache for %lld tokens and decoding at its end ...\n", (long long)c);
+        if (model_ctx_init(&ctx, m, &mo, &err)) {
+            die(&err);
+            goto out;
+        }
+        r.kv_bytes = (double)model_ctx_kv_bytes(ctx);
+        int fill = (int)c - 8;
+        if (model_ctx_kv_fill_synthetic(ctx, 0, fill, 7, &err)) {
+            die(&err);
+            goto out;
+        }
+        int32_t tk = 1;
+        uint64_t m0 = st_time_ns();
+        for (int i = 0; i < 8; i++) {
+            if (model_forward_seq(ctx, &tk, 1, fill + i, logits, LOGITS_LAST, &err)) {
+                die(&err);
+                goto out;
+            }
+            tk = argmax(logits, V);
+            if (!isfinite(logits[tk])) {
+                fprintf(stderr, "strata: non-finite logits at context %d\n", fill + i);
+                goto out;
+            }
+        }
+        r.lat_at_max_ctx_ms = (double)(st_time_ns() - m0) * 1e-6 / 8;
+        r.max_ctx_stable = c;
+        strncat(r.max_ctx_note, "; filled with synthetic K/V", sizeof r.max_ctx_note - strlen(r.max_ctx_note) - 1);
+    } else {
+        snprintf(r.max_ctx_note, sizeof r.max_ctx_note, "not measured (--no-max-context)");
+    }
+    bench_print_table(&r, stdout);
+    char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
+    if (pm && pj && !st_mkdir_p(out_dir, &err) && !bench_write_md(&r, pm, &err) && !bench_write_json(&r, pj, &err))
+        fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
+    else
+        fprintf(stderr, "strata: %s\n", err.msg);
+    free(pm);
+    free(pj);
+    if (compare && bench_compare(&r, compare, stdout, &err)) fprintf(stderr, "strata: %s\n", err.msg);
+    rc = 0;
+out:
+    free(logits);
+    free(toks);
+    free(pos);
+    free(slot);
+    free(cur);
+    free(lat);
+    model_ctx_free(ctx);
+    model_free(m);
+    return rc;
+}
