@@ -20,6 +20,14 @@ typedef struct cfg_ctx {
     st_err *err;
 } cfg_ctx;
 
+/* Keeps an error message on one line: keys and values come from the file and may hold control
+ * characters (an escaped "\n" in a JSON key); they are shown as '?'. */
+static void msg_one_line(st_err *err) {
+    if (!err) return;
+    for (char *c = err->msg; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
+}
+
 static int get_int(cfg_ctx *c, const char *key, int required, int64_t def, int64_t lo, int64_t hi, int64_t *out) {
     json_t *v = json_object_get(c->root, key);
     if (!v || json_is_null(v)) {
@@ -28,7 +36,11 @@ static int get_int(cfg_ctx *c, const char *key, int required, int64_t def, int64
         return ST_OK;
     }
     if (json_is_real(v) && floor(json_real_value(v)) == json_real_value(v)) {
-        *out = (int64_t)json_real_value(v);
+        double r = json_real_value(v); /* range-check before converting: a huge real would be UB */
+        if (r < (double)lo || r > (double)hi)
+            return st_err_set(c->err, ST_ERR_FORMAT, "%s: field \"%s\" = %g is out of range [%lld, %lld]", c->what, key, r,
+                              (long long)lo, (long long)hi);
+        *out = (int64_t)r;
     } else if (!json_is_integer(v)) {
         return st_err_set(c->err, ST_ERR_FORMAT, "%s: field \"%s\" must be an integer", c->what, key);
     } else {
@@ -95,8 +107,12 @@ static int parse_rope(cfg_ctx *c, model_desc *d) {
             get_num(src, "high_freq_factor", 4.0, &d->rope_high_freq) < 0 ||
             get_num(src, "original_max_position_embeddings", 8192, &omax) < 0)
             return st_err_set(c->err, ST_ERR_FORMAT, "%s: llama3 rope scaling fields must be numbers", c->what);
+        if (!(omax >= 1 && omax <= (double)((int64_t)1 << 32)))
+            return st_err_set(c->err, ST_ERR_FORMAT,
+                              "%s: llama3 rope scaling has invalid factors (original_max_position_embeddings %g)", c->what,
+                              omax);
         d->rope_orig_max_pos = (int64_t)omax;
-        if (!(d->rope_factor > 0) || !(d->rope_high_freq > d->rope_low_freq) || omax <= 0)
+        if (!(d->rope_factor > 0) || !(d->rope_high_freq > d->rope_low_freq))
             return st_err_set(c->err, ST_ERR_FORMAT, "%s: llama3 rope scaling has invalid factors", c->what);
         return ST_OK;
     }
@@ -125,13 +141,15 @@ static int parse_quant(cfg_ctx *c, model_desc *d) {
     json_t *jb = json_object_get(q, "bits"), *jg = json_object_get(q, "group_size");
     if (!json_is_integer(jb) || !json_is_integer(jg))
         return st_err_set(c->err, ST_ERR_FORMAT, "%s: quantization needs integer \"bits\" and \"group_size\"", c->what);
-    d->q_bits = (int)json_integer_value(jb);
-    d->q_group = (int)json_integer_value(jg);
-    int b = d->q_bits, g = d->q_group;
+    json_int_t b = json_integer_value(jb), g = json_integer_value(jg); /* checked before narrowing */
     if (!(b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8))
-        return st_err_set(c->err, ST_ERR_UNSUPPORTED, "%s: quantization bits %d not supported (2,3,4,5,6,8)", c->what, b);
+        return st_err_set(c->err, ST_ERR_UNSUPPORTED, "%s: quantization bits %lld not supported (2,3,4,5,6,8)", c->what,
+                          (long long)b);
     if (!(g == 32 || g == 64 || g == 128))
-        return st_err_set(c->err, ST_ERR_UNSUPPORTED, "%s: quantization group_size %d not supported (32,64,128)", c->what, g);
+        return st_err_set(c->err, ST_ERR_UNSUPPORTED, "%s: quantization group_size %lld not supported (32,64,128)", c->what,
+                          (long long)g);
+    d->q_bits = (int)b;
+    d->q_group = (int)g;
     size_t n = json_object_size(q);
     d->q_over = calloc(n ? n : 1, sizeof *d->q_over);
     if (!d->q_over) return st_err_set(c->err, ST_ERR_NOMEM, "out of memory");
@@ -151,12 +169,14 @@ static int parse_quant(cfg_ctx *c, model_desc *d) {
             if (om && (!json_is_string(om) || strcmp(json_string_value(om), "affine")))
                 return st_err_set(c->err, ST_ERR_UNSUPPORTED, "%s: quantization override \"%s\": mode not supported",
                                   c->what, key);
-            o->bits = (int)json_integer_value(ob);
-            o->group = (int)json_integer_value(og);
-            if (!(o->bits == 2 || o->bits == 3 || o->bits == 4 || o->bits == 5 || o->bits == 6 || o->bits == 8) ||
-                !(o->group == 32 || o->group == 64 || o->group == 128))
-                return st_err_set(c->err, ST_ERR_UNSUPPORTED, "%s: quantization override \"%s\": bits %d group %d not supported",
-                                  c->what, key, o->bits, o->group);
+            json_int_t obits = json_integer_value(ob), ogroup = json_integer_value(og);
+            if (!(obits == 2 || obits == 3 || obits == 4 || obits == 5 || obits == 6 || obits == 8) ||
+                !(ogroup == 32 || ogroup == 64 || ogroup == 128))
+                return st_err_set(c->err, ST_ERR_UNSUPPORTED,
+                                  "%s: quantization override \"%s\": bits %lld group %lld not supported", c->what, key,
+                                  (long long)obits, (long long)ogroup);
+            o->bits = (int)obits;
+            o->group = (int)ogroup;
         } else if (json_is_true(v)) {
             continue; /* `true` means "use the default": nothing to record */
         } else {
@@ -169,19 +189,30 @@ static int parse_quant(cfg_ctx *c, model_desc *d) {
     return ST_OK;
 }
 
+/* 1 if v is an integer that fits a token id (0 .. INT32_MAX). */
+static int is_token_id(json_t *v) {
+    return json_is_integer(v) && json_integer_value(v) >= 0 && json_integer_value(v) <= INT32_MAX;
+}
+
 static int parse_eos(cfg_ctx *c, model_desc *d) {
     json_t *b = json_object_get(c->root, "bos_token_id");
+    if (json_is_integer(b) && !is_token_id(b))
+        return st_err_set(c->err, ST_ERR_FORMAT, "%s: bos_token_id %lld is not a token id", c->what,
+                          (long long)json_integer_value(b));
     d->bos_id = json_is_integer(b) ? (int32_t)json_integer_value(b) : -1;
     json_t *e = json_object_get(c->root, "eos_token_id");
     d->n_eos = 0;
+    if (json_is_integer(e) && !is_token_id(e))
+        return st_err_set(c->err, ST_ERR_FORMAT, "%s: eos_token_id %lld is not a token id", c->what,
+                          (long long)json_integer_value(e));
     if (json_is_integer(e)) {
         d->eos_ids[d->n_eos++] = (int32_t)json_integer_value(e);
     } else if (json_is_array(e)) {
         size_t i;
         json_t *x;
         json_array_foreach(e, i, x) {
-            if (!json_is_integer(x))
-                return st_err_set(c->err, ST_ERR_FORMAT, "%s: eos_token_id[%zu] is not an integer", c->what, i);
+            if (!is_token_id(x))
+                return st_err_set(c->err, ST_ERR_FORMAT, "%s: eos_token_id[%zu] is not an integer token id", c->what, i);
             if (d->n_eos < MODEL_MAX_EOS) d->eos_ids[d->n_eos++] = (int32_t)json_integer_value(x);
         }
     } else if (e && !json_is_null(e)) {
@@ -194,9 +225,12 @@ int model_desc_parse(model_desc *d, const char *json, size_t len, const char *wh
     memset(d, 0, sizeof *d);
     json_error_t je;
     json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &je);
-    if (!root)
-        return st_err_set(err, ST_ERR_FORMAT, "%s: invalid JSON at line %d column %d: %s", what, je.line, je.column,
-                          je.text);
+    if (!root) {
+        st_err_set(err, ST_ERR_FORMAT, "%s: invalid %s at line %d column %d: %s", what,
+                   json_error_code(&je) == json_error_invalid_utf8 ? "UTF-8" : "JSON", je.line, je.column, je.text);
+        msg_one_line(err);
+        return ST_ERR_FORMAT;
+    }
     cfg_ctx c = {root, what, err};
     int rc = ST_OK;
     int64_t v;
@@ -247,7 +281,8 @@ int model_desc_parse(model_desc *d, const char *json, size_t len, const char *wh
     if ((rc = get_int(&c, "max_position_embeddings", 0, 4096, 1, (int64_t)1 << 32, &v))) goto out;
     d->max_pos = v;
     double eps;
-    if (get_num(root, "rms_norm_eps", 1e-6, &eps) < 0 || !(eps > 0 && eps < 1)) {
+    /* checked after the float conversion too: 1e-46 is positive as a double but 0 as a float */
+    if (get_num(root, "rms_norm_eps", 1e-6, &eps) < 0 || !(eps > 0 && eps < 1) || !((float)eps > 0)) {
         rc = st_err_set(err, ST_ERR_FORMAT, "%s: rms_norm_eps must be a number in (0, 1)", what);
         goto out;
     }
@@ -379,7 +414,10 @@ int model_desc_parse(model_desc *d, const char *json, size_t len, const char *wh
     rc = parse_quant(&c, d);
 out:
     json_decref(root);
-    if (rc) model_desc_free(d);
+    if (rc) {
+        msg_one_line(err);
+        model_desc_free(d);
+    }
     return rc;
 }
 

@@ -48,6 +48,14 @@ static int cmp_by_begin(const void *a, const void *b) {
     return 0;
 }
 
+/* Keeps an error message on one line: names and keys come from the file and may hold control
+ * characters (an escaped "\n" in a JSON key); they are shown as '?'. */
+static void msg_one_line(st_err *err) {
+    if (!err) return;
+    for (char *c = err->msg; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
+}
+
 /* Parses one header entry `name: {dtype, shape, data_offsets}` into t. */
 static int parse_entry(sft_tensor *t, const char *name, json_t *v, const char *what, st_err *err) {
     if (!json_is_object(v))
@@ -119,9 +127,12 @@ int sft_file_parse(sft_file *f, const void *buf, size_t size, const char *what, 
     f->header_len = n;
     json_error_t je;
     json_t *root = json_loadb((const char *)p + 8, (size_t)n, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &je);
-    if (!root)
-        return st_err_set(err, ST_ERR_FORMAT, "%s: header is not valid JSON (%s at byte %d)", what, je.text,
-                          je.position);
+    if (!root) {
+        st_err_set(err, ST_ERR_FORMAT, "%s: header is not valid %s (%s at byte %d)", what,
+                   json_error_code(&je) == json_error_invalid_utf8 ? "UTF-8" : "JSON", je.text, je.position);
+        msg_one_line(err);
+        return ST_ERR_FORMAT;
+    }
     int rc = ST_OK;
     if (!json_is_object(root)) {
         rc = st_err_set(err, ST_ERR_FORMAT, "%s: header is not a JSON object", what);
@@ -189,6 +200,7 @@ int sft_file_parse(sft_file *f, const void *buf, size_t size, const char *what, 
 out:
     json_decref(root);
     if (rc) {
+        msg_one_line(err);
         st_mmap m = f->map;
         f->map = (st_mmap){0};
         sft_file_close(f);
@@ -352,6 +364,7 @@ int sft_set_open_dir(sft_set *s, const char *dir, st_err *err) {
     if (!root) {
         rc = st_err_set(err, ST_ERR_FORMAT, "%s: invalid JSON at line %d column %d: %s", ipath, je.line, je.column,
                         je.text);
+        msg_one_line(err);
         free(ipath);
         return rc;
     }
@@ -399,7 +412,7 @@ int sft_set_open_dir(sft_set *s, const char *dir, st_err *err) {
         if (!s->file_names[i]) rc = st_err_set(err, ST_ERR_NOMEM, "out of memory");
     }
     free(names);
-    if (!rc) rc = set_index(s, err);
+    if (!rc && (rc = set_index(s, err))) st_err_prefix(err, "%s", dir);
     if (!rc) { /* every mapped tensor must be in the file the index names */
         json_object_foreach(wm, key, val) {
             const sft_tensor *t = sft_set_find(s, key);
@@ -418,7 +431,10 @@ int sft_set_open_dir(sft_set *s, const char *dir, st_err *err) {
 out:
     json_decref(root);
     free(ipath);
-    if (rc) sft_set_close(s);
+    if (rc) {
+        msg_one_line(err);
+        sft_set_close(s);
+    }
     return rc;
 }
 

@@ -128,6 +128,13 @@ static int bind_linear_n(binder *b, const char *path, int64_t rows, int64_t cols
     } else { /* no quantization block: infer from shapes */
         bits = (int)(packed * 32 / (cols ? cols : 1));
         group = (int)(scols ? cols / scols : 0);
+        /* only what config.json could declare: guards the checks below (group 0) and the kernels */
+        if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) ||
+            !(group == 32 || group == 64 || group == 128))
+            return st_err_set(b->err, ST_ERR_FORMAT,
+                              "%s/%s: '%s' shapes (weight [..., %lld], scales [..., %lld] for %lld columns) give no "
+                              "supported quantization (bits %d, group %d) and config.json has no \"quantization\"",
+                              b->dir, file_of(b, w), path, (long long)packed, (long long)scols, (long long)cols, bits, group);
     }
     if (cols % group || (cols * bits) % 32 || packed != cols * bits / 32 || scols != cols / group ||
         sc->shape[lead] != rows || bi->shape[lead] != rows || bi->shape[lead + 1] != scols ||
