@@ -5,7 +5,8 @@
 
 SHELL := /bin/bash
 DEBS := build-essential cmake ninja-build pkg-config libjansson-dev libonig-dev libutf8proc-dev \
-        libmicrohttpd-dev libcmocka-dev libcurl4-openssl-dev libssl-dev libedit-dev npm clang
+        libmicrohttpd-dev libcmocka-dev libcurl4-openssl-dev libssl-dev libedit-dev python3
+FUZZ_DEBS := clang libclang-rt-14-dev
 JOBS ?= $(shell nproc)
 BUILD ?= build
 BUILD_ASAN ?= build-asan
@@ -17,7 +18,8 @@ all: build
 
 # Installs missing Debian packages (apt-get update at most once per machine state); idempotent.
 deps:
-	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(DEBS) $(EXTRA_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "strata: installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
@@ -54,7 +56,8 @@ demo: build
 
 # libFuzzer targets over the safetensors header and config parsers, bounded in time.
 FUZZ_SECONDS ?= 60
-fuzz: deps
+fuzz:
+	$(MAKE) deps EXTRA_DEBS="$(FUZZ_DEBS)"
 	CC=clang cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSTRATA_FUZZ=ON -DSTRATA_CUDA=OFF \
 	  -DCMAKE_C_FLAGS="-fsanitize=fuzzer-no-link,address,undefined"
 	cmake --build build-fuzz -j $(JOBS)
