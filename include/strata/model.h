@@ -173,6 +173,7 @@ typedef struct model_ctx_opts {
     int n_slots;          /* concurrent sequences                                          */
     int max_batch;        /* tokens per forward chunk (prefill chunk); default 256          */
     int n_threads;        /* CPU threads; 0 = all                                          */
+    int exact;            /* 1: float32 reference kernels; 0: SIMD fast path (default)     */
 } model_ctx_opts;
 
 /* Allocates activations, scratch and the KV cache for opts. ST_ERR_NOMEM with the byte count

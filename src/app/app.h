@@ -5,5 +5,16 @@
 
 int cmd_eval_golden(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
+int cmd_run(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+int cmd_synth(int argc, char **argv);
+int cmd_pull(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+int cmd_plan(int argc, char **argv);
+int cmd_node(int argc, char **argv);
+int cmd_cluster_gen(int argc, char **argv);
+int cmd_chat_template(int argc, char **argv);
+int cmd_cuda_parity(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
 
 #endif

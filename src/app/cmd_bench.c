@@ -34,6 +34,7 @@ static void usage(void) {
             "  --no-max-context  skip the max-context test\n"
             "  --threads N       CPU threads (default: all)\n"
             "  --exact           float32 reference kernels\n"
+            "  --device cuda     run on the GPU (graph-replayed greedy decode, MBU vs copy bandwidth)\n"
             "  --out DIR         where report.md and report.json go (default .)\n"
             "  --compare FILE    print ratios against an earlier report.json\n");
 }
@@ -84,9 +85,104 @@ static int die(const st_err *e) {
     return 1;
 }
 
+#ifdef STRATA_HAVE_CUDA
+#include "strata/cuda_backend.h"
+
+
+/* --device cuda: prefill (second of two runs, wall time incl. the logits copy), then `gen`
+ * greedy steps replayed as a CUDA graph entirely on the device (per-step time from CUDA events),
+ * MBU against the device-to-device copy bandwidth, and a per-kernel breakdown of one step. */
+static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char *out_dir, const char *compare) {
+    st_err err = {0};
+    cuda_model *cm = NULL;
+    const int V = m->desc.n_vocab;
+    int rc = 1;
+    float *logits = malloc((size_t)V * 4), *step = malloc((size_t)gen * sizeof(float));
+    int32_t *toks = malloc((size_t)prompt * 4), *pos = malloc((size_t)prompt * 4), *slot = calloc((size_t)prompt, 4),
+            *outt = malloc((size_t)gen * 4);
+    double *lat = malloc((size_t)gen * sizeof(double));
+    cuda_model_opts o = {.max_ctx = prompt + gen + 8, .n_slots = 1, .max_batch = prompt < 2048 ? prompt : 2048};
+    if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    if (cuda_model_init(&cm, m, &o, &err)) {
+        die(&err);
+        goto out;
+    }
+    cuda_model_info info;
+    cuda_model_get_info(cm, &info);
+    snprintf(r->backend, sizeof r->backend, "CUDA %s", info.device);
+    snprintf(r->machine + strlen(r->machine), sizeof r->machine - strlen(r->machine), "; %s, %.0f GB", info.device,
+             info.mem_total / 1e9);
+    fprintf(stderr, "strata: weights %.2f GB on the device, KV %.2f GB, activations %.2f GB\n", info.weight_bytes / 1e9,
+            info.kv_bytes / 1e9, info.act_bytes / 1e9);
+    r->mem_bw_gbs = cuda_measure_copy_bandwidth(0, (size_t)2 << 30, 5) / 1e9;
+    uint64_t rng = 0x1234567;
+    for (int i = 0; i < prompt; i++) {
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        toks[i] = (int32_t)(rng % (uint64_t)V);
+        pos[i] = i;
+    }
+    uint64_t t0 = 0;
+    for (int rep = 0; rep < 2; rep++) {
+        t0 = st_time_ns();
+        if (cuda_model_forward(cm, toks, pos, slot, prompt, logits, LOGITS_LAST, &err)) {
+            die(&err);
+            goto out;
+        }
+    }
+    int32_t next = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[next]) next = i;
+    r->ttft_s = (double)(st_time_ns() - t0) * 1e-9;
+    r->prefill_tok_s = prompt / r->ttft_s;
+    /* warm-up (captures the graph), then the timed run from the same position */
+    if (cuda_model_generate_greedy(cm, next, prompt, 0, 4, outt, NULL, &err)) {
+        die(&err);
+        goto out;
+    }
+    uint64_t d0 = st_time_ns();
+    if (cuda_model_generate_greedy(cm, next, prompt, 0, gen, outt, step, &err)) {
+        die(&err);
+        goto out;
+    }
+    double wall = (double)(st_time_ns() - d0);
+    double sum = 0;
+    for (int i = 0; i < gen; i++) lat[i] = step[i], sum += step[i];
+    r->lat_mean_ms = sum / gen;
+    r->decode_tok_s = 1000.0 / r->lat_mean_ms;
+    r->aggregate_tok_s = r->decode_tok_s;
+    r->orch_us_per_token = (wall * 1e-6 - sum) * 1e3 / gen;
+    r->lat_p50_ms = bench_percentile(lat, (size_t)gen, 50);
+    r->lat_p90_ms = bench_percentile(lat, (size_t)gen, 90);
+    r->lat_p99_ms = bench_percentile(lat, (size_t)gen, 99);
+    r->bytes_per_token = bench_bytes_per_token(m, prompt + gen / 2, 2);
+    r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
+    r->max_ctx_target = m->desc.max_pos;
+    r->kv_bytes = (double)info.kv_bytes;
+    snprintf(r->max_ctx_note, sizeof r->max_ctx_note,
+             "not measured on CUDA; bandwidth = device-to-device copy (read + write); latency = CUDA events per graph replay");
+    bench_print_table(r, stdout);
+    printf("\ncuda: weights on device %.2f GB, bytes/token %.2f GB, %.1f tok/s, MBU %.3f (copy bw %.0f GB/s)\n",
+           info.weight_bytes / 1e9, r->bytes_per_token / 1e9, r->decode_tok_s, r->mbu, r->mem_bw_gbs);
+    if (cuda_model_profile_step(cm, prompt, stdout, &err)) fprintf(stderr, "strata: profile: %s\n", err.msg);
+    char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
+    if (pm && pj && !st_mkdir_p(out_dir, &err) && !bench_write_md(r, pm, &err) && !bench_write_json(r, pj, &err))
+        fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
+    else
+        fprintf(stderr, "strata: %s\n", err.msg);
+    free(pm);
+    free(pj);
+    if (compare && bench_compare(r, compare, stdout, &err)) fprintf(stderr, "strata: %s\n", err.msg);
+    rc = 0;
+out:
+    cuda_model_free(cm);
+    free(logits), free(step), free(toks), free(pos), free(slot), free(outt), free(lat);
+    return rc;
+}
+#endif
+
 int cmd_bench(int argc, char **argv) {
     const char *dir = NULL, *synthetic = NULL, *out_dir = ".", *compare = NULL;
-    int prompt = 128, gen = 64, conc = 1, threads = 0, exact = 0, do_max = 1;
+    int prompt = 128, gen = 64, conc = 1, threads = 0, exact = 0, do_max = 1, cuda = 0;
     int64_t ctx_target = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -100,6 +196,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "--out") && more) out_dir = argv[++i];
         else if (!strcmp(a, "--compare") && more) compare = argv[++i];
         else if (!strcmp(a, "--exact")) exact = 1;
+        else if (!strcmp(a, "--device") && more) cuda = !strcmp(argv[++i], "cuda");
         else if (!strcmp(a, "--no-max-context")) do_max = 0;
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage();
@@ -142,6 +239,14 @@ int cmd_bench(int argc, char **argv) {
     r.prompt_tokens = prompt;
     r.gen_tokens = gen;
     r.concurrency = conc;
+    if (cuda) {
+#ifdef STRATA_HAVE_CUDA
+        rc = bench_cuda(m, &r, prompt, gen, out_dir, compare);
+#else
+        fprintf(stderr, "strata: --device cuda: built without CUDA\n");
+#endif
+        goto out;
+    }
     int need_ctx = prompt + gen + 8;
     if (need_ctx > d->max_pos) {
         fprintf(stderr, "strata: prompt + gen (%d) exceeds the model's context %lld\n", need_ctx, (long long)d->max_pos);

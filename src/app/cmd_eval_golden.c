@@ -61,22 +61,100 @@ static int load_case(const sft_set *g, int k, int vocab, golden_case *c, const c
     return 0;
 }
 
+#ifdef STRATA_HAVE_CUDA
+#include "strata/cuda_backend.h"
+
+/* --device cuda: the same three checks on the GPU with the bf16 criteria of golden.json
+ * (max|dlogit| <= tol * max|logit| on prefill and decode, top-1 agreement >= 99% of all
+ * positions); the greedy continuation runs on the device and is reported, not required. */
+static int eval_cuda(const model *m, golden_case *cases, int n_cases, int max_len, int batch, double tol, float *logits) {
+    st_err err = {0};
+    cuda_model *cm = NULL;
+    const int V = m->desc.n_vocab;
+    cuda_model_opts o = {.max_ctx = max_len + 1, .n_slots = 1, .max_batch = batch};
+    if (o.max_ctx > m->desc.max_pos) o.max_ctx = (int)m->desc.max_pos;
+    if (cuda_model_init(&cm, m, &o, &err)) {
+        fprintf(stderr, "strata: %s\n", err.msg);
+        return 1;
+    }
+    cuda_model_info info;
+    cuda_model_get_info(cm, &info);
+    printf("device: %s (weights %.1f MB)\n", info.device, info.weight_bytes / 1e6);
+    int failed = 0, passed = 0;
+    long top1 = 0, npos = 0;
+    int32_t *pos = malloc((size_t)max_len * 4), *slot = calloc((size_t)max_len, 4);
+    for (int i = 0; i < max_len; i++) pos[i] = i;
+    for (int k = 0; k < n_cases; k++) {
+        golden_case *c = &cases[k];
+        double pre_d = 0, pre_ref = 0, dec_d = 0, dec_ref = 0;
+        int ok = !cuda_model_forward(cm, c->prompt, pos, slot, c->T, logits, LOGITS_ALL, &err);
+        int pre_top = 0, dec_top = 0;
+        if (ok) {
+            diff_stats(logits, c->logits, (size_t)c->T * V, &pre_d, &pre_ref);
+            for (int t = 0; t < c->T; t++)
+                pre_top += argmax(logits + (size_t)t * V, V) == argmax(c->logits + (size_t)t * V, V);
+        }
+        for (int t = 0; t < c->T && ok; t++) {
+            if (cuda_model_forward(cm, &c->prompt[t], &pos[t], slot, 1, logits, LOGITS_LAST, &err)) ok = 0;
+            else {
+                diff_stats(logits, c->logits + (size_t)t * V, (size_t)V, &dec_d, &dec_ref);
+                dec_top += argmax(logits, V) == argmax(c->logits + (size_t)t * V, V);
+            }
+        }
+        int match = 0;
+        if (ok && c->G > 0) {
+            int32_t tok = argmax(logits, V), p = c->T, z = 0;
+            for (int i = 0; i < c->G && ok; i++) {
+                if (tok != c->greedy[i]) break;
+                match++;
+                if (i + 1 < c->G && cuda_model_decode_greedy(cm, &tok, &p, &z, 1, &tok, &err)) ok = 0;
+                p++;
+            }
+        }
+        if (!ok) {
+            fprintf(stderr, "strata: prompt %d: %s\n", k, err.msg);
+            failed++;
+            continue;
+        }
+        top1 += pre_top + dec_top;
+        npos += 2L * c->T;
+        double pre_rel = pre_ref > 0 ? pre_d / pre_ref : pre_d, dec_rel = dec_ref > 0 ? dec_d / dec_ref : dec_d;
+        int pass = pre_rel <= tol && dec_rel <= tol;
+        printf("prompt %d (%3d tokens): prefill max|dlogit|/max|logit| %.2e, decode %.2e, top-1 %d/%d + %d/%d, "
+               "greedy %d/%d  %s\n",
+               k, c->T, pre_rel, dec_rel, pre_top, c->T, dec_top, c->T, match, c->G, pass ? "PASS" : "FAIL");
+        if (pass) passed++;
+        else failed++;
+    }
+    double agree = npos ? (double)top1 / (double)npos : 0;
+    int top_ok = agree >= 0.99;
+    printf("golden (cuda, bf16 criteria: tol %.0e, top-1 >= 99%%): %d passed, %d failed; top-1 agreement %.2f%% %s\n",
+           tol, passed, failed, 100 * agree, top_ok ? "PASS" : "FAIL");
+    free(pos);
+    free(slot);
+    cuda_model_free(cm);
+    return failed || !top_ok ? 1 : 0;
+}
+#endif
+
 static void usage(void) {
     fprintf(stderr, "usage: strata eval-golden DIR [--exact] [--threads N] [--tol X] [--batch N]\n"
                     "  Checks DIR's model against DIR/golden.safetensors (prefill, decode and greedy).\n"
                     "  --exact      float32 reference path (default; the only CPU path so far)\n"
                     "  --tol X      relative tolerance on logits (default 1e-3)\n"
-                    "  --batch N    prefill chunk size (default 64; smaller exercises chunking)\n");
+                    "  --batch N    prefill chunk size (default 64; smaller exercises chunking)\n"
+                    "  --device cuda  run on the GPU (bf16 criteria: --tol default 3e-2, top-1 >= 99%%)\n");
 }
 
 int cmd_eval_golden(int argc, char **argv) {
     const char *dir = NULL;
     double tol = 1e-3;
-    int threads = 0, batch = 64;
+    int threads = 0, batch = 64, cuda = 0, tol_set = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--exact")) continue;
+        else if (!strcmp(argv[i], "--device") && i + 1 < argc) cuda = !strcmp(argv[++i], "cuda");
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--tol") && i + 1 < argc) tol = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--tol") && i + 1 < argc) tol = atof(argv[++i]), tol_set = 1;
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage();
@@ -127,6 +205,19 @@ int cmd_eval_golden(int argc, char **argv) {
     }
     if (!n_cases) {
         fprintf(stderr, "strata: %s: no prompt_0 / logits_0 / greedy_0 tensors\n", gpath);
+        goto out;
+    }
+    if (cuda) {
+#ifdef STRATA_HAVE_CUDA
+        logits = malloc((size_t)max_len * V * sizeof(float));
+        if (!logits) goto out;
+        printf("model %s: %s, %d layers, %d-dim, vocab %d; %d prompts\n", dir, m->desc.model_type, m->desc.n_layer,
+               m->desc.n_embd, V, n_cases);
+        rc = eval_cuda(m, cases, n_cases, max_len, batch, tol_set ? tol : 3e-2, logits);
+#else
+        (void)tol_set;
+        fprintf(stderr, "strata: --device cuda: built without CUDA\n");
+#endif
         goto out;
     }
     model_ctx_opts o = {.max_ctx = max_len + 1, .n_slots = 1, .max_batch = batch, .n_threads = threads};

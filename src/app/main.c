@@ -13,7 +13,18 @@ typedef struct {
 
 static const app_command g_commands[] = {
     {"eval-golden", cmd_eval_golden, "DIR: check a model against its golden logits (transformers)"},
+    {"run", cmd_run, "MODEL [PROMPT]: stream an answer (interactive chat without PROMPT)"},
+    {"bench", cmd_bench, "MODEL|--synthetic PRESET[:QUANT]: latency, TPS, orchestration, residency, max context, MBU"},
     {"inspect", cmd_inspect, "MODEL_DIR: print the model descriptor and tensor layout"},
+    {"synth", cmd_synth, "--preset NAME --quant Q OUT_DIR: write a random-weight checkpoint of a real shape"},
+    {"pull", cmd_pull, "org/name[@rev]: download a model from the Hugging Face hub into its cache"},
+    {"tokenize", cmd_tokenize, "TOKENIZER_JSON: encode stdin to ids (--decode, --add-special, --bench FILE)"},
+    {"plan", cmd_plan, "MODEL_DIR|--config F|--synthetic P --cluster C.json: place layers, budget memory, predict tok/s"},
+    {"node", cmd_node, "--listen HOST:PORT: run a cluster node daemon (stages of a model)"},
+    {"cluster-gen", cmd_cluster_gen, "MODEL_DIR --peers A:P,...: generate ids on a cluster (tests, figures)"},
+    {"chat-template", cmd_chat_template, "TOKENIZER_CONFIG_JSON MESSAGES_JSON: render a conversation with the model's chat template"},
+    {"cuda-parity", cmd_cuda_parity, "check every CUDA op against the CPU reference op (random inputs, all dtypes/bits)"},
+    {"serve", cmd_serve, "MODEL: OpenAI-compatible HTTP API with streaming, dashboard and metrics"},
 };
 
 static void usage(FILE *f) {

@@ -112,7 +112,7 @@ int model_ctx_init(model_ctx **out, const model *m, const model_ctx_opts *opts, 
     if (qd > row_cap) row_cap = qd;
     if (ffmax > row_cap) row_cap = ffmax;
     if ((size_t)c->o.max_ctx > row_cap) row_cap = (size_t)c->o.max_ctx;
-    if (!fail && cpu_scratch_init(&c->scratch, st_pool_threads(c->pool), row_cap)) fail = 1;
+    if (!fail && cpu_scratch_init(&c->scratch, st_pool_threads(c->pool), row_cap, c->o.max_batch, c->o.exact)) fail = 1;
     c->inv_freq = xalloc((size_t)d->n_rot / 2, sizeof(double), &fail);
     c->x = xalloc(B * D, 4, &fail);
     c->xn = xalloc(B * D, 4, &fail);

@@ -1,5 +1,9 @@
-/* cpu_ops.c — CPU reference ops (see cpu_ops.h). Float32 throughout; SIMD where it is free. */
+/* cpu_ops.c — CPU reference ops (see cpu_ops.h). Float32 throughout; SIMD where it is free.
+ * With a scratch initialised for the fast path (exact = 0), cpu_linear and cpu_attention hand
+ * off to the kernels of cpu_simd.c; the code below stays the reference they are tested against. */
 #include "cpu_ops.h"
+
+#include "cpu_simd.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -9,15 +13,34 @@
 /* ------------------------------------------------------------------------------------------ */
 /* scratch */
 
-int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap) {
+int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap, int max_batch, int exact) {
+    memset(s, 0, sizeof *s);
     s->n_threads = n_threads;
     s->row_cap = (row_cap + 15) & ~(size_t)15;
+    s->exact = exact ? 1 : 0;
+    s->max_batch = max_batch < 8 ? 8 : max_batch;
+    s->simd = exact ? CPU_SIMD_NONE : cpu_simd_level();
     s->buf = st_alloc_aligned((size_t)n_threads * s->row_cap * sizeof(float));
-    return s->buf ? ST_OK : ST_ERR_NOMEM;
+    if (!s->buf) return ST_ERR_NOMEM;
+    if (s->simd >= CPU_SIMD_AVX2) {
+        size_t xp_n, tb_n;
+        s->tbuf_cap = cpu_simd_tbuf_floats(s->row_cap, s->max_batch);
+        if (st_mul_size(((size_t)s->max_batch + 8) * sizeof(float), s->row_cap, &xp_n) ||
+            st_mul_size(s->tbuf_cap * sizeof(float), (size_t)n_threads, &tb_n))
+            return ST_ERR_NOMEM;
+        s->xp = st_alloc_aligned(xp_n);
+        s->xs = st_alloc_aligned(4 * (s->row_cap / 32 + 32) * sizeof(float));
+        s->tbuf = st_alloc_aligned(tb_n);
+        if (!s->xp || !s->xs || !s->tbuf) return ST_ERR_NOMEM;
+    }
+    return ST_OK;
 }
 
 void cpu_scratch_free(cpu_scratch *s) {
     st_free_aligned(s->buf);
+    st_free_aligned(s->xp);
+    st_free_aligned(s->xs);
+    st_free_aligned(s->tbuf);
     memset(s, 0, sizeof *s);
 }
 
@@ -153,6 +176,10 @@ static void linear_task(void *ctx, int task, int n_tasks, int thread) {
 
 void cpu_linear(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T) {
     ST_ASSERT((size_t)w->cols <= s->row_cap);
+    if (!s->exact && s->simd >= CPU_SIMD_AVX2) {
+        cpu_linear_fast(pool, s, out, x, w, T);
+        return;
+    }
     int nt = st_pool_threads(pool);
     int64_t rows = w->rows;
     int64_t per = (rows + (int64_t)nt * 8 - 1) / ((int64_t)nt * 8);
@@ -263,6 +290,10 @@ static void attn_task(void *ctx, int task, int n_tasks, int thread) {
 void cpu_attention(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
                    const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
                    float scale) {
+    if (!s->exact && s->simd >= CPU_SIMD_AVX2 && hd % 8 == 0) {
+        cpu_attention_fast(pool, s, out, q, kslot, vslot, pos, T, n_head, n_head_kv, hd, scale);
+        return;
+    }
     for (int t = 0; t < T; t++) ST_ASSERT((size_t)pos[t] < s->row_cap);
     attn_job j = {out, q, kslot, vslot, pos, n_head, n_head_kv, hd, scale, s};
     st_pool_run(pool, attn_task, &j, T * n_head);

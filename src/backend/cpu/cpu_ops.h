@@ -10,14 +10,28 @@
 #include "strata/model.h"
 #include "strata/pool.h"
 
-/* Per-thread scratch for linear/attention: n_threads rows of `row_cap` floats each. */
+/* Scratch for linear/attention, sized once by the caller (model_ctx_init); ops never allocate.
+ * The reference path uses `buf` (one weight / score row per thread). The fast path
+ * (exact == 0, cpu_simd.c) also uses `xp`, `xs` and `tbuf`, allocated only then. */
 typedef struct cpu_scratch {
-    float *buf;       /* [n_threads, row_cap] */
+    float *buf;         /* [n_threads, row_cap]          reference: weight row / attention scores */
     int n_threads;
-    size_t row_cap;
+    size_t row_cap;     /* >= every linear's cols and every attention length (max_ctx)           */
+    int exact;          /* 1: float32 reference kernels; 0: fast SIMD kernels                     */
+    int simd;           /* fast path ISA (enum cpu_simd_level); tests may lower it                */
+    int max_batch;      /* token rows the fast buffers hold; larger T is processed in chunks      */
+    float *xp;          /* [max_batch + 8, row_cap]      fast: permuted / panel-packed activations */
+    float *xs;          /* [4, row_cap/32 + 16]          fast: per-group sums of the activations   */
+    float *tbuf;        /* [n_threads, tbuf_cap]         fast: weight tiles, row scales, scores    */
+    size_t tbuf_cap;    /* floats per thread in tbuf                                               */
 } cpu_scratch;
 
-int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap);
+/* Allocates scratch for n_threads threads, linears of up to row_cap columns, attention over up
+ * to row_cap positions and (fast path) up to max_batch token rows per call. exact = 1 selects
+ * the float32 reference kernels for every op; exact = 0 the SIMD fast path (falls back to the
+ * reference where the CPU lacks AVX2+FMA+F16C or STRATA_NO_SIMD is set). Returns ST_OK or
+ * ST_ERR_NOMEM (s is then safe to cpu_scratch_free). */
+int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap, int max_batch, int exact);
 void cpu_scratch_free(cpu_scratch *s);
 
 /* Dequantizes / converts row r of w into dst[cols] (float32). Exact: w = s * q + b. */
@@ -31,7 +45,9 @@ static inline uint32_t cpu_mlx_q_get(const uint32_t *row, int bits, size_t v) {
     return (uint32_t)(x >> (bit & 31)) & ((1u << bits) - 1u);
 }
 
-/* out[T, rows] = x[T, cols] W^T. out must not alias x. */
+/* out[T, rows] = x[T, cols] W^T. out must not alias x. Fast path (s->exact == 0): fused SIMD
+ * dequantize-and-dot for T <= 4 (decode), tiled dequantize + register-blocked GEMM above
+ * (prefill); both agree with the reference to float32 rounding (tests/unit/test_cpu_ops.c). */
 void cpu_linear(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T);
 
 /* Embedding lookup: out[T, cols] = rows tokens[t] of the table (dense or quantized). */
@@ -48,7 +64,7 @@ void cpu_rope(float *x, const float *cs, int T, int n_heads, int head_dim, int n
  * (angles in double precision). */
 void cpu_rope_table(float *cs, const int32_t *pos, int T, const double *inv_freq, int n_rot);
 
-/* Causal attention against a KV cache. q[T, n_head, hd]; for token t the keys/values are
+/* Causal attention against a KV cache (fast path when s->exact == 0 and hd % 8 == 0). q[T, n_head, hd]; for token t the keys/values are
  * kc/vc rows 0..pos[t] of its slot: kc + slot_off[t] is [max_ctx, n_head_kv, hd].
  * out[T, n_head, hd]. Needs s->row_cap >= max_ctx. */
 void cpu_attention(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,

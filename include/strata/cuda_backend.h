@@ -1,0 +1,105 @@
+/* strata/cuda_backend.h — the CUDA backend: the generic forward pass of forward.c on one GPU.
+ *
+ * cuda_model_init uploads a bound model's weights once (dense bf16/f16/f32 as stored; MLX
+ * affine rows as their packed uint32 words with scales/biases in their stored dtype; MoE
+ * experts of a layer packed contiguously so an expert id read from device memory selects
+ * them), and preallocates the bf16 KV cache and every activation. The forward pass runs the
+ * same block as model_forward (fp32 activations, fp32 accumulation; the KV cache is bf16, the
+ * prefill GEMMs take bf16 inputs); nothing is allocated per token. A decode step of B tokens
+ * (B <= 8) is captured once per B as a CUDA graph and replayed (STRATA_CUDA_NO_GRAPH=1 in the
+ * environment launches eagerly instead; a failed capture falls back to that with a warning).
+ *
+ * Built without CUDA, or on a machine without a driver/device, cuda_model_init returns
+ * ST_ERR_UNSUPPORTED with one line saying why.
+ */
+#ifndef STRATA_CUDA_BACKEND_H
+#define STRATA_CUDA_BACKEND_H
+
+#include "strata/base.h"
+#include "strata/model.h"
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cuda_model cuda_model;
+
+typedef struct cuda_model_opts {
+    int max_ctx;    /* KV capacity per slot; 0: min(max_pos, 4096)                    */
+    int n_slots;    /* sequences; 0: 1                                                 */
+    int max_batch;  /* tokens per forward chunk; 0: 256                                */
+    int device;     /* CUDA device ordinal                                             */
+    int no_graph;   /* 1: never capture CUDA graphs (debugging)                        */
+} cuda_model_opts;
+
+/* Uploads m (whole model: embedding, all layers, output) to the device. *out is NULL on
+ * failure: ST_ERR_UNSUPPORTED (no CUDA / no device), ST_ERR_NOMEM (does not fit). */
+int cuda_model_init(cuda_model **out, const model *m, const cuda_model_opts *o, st_err *err);
+void cuda_model_free(cuda_model *cm);
+
+/* Same semantics as model_forward (rows, positions, slots, logits modes); logits_host is host
+ * memory ([T, n_vocab] for LOGITS_ALL, [n_vocab] for LOGITS_LAST). */
+int cuda_model_forward(cuda_model *cm, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
+                       float *logits_host, logits_mode mode, st_err *err);
+
+/* One greedy decode step of B rows (B <= 8): runs tokens[b] at pos[b] of slot[b] and writes
+ * the argmax of each row's logits to next[b]. Everything stays on the GPU (a replayed graph);
+ * only the B token ids come back. */
+int cuda_model_decode_greedy(cuda_model *cm, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int B,
+                             int32_t *next, st_err *err);
+
+/* n greedy steps of one sequence in `slot` starting from `token` at position `pos0`, all on the
+ * device (each step's argmax feeds the next step; one synchronisation at the end). out[n]
+ * receives the generated ids; step_ms[n] (may be NULL) the time of each step measured with
+ * CUDA events. */
+int cuda_model_generate_greedy(cuda_model *cm, int32_t token, int pos0, int slot, int n, int32_t *out,
+                               float *step_ms, st_err *err);
+
+/* Writes n_tokens positions of pseudo-random K/V into `slot` (benchmarks only). */
+int cuda_model_kv_fill_synthetic(cuda_model *cm, int slot, int n_tokens, st_err *err);
+
+/* Device facts for reports. */
+typedef struct cuda_model_info {
+    char device[128];
+    size_t weight_bytes;   /* device bytes of the uploaded weights                          */
+    size_t kv_bytes;       /* device bytes of the KV cache                                  */
+    size_t act_bytes;      /* activations and scratch                                       */
+    size_t mem_total, mem_free;
+} cuda_model_info;
+void cuda_model_get_info(const cuda_model *cm, cuda_model_info *info);
+
+/* Device-to-device copy bandwidth (bytes moved = 2 x bytes per copy, read + write) over a
+ * buffer of `bytes`, best of reps; 0 on failure. */
+double cuda_measure_copy_bandwidth(int device, size_t bytes, int reps);
+
+/* Per-kernel breakdown of one decode step (B = 1, position pos of slot 0), timed with CUDA
+ * events around each launch outside the graph. Prints "kernel  calls  us  share" lines to f
+ * (a FILE *), largest first. */
+int cuda_model_profile_step(cuda_model *cm, int pos, void *f, st_err *err);
+
+/* ------------------------------------------------------------------------------------------ */
+/* single ops on host buffers, for the parity harness (each allocates, runs, copies back)      */
+
+/* out[T, rows] = x[T, cols] W^T; path 0: auto, 1: matrix-vector kernel (T <= 8), 2: GEMM. */
+int cuda_op_linear(const wt_linear *w, const float *x, int T, float *out, int path, st_err *err);
+int cuda_op_embed(const wt_linear *table, const int32_t *tokens, int T, float *out, st_err *err);
+int cuda_op_rmsnorm(const float *x, const float *w, int64_t n_rows, int n, float eps, float *out, st_err *err);
+/* x[T, n_heads, hd] rotated in place at positions pos[T] with inv_freq[n_rot/2]. */
+int cuda_op_rope(float *x, const int32_t *pos, int T, int n_heads, int hd, int n_rot, const double *inv_freq,
+                 st_err *err);
+/* Causal attention of q[T, H, hd] over a bf16 cache given as f32 k/v[n_ctx, Hkv, hd] (rounded
+ * to bf16 on upload); token t sees rows 0..pos[t]. */
+int cuda_op_attention(const float *q, const float *k, const float *v, int n_ctx, const int32_t *pos, int T, int H,
+                      int Hkv, int hd, float scale, float *out, st_err *err);
+int cuda_op_swiglu(const float *gate, const float *up, int64_t n, float *out, st_err *err);
+/* Router: logits[T, E] -> sel[T, K], w[T, K] exactly as forward.c's moe_route. */
+int cuda_op_moe_route(const float *logits, const float *bias, int T, int E, int K, int sigmoid, int norm_topk,
+                      int32_t *sel, float *w, st_err *err);
+int cuda_op_argmax(const float *x, int rows, int n, int32_t *out, st_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,366 @@
+/* cmd_cuda_parity.c — `strata cuda-parity`: every CUDA op against the CPU reference op
+ * (src/backend/cpu/cpu_ops.c) on fresh random inputs over dtypes, MLX bit widths 2..8, group
+ * sizes 32/64/128 and odd shapes. Prints the relative error max|gpu-cpu| / max|cpu| of each
+ * case; fp32 paths must agree within 1e-4, paths with bf16 inputs (GEMM, KV cache) within 1e-2.
+ * Exit status 1 if any case fails (or 2 when built without CUDA / no device).
+ */
+#include "app.h"
+#include "backend/cpu/cpu_ops.h"
+#include "strata/base.h"
+#include "strata/gpu.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef STRATA_HAVE_CUDA
+#include "strata/cuda_backend.h"
+
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+
+static uint64_t rnd_u64(void) {
+    g_rng ^= g_rng << 13, g_rng ^= g_rng >> 7, g_rng ^= g_rng << 17;
+    return g_rng;
+}
+
+static float rnd_f(void) { return (float)((rnd_u64() >> 40) & 0xffffff) / 8388608.0f - 1.0f; } /* [-1, 1) */
+
+static uint16_t f16_bits(float f) {
+    /* float -> IEEE half (round to nearest even; inputs here are small normals) */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    int e = (int)((x >> 23) & 0xff) - 127 + 15;
+    uint32_t m = x & 0x7fffffu;
+    if (e <= 0) return (uint16_t)sign; /* flush tiny values */
+    if (e >= 31) return (uint16_t)(sign | 0x7c00u);
+    uint32_t r = (m >> 13) + (((m >> 12) & 1u) && ((m & 0x1fffu) || ((m >> 13) & 1u)) ? 1u : 0u);
+    return (uint16_t)(sign | ((uint32_t)e << 10)) + (uint16_t)r;
+}
+
+static int g_fail, g_cases;
+
+static void report(const char *what, double rel, double tol) {
+    int ok = rel <= tol; /* NaN fails */
+    g_cases++;
+    if (!ok) g_fail++;
+    printf("%-58s rel %.2e (tol %.0e)  %s\n", what, rel, tol, ok ? "ok" : "FAIL");
+}
+
+static double rel_err(const float *a, const float *b, size_t n) {
+    double md = 0, mr = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= md)) md = d;
+        if (fabs(b[i]) > mr) mr = fabs(b[i]);
+    }
+    return mr > 0 ? md / mr : md;
+}
+
+/* A random weight: dense of dtype dt, or quantized (bits, group, scale dtype sdt). Buffers are
+ * owned by the caller through *bufs[3]. */
+static void make_weight(wt_linear *w, void *bufs[3], int64_t rows, int64_t cols, sft_dtype dt, int bits, int group,
+                        sft_dtype sdt) {
+    memset(w, 0, sizeof *w);
+    w->rows = rows, w->cols = cols;
+    bufs[0] = bufs[1] = bufs[2] = NULL;
+    if (!bits) {
+        size_t es = dt == SFT_F32 ? 4 : 2;
+        w->dtype = dt;
+        w->row_bytes = (size_t)cols * es;
+        char *p = malloc((size_t)rows * w->row_bytes);
+        for (int64_t i = 0; i < rows * cols; i++) {
+            float f = rnd_f() * 0.1f;
+            if (dt == SFT_F32) memcpy(p + 4 * i, &f, 4);
+            else {
+                uint16_t h = dt == SFT_BF16 ? st_f32_to_bf16(f) : f16_bits(f);
+                memcpy(p + 2 * i, &h, 2);
+            }
+        }
+        w->w = bufs[0] = p;
+        return;
+    }
+    w->qbits = bits, w->group = group, w->sdtype = sdt;
+    w->row_bytes = (size_t)cols * bits / 8;
+    w->srow_elems = (size_t)(cols / group);
+    uint32_t *q = malloc((size_t)rows * w->row_bytes);
+    for (size_t i = 0; i < (size_t)rows * w->row_bytes / 4; i++) q[i] = (uint32_t)rnd_u64();
+    size_t ns = (size_t)rows * w->srow_elems, es = sdt == SFT_F32 ? 4 : 2;
+    char *s = malloc(ns * es), *b = malloc(ns * es);
+    for (size_t i = 0; i < ns; i++) {
+        float fs = rnd_f() * 0.02f, fb = rnd_f() * 0.1f; /* scales may be negative */
+        if (sdt == SFT_F32) {
+            memcpy(s + 4 * i, &fs, 4);
+            memcpy(b + 4 * i, &fb, 4);
+        } else {
+            uint16_t hs = sdt == SFT_BF16 ? st_f32_to_bf16(fs) : f16_bits(fs);
+            uint16_t hb = sdt == SFT_BF16 ? st_f32_to_bf16(fb) : f16_bits(fb);
+            memcpy(s + 2 * i, &hs, 2);
+            memcpy(b + 2 * i, &hb, 2);
+        }
+    }
+    w->w = bufs[0] = q;
+    w->scales = bufs[1] = s;
+    w->biases = bufs[2] = b;
+}
+
+static const char *dt_name(sft_dtype d) { return d == SFT_F32 ? "f32" : d == SFT_F16 ? "f16" : "bf16"; }
+
+static void check_linear(cpu_scratch *cs, int64_t rows, int64_t cols, sft_dtype dt, int bits, int group, sft_dtype sdt,
+                         int T) {
+    wt_linear w;
+    void *bufs[3];
+    make_weight(&w, bufs, rows, cols, dt, bits, group, sdt);
+    float *x = malloc((size_t)T * cols * 4), *ref = malloc((size_t)T * rows * 4), *got = malloc((size_t)T * rows * 4);
+    for (int64_t i = 0; i < T * cols; i++) x[i] = rnd_f();
+    cpu_linear(NULL, cs, ref, x, &w, T);
+    char what[160];
+    st_err err = {0};
+    const char *kind = bits ? "" : dt_name(dt);
+    char q[32] = "";
+    if (bits) snprintf(q, sizeof q, "q%dg%d/%s", bits, group, dt_name(sdt));
+    /* auto path: matrix-vector for T <= 8 (fp32), GEMM above (bf16 inputs) */
+    if (cuda_op_linear(&w, x, T, got, 0, &err)) {
+        printf("linear: %s\n", err.msg);
+        g_fail++;
+    } else {
+        snprintf(what, sizeof what, "linear %s%s %lldx%lld T=%d %s", kind, q, (long long)rows, (long long)cols, T,
+                 T <= 8 ? "matvec" : "gemm");
+        report(what, rel_err(got, ref, (size_t)T * rows), T <= 8 ? 1e-4 : 1e-2);
+    }
+    if (T <= 8 && cuda_op_linear(&w, x, T, got, 3, &err) == 0) {
+        snprintf(what, sizeof what, "linear %s%s %lldx%lld T=%d generic", kind, q, (long long)rows, (long long)cols, T);
+        report(what, rel_err(got, ref, (size_t)T * rows), 1e-4);
+    }
+    if (T > 8 && cuda_op_linear(&w, x, T, got, 1, &err) == 0) {
+        snprintf(what, sizeof what, "linear %s%s %lldx%lld T=%d matvec", kind, q, (long long)rows, (long long)cols, T);
+        report(what, rel_err(got, ref, (size_t)T * rows), 1e-4);
+    }
+    /* embedding from the same table */
+    if (T <= 8) {
+        int32_t toks[8];
+        for (int t = 0; t < T; t++) toks[t] = (int32_t)(rnd_u64() % (uint64_t)rows);
+        float *e_ref = malloc((size_t)T * cols * 4), *e_got = malloc((size_t)T * cols * 4);
+        cpu_embed(e_ref, toks, T, &w);
+        if (!cuda_op_embed(&w, toks, T, e_got, &err)) {
+            snprintf(what, sizeof what, "embed %s%s %lldx%lld T=%d", kind, q, (long long)rows, (long long)cols, T);
+            report(what, rel_err(e_got, e_ref, (size_t)T * cols), 1e-6);
+        }
+        free(e_ref);
+        free(e_got);
+    }
+    free(x), free(ref), free(got);
+    for (int i = 0; i < 3; i++) free(bufs[i]);
+}
+
+static float bf16_round(float f) { return st_bf16_to_f32(st_f32_to_bf16(f)); }
+
+static void check_attention(cpu_scratch *cs, int n_ctx, int T, int H, int Hkv, int hd) {
+    size_t kvn = (size_t)n_ctx * Hkv * hd;
+    float *k = malloc(kvn * 4), *v = malloc(kvn * 4), *q = malloc((size_t)T * H * hd * 4);
+    float *ref = malloc((size_t)T * H * hd * 4), *got = malloc((size_t)T * H * hd * 4);
+    for (size_t i = 0; i < kvn; i++) k[i] = bf16_round(rnd_f() * 2), v[i] = bf16_round(rnd_f());
+    for (int i = 0; i < T * H * hd; i++) q[i] = rnd_f() * 2;
+    int32_t *pos = malloc((size_t)T * 4);
+    const float **kp = malloc((size_t)T * sizeof *kp), **vp = malloc((size_t)T * sizeof *vp);
+    for (int t = 0; t < T; t++) {
+        pos[t] = T == 1 ? n_ctx - 1 : (int)(n_ctx - T + t); /* causal prefill rows / a decode row */
+        kp[t] = k, vp[t] = v;
+    }
+    float scale = 1.0f / sqrtf((float)hd);
+    cpu_attention(NULL, cs, ref, q, kp, vp, pos, T, H, Hkv, hd, scale);
+    st_err err = {0};
+    char what[160];
+    if (cuda_op_attention(q, k, v, n_ctx, pos, T, H, Hkv, hd, scale, got, &err)) {
+        printf("attention: %s\n", err.msg);
+        g_fail++;
+    } else {
+        snprintf(what, sizeof what, "attention ctx=%d T=%d H=%d Hkv=%d hd=%d", n_ctx, T, H, Hkv, hd);
+        report(what, rel_err(got, ref, (size_t)T * H * hd), 1e-4);
+    }
+    free(k), free(v), free(q), free(ref), free(got), free(pos), free(kp), free(vp);
+}
+
+static void check_rows_ops(void) {
+    st_err err = {0};
+    char what[160];
+    /* rmsnorm: full rows, per-head rows */
+    int shapes[][2] = {{3, 4096}, {7, 1000}, {64, 128}, {33, 48}, {5, 2560}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        int r = shapes[i][0], n = shapes[i][1];
+        float *x = malloc((size_t)r * n * 4), *w = malloc((size_t)n * 4), *ref = malloc((size_t)r * n * 4),
+              *got = malloc((size_t)r * n * 4);
+        for (int j = 0; j < r * n; j++) x[j] = rnd_f() * 3;
+        for (int j = 0; j < n; j++) w[j] = 1 + rnd_f() * 0.5f;
+        cpu_rmsnorm(ref, x, w, r, n, 1e-6f);
+        if (!cuda_op_rmsnorm(x, w, r, n, 1e-6f, got, &err)) {
+            snprintf(what, sizeof what, "rmsnorm %dx%d", r, n);
+            report(what, rel_err(got, ref, (size_t)r * n), 1e-5);
+        }
+        free(x), free(w), free(ref), free(got);
+    }
+    /* rope: full and partial rotary, large positions */
+    int rp[][4] = {{5, 8, 128, 128}, {3, 4, 64, 16}, {2, 6, 48, 48}, {4, 2, 128, 64}};
+    for (size_t i = 0; i < sizeof rp / sizeof rp[0]; i++) {
+        int T = rp[i][0], nh = rp[i][1], hd = rp[i][2], nr = rp[i][3];
+        size_t n = (size_t)T * nh * hd;
+        float *x = malloc(n * 4), *got = malloc(n * 4), *cs = malloc((size_t)T * nr * 4);
+        double inv[256];
+        int32_t pos[8];
+        for (int j = 0; j < nr / 2; j++) inv[j] = 1.0 / pow(1e6, 2.0 * j / nr);
+        for (int t = 0; t < T; t++) pos[t] = (int32_t)(rnd_u64() % 40000);
+        for (size_t j = 0; j < n; j++) x[j] = rnd_f();
+        memcpy(got, x, n * 4);
+        cpu_rope_table(cs, pos, T, inv, nr);
+        cpu_rope(x, cs, T, nh, hd, nr);
+        if (!cuda_op_rope(got, pos, T, nh, hd, nr, inv, &err)) {
+            snprintf(what, sizeof what, "rope T=%d heads=%d hd=%d n_rot=%d", T, nh, hd, nr);
+            report(what, rel_err(got, x, n), 1e-5);
+        }
+        free(x), free(got), free(cs);
+    }
+    /* swiglu */
+    {
+        int64_t n = 100003;
+        float *g = malloc((size_t)n * 4), *u = malloc((size_t)n * 4), *ref = malloc((size_t)n * 4),
+              *got = malloc((size_t)n * 4);
+        for (int64_t j = 0; j < n; j++) g[j] = rnd_f() * 8, u[j] = rnd_f() * 2;
+        cpu_swiglu(ref, g, u, n);
+        if (!cuda_op_swiglu(g, u, n, got, &err)) report("swiglu n=100003", rel_err(got, ref, (size_t)n), 1e-5);
+        free(g), free(u), free(ref), free(got);
+    }
+    /* argmax */
+    {
+        int rows = 4, n = 151936;
+        float *x = malloc((size_t)rows * n * 4);
+        int32_t got[4];
+        for (int j = 0; j < rows * n; j++) x[j] = rnd_f();
+        x[77777] = 5, x[n + 3] = 5, x[2 * n + n - 1] = 5, x[3 * n + 10] = 5, x[3 * n + 11] = 5; /* tie -> lower */
+        int32_t want[4] = {77777, 3, n - 1, 10};
+        if (!cuda_op_argmax(x, rows, n, got, &err)) {
+            int bad = 0;
+            for (int r = 0; r < rows; r++) bad += got[r] != want[r];
+            report("argmax 4x151936 (ties -> lowest index)", bad, 0);
+        }
+        free(x);
+    }
+}
+
+/* forward.c's moe_route, restated for one token (the CPU reference is static there). */
+static void route_ref(const float *lg, const float *bias, int E, int K, int sigmoid, int norm, int32_t *sel, float *w) {
+    float score[512], key[512];
+    if (!sigmoid) {
+        float mx = -INFINITY;
+        for (int e = 0; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
+        double sum = 0;
+        for (int e = 0; e < E; e++) sum += (score[e] = expf(lg[e] - mx));
+        for (int e = 0; e < E; e++) key[e] = score[e] = (float)(score[e] / sum);
+    } else {
+        for (int e = 0; e < E; e++) {
+            score[e] = 1.0f / (1.0f + expf(-lg[e]));
+            key[e] = score[e] + (bias ? bias[e] : 0.0f);
+        }
+    }
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int j = 0; j < k && !taken; j++) taken = sel[j] == e;
+            if (!taken && (best < 0 || key[e] > key[best])) best = e;
+        }
+        sel[k] = best;
+        w[k] = score[best];
+    }
+    if (norm) {
+        double s = 0;
+        for (int k = 0; k < K; k++) s += w[k];
+        for (int k = 0; k < K; k++) w[k] = (float)(w[k] / (s + (sigmoid ? 1e-20 : 0)));
+    }
+}
+
+static void check_route(int T, int E, int K, int sigmoid, int norm) {
+    float *lg = malloc((size_t)T * E * 4), *bias = malloc((size_t)E * 4);
+    float *w_ref = malloc((size_t)T * K * 4), *w_got = malloc((size_t)T * K * 4);
+    int32_t *s_ref = malloc((size_t)T * K * 4), *s_got = malloc((size_t)T * K * 4);
+    for (int i = 0; i < T * E; i++) lg[i] = rnd_f() * 4;
+    for (int e = 0; e < E; e++) bias[e] = rnd_f() * 0.1f;
+    for (int t = 0; t < T; t++)
+        route_ref(lg + (size_t)t * E, sigmoid ? bias : NULL, E, K, sigmoid, norm, s_ref + (size_t)t * K, w_ref + (size_t)t * K);
+    st_err err = {0};
+    char what[160];
+    if (!cuda_op_moe_route(lg, sigmoid ? bias : NULL, T, E, K, sigmoid, norm, s_got, w_got, &err)) {
+        int bad = 0;
+        for (int i = 0; i < T * K; i++) bad += s_got[i] != s_ref[i];
+        snprintf(what, sizeof what, "moe route %s T=%d E=%d K=%d norm=%d (selection)", sigmoid ? "sigmoid+bias" : "softmax",
+                 T, E, K, norm);
+        report(what, bad, 0);
+        snprintf(what, sizeof what, "moe route %s T=%d E=%d K=%d norm=%d (weights)", sigmoid ? "sigmoid+bias" : "softmax",
+                 T, E, K, norm);
+        report(what, rel_err(w_got, w_ref, (size_t)T * K), 1e-5);
+    } else {
+        printf("moe route: %s\n", err.msg);
+        g_fail++;
+    }
+    free(lg), free(bias), free(w_ref), free(w_got), free(s_ref), free(s_got);
+}
+
+int cmd_cuda_parity(int argc, char **argv) {
+    int quick = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--quick")) quick = 1;
+        else {
+            fprintf(stderr, "usage: strata cuda-parity [--quick]\n  Checks every CUDA op against the CPU reference.\n");
+            return !strcmp(argv[i], "--help") ? 0 : 2;
+        }
+    }
+    char why[256] = "";
+    if (st_gpu_count(why, sizeof why) < 1) {
+        fprintf(stderr, "strata cuda-parity: no CUDA device: %s\n", why);
+        return 2;
+    }
+    cpu_scratch cs;
+    if (cpu_scratch_init(&cs, 1, 16384, 64, 1)) {
+        fprintf(stderr, "strata: out of memory\n");
+        return 1;
+    }
+    /* dense linears: dtypes x shapes (odd columns take the generic kernel) x token rows */
+    const sft_dtype dts[] = {SFT_BF16, SFT_F16, SFT_F32};
+    const int64_t dshapes[][2] = {{37, 96}, {300, 2048}, {129, 93}, {64, 4104}};
+    const int Ts[] = {1, 3, 8, 20};
+    for (int di = 0; di < 3; di++)
+        for (int si = 0; si < 4; si++)
+            for (int ti = 0; ti < 4; ti++) check_linear(&cs, dshapes[si][0], dshapes[si][1], dts[di], 0, 0, SFT_BF16, Ts[ti]);
+    /* MLX affine: bits x groups x shapes x rows; scale dtypes bf16 (checkpoints), f16, f32 */
+    const int bits[] = {2, 3, 4, 5, 6, 8}, groups[] = {32, 64, 128};
+    const int64_t qshapes[][2] = {{67, 384}, {300, 2048}};
+    for (int bi = 0; bi < 6; bi++)
+        for (int gi = 0; gi < 3; gi++)
+            for (int si = 0; si < 2; si++)
+                for (int ti = 0; ti < 3; ti++) {
+                    if (quick && ti == 1) continue;
+                    int T = ti == 0 ? 1 : ti == 1 ? 5 : 20;
+                    sft_dtype sdt = (bi + gi + si) % 5 == 3 ? SFT_F16 : (bi + gi + si) % 5 == 4 ? SFT_F32 : SFT_BF16;
+                    check_linear(&cs, qshapes[si][0], qshapes[si][1], SFT_BF16, bits[bi], groups[gi], sdt, T);
+                }
+    check_rows_ops();
+    /* attention: decode rows and causal prefill rows, GQA, head dims 32..256 incl. 48 */
+    int at[][5] = {{1, 1, 4, 2, 32}, {300, 1, 32, 8, 128}, {4097, 1, 16, 4, 128}, {77, 5, 4, 2, 48},
+                   {64, 64, 8, 1, 64}, {513, 3, 8, 8, 256}, {1000, 1, 40, 8, 128}};
+    for (size_t i = 0; i < sizeof at / sizeof at[0]; i++) check_attention(&cs, at[i][0], at[i][1], at[i][2], at[i][3], at[i][4]);
+    check_route(5, 8, 2, 0, 1);
+    check_route(9, 128, 8, 0, 1);
+    check_route(3, 64, 4, 0, 0);
+    check_route(7, 256, 8, 1, 1);
+    check_route(4, 8, 2, 1, 1);
+    cpu_scratch_free(&cs);
+    printf("cuda-parity: %d cases, %d failed\n", g_cases, g_fail);
+    return g_fail ? 1 : 0;
+}
+#else
+int cmd_cuda_parity(int argc, char **argv) {
+    (void)argc, (void)argv;
+    fprintf(stderr, "strata cuda-parity: built without CUDA (nvcc was not found at configure time)\n");
+    return 2;
+}
+#endif

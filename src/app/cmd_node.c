@@ -1,0 +1,74 @@
+/* cmd_node.c — `strata node`: the per-machine daemon of a cluster (src/cluster/node.c).
+ * Runs until SIGINT / SIGTERM; exit status 0 on a clean stop, 1 on a startup error. */
+#include "app.h"
+#include "strata/cluster.h"
+
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+static volatile sig_atomic_t g_stop;
+
+static void on_signal(int sig) {
+    (void)sig;
+    g_stop = 1;
+}
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: strata node --listen HOST:PORT [options]\n"
+               "  --cluster-key K       shared cluster key (or env STRATA_CLUSTER_KEY)\n"
+               "  --state-dir DIR       keeps the persistent node id (DIR/node_id)\n"
+               "  --memory-limit BYTES  refuse LOADs needing more (weights + KV); suffixes K M G\n"
+               "  --threads N           compute threads (default: all cores)\n"
+               "  --xport auto|tcp      tcp: refuse shared-memory links\n"
+               "  --port-file FILE      write the bound port (with --listen HOST:0)\n"
+               "  --no-bw-probe         skip the memory bandwidth measurement at start\n");
+}
+
+static uint64_t parse_bytes(const char *s) {
+    char *e;
+    double v = strtod(s, &e);
+    if (e == s || v < 0) return 0;
+    switch (*e) {
+    case 'k': case 'K': v *= 1024; break;
+    case 'm': case 'M': v *= 1024 * 1024; break;
+    case 'g': case 'G': v *= 1024.0 * 1024 * 1024; break;
+    default: break;
+    }
+    return (uint64_t)v;
+}
+
+int cmd_node(int argc, char **argv) {
+    node_opts o = {0};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int more = i + 1 < argc;
+        if (!strcmp(a, "--listen") && more) o.listen = argv[++i];
+        else if (!strcmp(a, "--cluster-key") && more) o.cluster_key = argv[++i];
+        else if (!strcmp(a, "--state-dir") && more) o.state_dir = argv[++i];
+        else if (!strcmp(a, "--memory-limit") && more) {
+            const char *v = argv[++i], *eq = strchr(v, '=');
+            o.memory_limit = parse_bytes(eq ? eq + 1 : v); /* accepts DEV=BYTES too (cpu only) */
+        } else if (!strcmp(a, "--threads") && more) o.n_threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--xport") && more) o.xport_pref = !strcmp(argv[++i], "tcp") ? XPORT_PREF_TCP : XPORT_PREF_AUTO;
+        else if (!strcmp(a, "--port-file") && more) o.port_file = argv[++i];
+        else if (!strcmp(a, "--no-bw-probe")) o.bw_probe_mb = -1;
+        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) return usage(stdout), 0;
+        else {
+            fprintf(stderr, "strata node: unknown or incomplete option '%s'\n", a);
+            return usage(stderr), 2;
+        }
+    }
+    if (!o.listen) return usage(stderr), 2;
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    st_err err = {0};
+    if (node_run(&o, &g_stop, &err)) {
+        fprintf(stderr, "strata: %s\n", err.msg);
+        return 1;
+    }
+    return 0;
+}

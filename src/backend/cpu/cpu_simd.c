@@ -1,0 +1,918 @@
+/* cpu_simd.c — the CPU fast path: SIMD linear (decode + prefill) and attention kernels.
+ *
+ * Every kernel here has a float32 reference in cpu_ops.c; tests/unit/test_cpu_ops.c checks each
+ * bits x group x dtype x token-count combination against it. Functions are compiled for their
+ * ISA with target attributes and chosen at run time (cpu_simd_level), so the library still
+ * runs on CPUs without AVX2.
+ *
+ * Linear, T <= MV_MAX_T tokens (decode): one pass over the weights, each row decoded in
+ * registers and dotted with the T activation rows (permuted once per call into the "xp
+ * layout" of the weight format, see perm_x), quantized rows via the group trick of
+ * cpu_simd.h. Rows are split over the pool in tasks of a few dozen to a few hundred rows.
+ *
+ * Linear, T > MV_MAX_T (prefill): the activations are packed into panels of 6 tokens
+ * ([k][6]); each pool task dequantizes a tile of 16 weight rows once into f32 ([k][16],
+ * through 8x8 register transposes), then runs a 6x16 register-blocked FMA kernel over every
+ * panel, blocked over k so the tile's slice stays in L1. Weights are read once per chunk.
+ */
+#include "cpu_simd.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INL static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+#define AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c")))
+#define AVX512_INL static inline __attribute__((always_inline, target("avx512f,avx2,fma,f16c")))
+
+#define MV_MAX_T 4     /* token rows handled by the fused matrix-vector kernels          */
+#define GM_ROWS 16     /* weight rows per GEMM tile (two ymm of outputs)                 */
+#ifndef GM_TILES
+#define GM_TILES 4     /* tiles per pool task: each activation block is reused 4x from L1 */
+#endif
+#define GM_TOK 6       /* tokens per GEMM panel (six broadcasts per k)                   */
+#ifndef GM_KC
+#define GM_KC 256      /* k per L1 block in the GEMM (16 rows x 256 x 4 B = 16 KiB)      */
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* level detection                                                                            */
+
+static _Atomic int g_level = -1;
+
+static int level_detect(void) {
+    if (getenv("STRATA_NO_SIMD")) return CPU_SIMD_NONE;
+    __builtin_cpu_init();
+    if (!st_cpu_has_avx2() || !__builtin_cpu_supports("f16c")) return CPU_SIMD_NONE;
+    const char *cap = getenv("STRATA_SIMD");
+    if (cap && !strcmp(cap, "avx2")) return CPU_SIMD_AVX2;
+    return __builtin_cpu_supports("avx512f") ? CPU_SIMD_AVX512 : CPU_SIMD_AVX2;
+}
+
+int cpu_simd_level(void) {
+    int l = atomic_load_explicit(&g_level, memory_order_relaxed);
+    if (l < 0) {
+        l = level_detect();
+        atomic_store_explicit(&g_level, l, memory_order_relaxed);
+    }
+    return l;
+}
+
+/* Floats per group-sum / row-scale array for row_cap columns (groups >= 32, +16 padding so
+ * kernels may load a full vector past the last group). */
+static size_t ng_cap(size_t row_cap) { return (row_cap / 32 + 16 + 15) & ~(size_t)15; }
+
+size_t cpu_simd_tbuf_floats(size_t row_cap, int max_batch) {
+    size_t R = (row_cap + 15) & ~(size_t)15;
+    size_t panels = (size_t)(max_batch + GM_TOK - 1) / GM_TOK + 1;
+    return (GM_TILES * 16 + 8) * R + GM_TILES * panels * GM_TOK * GM_ROWS + 2 * ng_cap(row_cap) + 64;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* layouts and small helpers                                                                  */
+
+/* Values per 32-bit lane in the decode layout: 8-value packs for 2..5 bits, 4-value packs
+ * for 6 and 8 bits, 2 for bf16 (even/odd halves of a dword), 1 for f16/f32. */
+static int lane_values(const wt_linear *w) {
+    if (w->qbits) return w->qbits == 6 || w->qbits == 8 ? 4 : 8;
+    return w->dtype == SFT_BF16 ? 2 : 1;
+}
+
+/* The xp layout for L lanes of P values: within each full block of L*P values,
+ * xp[b*L*P + s*L + k] = x[b*L*P + P*k + s] (value s of lane k); the tail past the last full
+ * block keeps x's order. A kernel that decodes value s of all lanes into one vector then
+ * multiplies it with the contiguous xp[b*L*P + s*L ...]. */
+static void perm_x(float *xp, const float *x, int64_t cols, int P, int L) {
+    const int64_t B = (int64_t)L * P, nb = cols / B;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * B;
+        float *o = xp + b * B;
+        for (int s = 0; s < P; s++)
+            for (int k = 0; k < L; k++) o[s * L + k] = xb[P * k + s];
+    }
+    for (int64_t i = nb * B; i < cols; i++) xp[i] = x[i];
+}
+
+/* xs[gi] = sum of x over group gi (ng groups of g), zero-padded by 16 entries. */
+static void group_sums(float *xs, const float *x, int64_t ng, int g) {
+    for (int64_t gi = 0; gi < ng; gi++) {
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        const float *xg = x + gi * g;
+        for (int i = 0; i < g; i += 4) {
+            s0 += xg[i];
+            s1 += xg[i + 1];
+            s2 += xg[i + 2];
+            s3 += xg[i + 3];
+        }
+        xs[gi] = (s0 + s1) + (s2 + s3);
+    }
+    memset(xs + ng, 0, 16 * sizeof(float));
+}
+
+AVX2_INL float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+AVX2_INL __m256i load2x128(const void *hi, const void *lo) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)lo)),
+                                   _mm_loadu_si128((const __m128i *)hi), 1);
+}
+
+/* dst[0..n) = n scale/bias values of dtype dt starting at element off of p, as f32;
+ * dst[n..n+16) = 0. */
+AVX2_INL void cvt_f32(float *dst, const void *p, size_t off, int64_t n, sft_dtype dt) {
+    int64_t i = 0;
+    if (dt == SFT_BF16) {
+        const uint16_t *h = (const uint16_t *)p + off;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i))), 16)));
+        for (; i < n; i++) {
+            uint16_t v;
+            memcpy(&v, h + i, 2);
+            dst[i] = st_bf16_to_f32(v);
+        }
+    } else if (dt == SFT_F16) {
+        const uint16_t *h = (const uint16_t *)p + off;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+        for (; i < n; i++) {
+            uint16_t v;
+            memcpy(&v, h + i, 2);
+            dst[i] = st_f16_to_f32(v);
+        }
+    } else {
+        memcpy(dst, (const float *)p + off, (size_t)n * sizeof(float));
+    }
+    memset(dst + n, 0, 16 * sizeof(float));
+}
+
+/* sum a[i] * b[i] for i < n (short vectors: group sums x biases). */
+AVX2_INL float dot_short(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float r = hsum8(acc);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* exp(x) for 8 floats: Cephes expf (range reduction by ln2 in two parts, degree-5
+ * polynomial), within 2 ulp of expf on [-87.3, 88]; inputs are clamped to that range. */
+AVX2_INL __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* MLX pack decoding (8 lanes)                                                                */
+
+/* Bytes of one 8-lane block (8 packs) for `bits`: 8 * P * bits / 8. */
+#define QBLOCK_BYTES(bits) (((bits) == 6 || (bits) == 8 ? 4 : 8) * (bits))
+
+/* Loads the 8 packs of the block at p so that lane k holds pack k, low-aligned (upper bits
+ * zero): 2-bit 2 bytes, 3-bit 3 bytes, 4-bit 4 bytes, 6-bit 3 bytes, 8-bit 4 bytes. 5-bit
+ * packs are 40 bits: *a gets bytes 5k..5k+3 (values 0..5), *b bytes 5k+1..5k+4 (values 6, 7).
+ * Reads exactly the block's QBLOCK_BYTES bytes. */
+AVX2_INL void q_load8(const uint8_t *p, const int bits, __m256i *a, __m256i *b) {
+    if (bits == 2) {
+        *a = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    } else if (bits == 3 || bits == 6) {
+        const __m256i m = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, /* bytes 0..11  */
+                                           4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1); /* 12..23 */
+        *a = _mm256_shuffle_epi8(load2x128(p + 8, p), m);
+    } else if (bits == 4 || bits == 8) {
+        *a = _mm256_loadu_si256((const __m256i *)p);
+    } else { /* 5: halves of 4 packs (20 bytes) from two 16-byte windows, at +0 and +4 */
+        const __m256i x0 = load2x128(p + 20, p), x1 = load2x128(p + 24, p + 4);
+        const __m256i a0 = _mm256_setr_epi8(0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, -1, -1, -1, -1, 0, 1, 2, 3, 5, 6,
+                                            7, 8, 10, 11, 12, 13, -1, -1, -1, -1);
+        const __m256i a1 = _mm256_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 11, 12, 13, 14, -1, -1, -1,
+                                            -1, -1, -1, -1, -1, -1, -1, -1, -1, 11, 12, 13, 14);
+        const __m256i b0 = _mm256_setr_epi8(1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14, -1, -1, -1, -1, 1, 2, 3, 4, 6, 7,
+                                            8, 9, 11, 12, 13, 14, -1, -1, -1, -1);
+        const __m256i b1 = _mm256_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15, -1, -1, -1,
+                                            -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15);
+        *a = _mm256_or_si256(_mm256_shuffle_epi8(x0, a0), _mm256_shuffle_epi8(x1, a1));
+        *b = _mm256_or_si256(_mm256_shuffle_epi8(x0, b0), _mm256_shuffle_epi8(x1, b1));
+    }
+}
+
+/* Value s of every lane's pack (from q_load8's a / b) as int32. Constant bits and s. */
+AVX2_INL __m256i q_val8(__m256i a, __m256i b, const int bits, const int s) {
+    const __m256i m = _mm256_set1_epi32((1 << bits) - 1);
+    if (bits == 5 && s == 6) return _mm256_and_si256(_mm256_srli_epi32(b, 22), m);
+    if (bits == 5 && s == 7) return _mm256_srli_epi32(b, 27);
+    const int P = bits == 6 || bits == 8 ? 4 : 8;
+    const __m256i v = s ? _mm256_srli_epi32(a, bits * s) : a;
+    if (s == P - 1) return v; /* the top value: the bits above it are zero */
+    return _mm256_and_si256(v, m);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* decode: fused matrix-vector products (T <= MV_MAX_T)                                       */
+
+typedef struct mv_job {
+    const wt_linear *w;
+    float *out;            /* [T, rows]                                                       */
+    const float *xp;       /* [T, xstride] activations in the kernel's xp layout               */
+    size_t xstride;
+    const float *xs;       /* [T, xsstride] per-group sums (quantized weights)                */
+    size_t xsstride;
+    int T;
+    int64_t rows_per_task;
+    cpu_scratch *s;
+    void (*fn)(const struct mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi);
+} mv_job;
+
+typedef void (*mv_fn)(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi);
+
+/* Rows [r0, r1) of a quantized weight against TT activation rows, 8 lanes: per block of
+ * 8*P values, value s of all 8 packs is converted once and multiplied into the TT token
+ * accumulators; the block's partial dot is scaled by its group scale(s); the bias term comes
+ * from the per-group sums. sc/bi: thread-local row scale/bias buffers (ng + 16 floats). */
+AVX2_INL void mvq_rows_avx2(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi, const int bits, const int TT) {
+    const wt_linear *w = j->w;
+    const int P = bits == 6 || bits == 8 ? 4 : 8, BV = 8 * P, BB = QBLOCK_BYTES(bits);
+    const int64_t cols = w->cols, rows = w->rows, nblk = cols / BV, g = w->group, ng = cols / g;
+    const int split = g < BV; /* 2-5 bits at group 32: lanes 0-3 and 4-7 have their own scale */
+    const int gsh = split ? 0 : __builtin_ctz((unsigned)(g / BV));
+    const __m256i sidx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const float *xp = j->xp;
+    const size_t xst = j->xstride;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *q = (const uint8_t *)w->w + (size_t)r * w->row_bytes;
+        const size_t so = (size_t)r * w->srow_elems;
+        cvt_f32(sc, w->scales, so, ng, w->sdtype);
+        cvt_f32(bi, w->biases, so, ng, w->sdtype);
+        __m256 acc[MV_MAX_T];
+        for (int t = 0; t < TT; t++) acc[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nblk; b++) {
+            __m256i va, vb = _mm256_setzero_si256();
+            q_load8(q + b * BB, bits, &va, &vb);
+            const float *xb = xp + b * BV;
+            __m256 d0[MV_MAX_T], d1[MV_MAX_T];
+#pragma GCC unroll 8
+            for (int s = 0; s < P; s++) {
+                const __m256 f = _mm256_cvtepi32_ps(q_val8(va, vb, bits, s));
+#pragma GCC unroll 4
+                for (int t = 0; t < TT; t++) {
+                    const __m256 xv = _mm256_loadu_ps(xb + (size_t)t * xst + 8 * s);
+                    if (s == 0) d0[t] = _mm256_mul_ps(f, xv);
+                    else if (s == 1) d1[t] = _mm256_mul_ps(f, xv);
+                    else if (s & 1) d1[t] = _mm256_fmadd_ps(f, xv, d1[t]);
+                    else d0[t] = _mm256_fmadd_ps(f, xv, d0[t]);
+                }
+            }
+            const __m256 sv = split ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 2 * b), sidx)
+                                    : _mm256_broadcast_ss(sc + (b >> gsh));
+            for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0[t], d1[t]), acc[t]);
+        }
+        float tail[MV_MAX_T] = {0};
+        for (int64_t i = nblk * BV; i < cols; i++) { /* only 2-5 bits, group 32, odd group count */
+            const float qs = sc[i / g] * (float)cpu_mlx_q_get((const uint32_t *)q, bits, (size_t)i);
+            for (int t = 0; t < TT; t++) tail[t] += qs * xp[(size_t)t * xst + i];
+        }
+        for (int t = 0; t < TT; t++)
+            j->out[(size_t)t * rows + r] =
+                hsum8(acc[t]) + tail[t] + dot_short(bi, j->xs + (size_t)t * j->xsstride, ng);
+    }
+}
+
+/* Rows [r0, r1) of a dense weight (bf16 in the P = 2 layout, f16/f32 in natural order)
+ * against TT activation rows, 8 lanes. */
+AVX2_INL void mvd_rows_avx2(const mv_job *j, int64_t r0, int64_t r1, const int dt, const int TT) {
+    const wt_linear *w = j->w;
+    const int64_t cols = w->cols, rows = w->rows;
+    const float *xp = j->xp;
+    const size_t xst = j->xstride;
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t r = r0; r < r1; r++) {
+        const char *row = (const char *)w->w + (size_t)r * w->row_bytes;
+        __m256 a0[MV_MAX_T], a1[MV_MAX_T];
+        for (int t = 0; t < TT; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+        int64_t i = 0;
+        if (dt == SFT_BF16) {
+            for (; i + 16 <= cols; i += 16) { /* dword k = (x[i+2k], x[i+2k+1]): even = <<16, odd = & hi */
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(row + 2 * i));
+                const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                const __m256 o = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+                for (int t = 0; t < TT; t++) {
+                    a0[t] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xp + (size_t)t * xst + i), a0[t]);
+                    a1[t] = _mm256_fmadd_ps(o, _mm256_loadu_ps(xp + (size_t)t * xst + i + 8), a1[t]);
+                }
+            }
+        } else {
+            for (; i + 16 <= cols; i += 16) {
+                __m256 f0, f1;
+                if (dt == SFT_F16) {
+                    f0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i)));
+                    f1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i + 16)));
+                } else {
+                    f0 = _mm256_loadu_ps((const float *)row + i);
+                    f1 = _mm256_loadu_ps((const float *)row + i + 8);
+                }
+                for (int t = 0; t < TT; t++) {
+                    a0[t] = _mm256_fmadd_ps(f0, _mm256_loadu_ps(xp + (size_t)t * xst + i), a0[t]);
+                    a1[t] = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xp + (size_t)t * xst + i + 8), a1[t]);
+                }
+            }
+        }
+        for (int t = 0; t < TT; t++) {
+            float v = hsum8(_mm256_add_ps(a0[t], a1[t]));
+            for (int64_t k = i; k < cols; k++) { /* tail: natural order in every layout */
+                uint16_t h;
+                float wf;
+                if (dt == SFT_F32) memcpy(&wf, row + 4 * k, 4);
+                else {
+                    memcpy(&h, row + 2 * k, 2);
+                    wf = dt == SFT_BF16 ? st_bf16_to_f32(h) : st_f16_to_f32(h);
+                }
+                v += wf * xp[(size_t)t * xst + k];
+            }
+            j->out[(size_t)t * rows + r] = v;
+        }
+    }
+}
+
+/* 16-lane (AVX-512F) variants: a block is 16 packs = two 8-lane blocks side by side. */
+
+AVX512_INL __m512i q_val16(__m512i a, __m512i b, const int bits, const int s) {
+    const __m512i m = _mm512_set1_epi32((1 << bits) - 1);
+    if (bits == 5 && s == 6) return _mm512_and_si512(_mm512_srli_epi32(b, 22), m);
+    if (bits == 5 && s == 7) return _mm512_srli_epi32(b, 27);
+    const int P = bits == 6 || bits == 8 ? 4 : 8;
+    const __m512i v = s ? _mm512_srli_epi32(a, bits * s) : a;
+    if (s == P - 1) return v;
+    return _mm512_and_si512(v, m);
+}
+
+AVX512_INL float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+AVX512_INL void mvq_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi, const int bits,
+                                const int TT) {
+    const wt_linear *w = j->w;
+    const int P = bits == 6 || bits == 8 ? 4 : 8, BV = 16 * P, BB = 2 * QBLOCK_BYTES(bits);
+    const int64_t cols = w->cols, rows = w->rows, nblk = cols / BV, g = w->group, ng = cols / g;
+    const int split = g < BV;
+    const int gsh = split ? 0 : __builtin_ctz((unsigned)(g / BV));
+    int32_t ix[16];
+    for (int k = 0; k < 16; k++) ix[k] = (int32_t)((P * k) / g);
+    const __m512i sidx = _mm512_loadu_si512(ix);
+    const float *xp = j->xp;
+    const size_t xst = j->xstride;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *q = (const uint8_t *)w->w + (size_t)r * w->row_bytes;
+        const size_t so = (size_t)r * w->srow_elems;
+        cvt_f32(sc, w->scales, so, ng, w->sdtype);
+        cvt_f32(bi, w->biases, so, ng, w->sdtype);
+        __m512 acc[MV_MAX_T];
+        for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nblk; b++) {
+            __m256i a0, b0 = _mm256_setzero_si256(), a1, b1 = _mm256_setzero_si256();
+            q_load8(q + b * BB, bits, &a0, &b0);
+            q_load8(q + b * BB + BB / 2, bits, &a1, &b1);
+            const __m512i va = _mm512_inserti64x4(_mm512_castsi256_si512(a0), a1, 1);
+            const __m512i vb = _mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1);
+            const float *xb = xp + b * BV;
+            __m512 d0[MV_MAX_T], d1[MV_MAX_T];
+#pragma GCC unroll 8
+            for (int s = 0; s < P; s++) {
+                const __m512 f = _mm512_cvtepi32_ps(q_val16(va, vb, bits, s));
+#pragma GCC unroll 4
+                for (int t = 0; t < TT; t++) {
+                    const __m512 xv = _mm512_loadu_ps(xb + (size_t)t * xst + 16 * s);
+                    if (s == 0) d0[t] = _mm512_mul_ps(f, xv);
+                    else if (s == 1) d1[t] = _mm512_mul_ps(f, xv);
+                    else if (s & 1) d1[t] = _mm512_fmadd_ps(f, xv, d1[t]);
+                    else d0[t] = _mm512_fmadd_ps(f, xv, d0[t]);
+                }
+            }
+            const __m512 sv = split ? _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sc + (b * BV) / g))
+                                    : _mm512_set1_ps(sc[b >> gsh]);
+            for (int t = 0; t < TT; t++) acc[t] = _mm512_fmadd_ps(sv, _mm512_add_ps(d0[t], d1[t]), acc[t]);
+        }
+        float tail[MV_MAX_T] = {0};
+        for (int64_t i = nblk * BV; i < cols; i++) {
+            const float qs = sc[i / g] * (float)cpu_mlx_q_get((const uint32_t *)q, bits, (size_t)i);
+            for (int t = 0; t < TT; t++) tail[t] += qs * xp[(size_t)t * xst + i];
+        }
+        for (int t = 0; t < TT; t++)
+            j->out[(size_t)t * rows + r] =
+                hsum16(acc[t]) + tail[t] + dot_short(bi, j->xs + (size_t)t * j->xsstride, ng);
+    }
+}
+
+AVX512_INL void mvd_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, const int dt, const int TT) {
+    const wt_linear *w = j->w;
+    const int64_t cols = w->cols, rows = w->rows;
+    const float *xp = j->xp;
+    const size_t xst = j->xstride;
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t r = r0; r < r1; r++) {
+        const char *row = (const char *)w->w + (size_t)r * w->row_bytes;
+        __m512 a0[MV_MAX_T], a1[MV_MAX_T];
+        for (int t = 0; t < TT; t++) a0[t] = a1[t] = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= cols; i += 32) {
+            __m512 f0, f1;
+            if (dt == SFT_BF16) {
+                const __m512i v = _mm512_loadu_si512(row + 2 * i);
+                f0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                f1 = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+            } else if (dt == SFT_F16) {
+                f0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * i)));
+                f1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * i + 32)));
+            } else {
+                f0 = _mm512_loadu_ps((const float *)row + i);
+                f1 = _mm512_loadu_ps((const float *)row + i + 16);
+            }
+            for (int t = 0; t < TT; t++) {
+                a0[t] = _mm512_fmadd_ps(f0, _mm512_loadu_ps(xp + (size_t)t * xst + i), a0[t]);
+                a1[t] = _mm512_fmadd_ps(f1, _mm512_loadu_ps(xp + (size_t)t * xst + i + 16), a1[t]);
+            }
+        }
+        for (int t = 0; t < TT; t++) {
+            float v = hsum16(_mm512_add_ps(a0[t], a1[t]));
+            for (int64_t k = i; k < cols; k++) {
+                uint16_t h;
+                float wf;
+                if (dt == SFT_F32) memcpy(&wf, row + 4 * k, 4);
+                else {
+                    memcpy(&h, row + 2 * k, 2);
+                    wf = dt == SFT_BF16 ? st_bf16_to_f32(h) : st_f16_to_f32(h);
+                }
+                v += wf * xp[(size_t)t * xst + k];
+            }
+            j->out[(size_t)t * rows + r] = v;
+        }
+    }
+}
+
+/* One specialised function per (ISA, format, token count) so every shift is an immediate. */
+#define MVQ(ISA, ATTR, B, TT)                                                                     \
+    static ATTR void mvq_##ISA##_##B##_##TT(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi) { \
+        mvq_rows_##ISA(j, r0, r1, sc, bi, B, TT);                                                 \
+    }
+#define MVQ_T(ISA, ATTR, B) MVQ(ISA, ATTR, B, 1) MVQ(ISA, ATTR, B, 2) MVQ(ISA, ATTR, B, 3) MVQ(ISA, ATTR, B, 4)
+#define MVQ_ALL(ISA, ATTR)                                                                        \
+    MVQ_T(ISA, ATTR, 2) MVQ_T(ISA, ATTR, 3) MVQ_T(ISA, ATTR, 4) MVQ_T(ISA, ATTR, 5) MVQ_T(ISA, ATTR, 6) \
+    MVQ_T(ISA, ATTR, 8)
+MVQ_ALL(avx2, AVX2_FN)
+MVQ_ALL(avx512, AVX512_FN)
+
+#define MVD(ISA, ATTR, NAME, DT, TT)                                                              \
+    static ATTR void mvd_##ISA##_##NAME##_##TT(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi) { \
+        (void)sc;                                                                                 \
+        (void)bi;                                                                                 \
+        mvd_rows_##ISA(j, r0, r1, DT, TT);                                                        \
+    }
+#define MVD_T(ISA, ATTR, NAME, DT) \
+    MVD(ISA, ATTR, NAME, DT, 1) MVD(ISA, ATTR, NAME, DT, 2) MVD(ISA, ATTR, NAME, DT, 3) MVD(ISA, ATTR, NAME, DT, 4)
+#define MVD_ALL(ISA, ATTR) \
+    MVD_T(ISA, ATTR, bf16, SFT_BF16) MVD_T(ISA, ATTR, f16, SFT_F16) MVD_T(ISA, ATTR, f32, SFT_F32)
+MVD_ALL(avx2, AVX2_FN)
+MVD_ALL(avx512, AVX512_FN)
+
+#define ROW4(ISA, PFX, X) {PFX##_##ISA##_##X##_1, PFX##_##ISA##_##X##_2, PFX##_##ISA##_##X##_3, PFX##_##ISA##_##X##_4}
+static const mv_fn mvq_tab[2][9][MV_MAX_T] = {
+    {[2] = ROW4(avx2, mvq, 2), [3] = ROW4(avx2, mvq, 3), [4] = ROW4(avx2, mvq, 4), [5] = ROW4(avx2, mvq, 5),
+     [6] = ROW4(avx2, mvq, 6), [8] = ROW4(avx2, mvq, 8)},
+    {[2] = ROW4(avx512, mvq, 2), [3] = ROW4(avx512, mvq, 3), [4] = ROW4(avx512, mvq, 4), [5] = ROW4(avx512, mvq, 5),
+     [6] = ROW4(avx512, mvq, 6), [8] = ROW4(avx512, mvq, 8)},
+};
+static const mv_fn mvd_tab[2][3][MV_MAX_T] = {
+    {ROW4(avx2, mvd, bf16), ROW4(avx2, mvd, f16), ROW4(avx2, mvd, f32)},
+    {ROW4(avx512, mvd, bf16), ROW4(avx512, mvd, f16), ROW4(avx512, mvd, f32)},
+};
+
+static void mv_task(void *ctx, int task, int n_tasks, int thread) {
+    (void)n_tasks;
+    const mv_job *j = ctx;
+    const int64_t r0 = (int64_t)task * j->rows_per_task;
+    int64_t r1 = r0 + j->rows_per_task;
+    if (r1 > j->w->rows) r1 = j->w->rows;
+    float *tb = j->s->tbuf + (size_t)thread * j->s->tbuf_cap;
+    const size_t ngc = ng_cap(j->s->row_cap);
+    j->fn(j, r0, r1, tb, tb + ngc);
+}
+
+/* Decode path: permutes the T (<= MV_MAX_T) activation rows into the xp layout and computes
+ * their group sums (serially: cols floats each), then splits the rows over the pool. */
+static void linear_mv(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T) {
+    const int isa = s->simd >= CPU_SIMD_AVX512, L = isa ? 16 : 8, P = lane_values(w);
+    const int64_t cols = w->cols, rows = w->rows;
+    mv_job j = {.w = w, .out = out, .T = T, .s = s};
+    if (P == 1) {
+        j.xp = x;
+        j.xstride = (size_t)cols;
+    } else {
+        for (int t = 0; t < T; t++) perm_x(s->xp + (size_t)t * s->row_cap, x + (size_t)t * cols, cols, P, L);
+        j.xp = s->xp;
+        j.xstride = s->row_cap;
+    }
+    if (w->qbits) {
+        j.xsstride = ng_cap(s->row_cap);
+        for (int t = 0; t < T; t++) group_sums(s->xs + (size_t)t * j.xsstride, x + (size_t)t * cols, cols / w->group, w->group);
+        j.xs = s->xs;
+        j.fn = mvq_tab[isa][w->qbits][T - 1];
+    } else {
+        j.fn = mvd_tab[isa][w->dtype == SFT_BF16 ? 0 : w->dtype == SFT_F16 ? 1 : 2][T - 1];
+    }
+    ST_ASSERT(j.fn);
+    /* a few tasks per thread for balance, each large enough to amortise the hand-out */
+    const int nt = st_pool_threads(pool);
+    int64_t per = rows / ((int64_t)nt * 4);
+    if (per < 16) per = 16;
+    if (per > 256) per = 256;
+    per = (per + 3) & ~(int64_t)3;
+    j.rows_per_task = per;
+    st_pool_run(pool, mv_task, &j, (int)((rows + per - 1) / per));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* prefill: dequantized tiles x packed token panels                                           */
+
+typedef struct gm_job {
+    const wt_linear *w;
+    float *out;          /* [T, rows]                                                         */
+    const float *x;      /* [T, cols]                                                         */
+    float *xpk;          /* [n_panels, cols, GM_TOK] packed activations                       */
+    int T, n_panels;
+    cpu_scratch *s;
+} gm_job;
+
+/* Dequantizes row r of a quantized weight into dst[cols] in the 8-lane xp layout of its
+ * format (w = s * q + b, fused). sc/bi: thread-local buffers of ng + 16 floats. */
+AVX2_INL void deq_row_q(const wt_linear *w, int64_t r, float *dst, float *sc, float *bi, const int bits) {
+    const int P = bits == 6 || bits == 8 ? 4 : 8, BV = 8 * P, BB = QBLOCK_BYTES(bits);
+    const int64_t cols = w->cols, nblk = cols / BV, g = w->group, ng = cols / g;
+    const int split = g < BV;
+    const int gsh = split ? 0 : __builtin_ctz((unsigned)(g / BV));
+    const __m256i sidx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const uint8_t *q = (const uint8_t *)w->w + (size_t)r * w->row_bytes;
+    const size_t so = (size_t)r * w->srow_elems;
+    cvt_f32(sc, w->scales, so, ng, w->sdtype);
+    cvt_f32(bi, w->biases, so, ng, w->sdtype);
+    for (int64_t b = 0; b < nblk; b++) {
+        __m256i va, vb = _mm256_setzero_si256();
+        q_load8(q + b * BB, bits, &va, &vb);
+        const __m256 sv = split ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 2 * b), sidx)
+                                : _mm256_broadcast_ss(sc + (b >> gsh));
+        const __m256 bv = split ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(bi + 2 * b), sidx)
+                                : _mm256_broadcast_ss(bi + (b >> gsh));
+#pragma GCC unroll 8
+        for (int s = 0; s < P; s++)
+            _mm256_storeu_ps(dst + b * BV + 8 * s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q_val8(va, vb, bits, s)), sv, bv));
+    }
+    for (int64_t i = nblk * BV; i < cols; i++)
+        dst[i] = sc[i / g] * (float)cpu_mlx_q_get((const uint32_t *)q, bits, (size_t)i) + bi[i / g];
+}
+
+#define DEQ(B) \
+    static AVX2_FN void deq_q##B(const wt_linear *w, int64_t r, float *dst, float *sc, float *bi) { deq_row_q(w, r, dst, sc, bi, B); }
+DEQ(2)
+DEQ(3)
+DEQ(4)
+DEQ(5)
+DEQ(6)
+DEQ(8)
+
+typedef void (*deq_fn)(const wt_linear *w, int64_t r, float *dst, float *sc, float *bi);
+
+/* Converts row r of a dense weight into dst[cols] (natural order). */
+static AVX2_FN void deq_dense(const wt_linear *w, int64_t r, float *dst, float *sc, float *bi) {
+    (void)sc;
+    (void)bi;
+    const char *row = (const char *)w->w + (size_t)r * w->row_bytes;
+    const int64_t n = w->cols;
+    int64_t i = 0;
+    if (w->dtype == SFT_F32) {
+        memcpy(dst, row, (size_t)n * 4);
+        return;
+    }
+    if (w->dtype == SFT_BF16)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2 * i))), 16)));
+    else
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i))));
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, row + 2 * i, 2);
+        dst[i] = w->dtype == SFT_BF16 ? st_bf16_to_f32(h) : st_f16_to_f32(h);
+    }
+}
+
+/* In-register transpose of an 8x8 float block (r[i] lane j <-> r[j] lane i). */
+AVX2_INL void transpose8(__m256 *r) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* Fills wt[cols][16] with rows r0..r0+15 (zeros past the last row) as f32 in natural k
+ * order: 8 rows at a time are dequantized into tmp (8 x R, decode layout), then each
+ * 8-row x 8-lane block is transposed so that lane k of value s lands at its column. */
+static AVX2_FN void gm_tile(const wt_linear *w, int64_t r0, float *wt, float *tmp, size_t R, float *sc, float *bi) {
+    static const deq_fn deq_tab[9] = {[2] = deq_q2, [3] = deq_q3, [4] = deq_q4, [5] = deq_q5, [6] = deq_q6, [8] = deq_q8};
+    const deq_fn deq = w->qbits ? deq_tab[w->qbits] : deq_dense;
+    const int P = w->qbits ? lane_values(w) : 1, BV = 8 * P;
+    const int64_t cols = w->cols, nblk = cols / BV;
+    for (int h = 0; h < 2; h++) {
+        for (int i = 0; i < 8; i++) {
+            const int64_t r = r0 + 8 * h + i;
+            if (r < w->rows) deq(w, r, tmp + (size_t)i * R, sc, bi);
+            else memset(tmp + (size_t)i * R, 0, (size_t)cols * sizeof(float));
+        }
+        for (int64_t b = 0; b < nblk; b++)
+            for (int s = 0; s < P; s++) {
+                __m256 v[8];
+                for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(tmp + (size_t)i * R + b * BV + 8 * s);
+                transpose8(v);
+                for (int k = 0; k < 8; k++) _mm256_storeu_ps(wt + (size_t)(b * BV + P * k + s) * GM_ROWS + 8 * h, v[k]);
+            }
+        for (int64_t k = nblk * BV; k < cols; k++)
+            for (int i = 0; i < 8; i++) wt[(size_t)k * GM_ROWS + 8 * h + i] = tmp[(size_t)i * R + k];
+    }
+}
+
+/* c[6][16] (+)= sum over k < kn of xk[k][j] * wt[k][i]: 12 ymm accumulators, two weight
+ * vectors and one broadcast per step. first: start from zero instead of c. */
+static AVX2_FN void gm_kernel(const float *wt, const float *xk, int64_t kn, float *c, int first) {
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    if (first) {
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+    } else {
+        c00 = _mm256_loadu_ps(c + 0), c01 = _mm256_loadu_ps(c + 8);
+        c10 = _mm256_loadu_ps(c + 16), c11 = _mm256_loadu_ps(c + 24);
+        c20 = _mm256_loadu_ps(c + 32), c21 = _mm256_loadu_ps(c + 40);
+        c30 = _mm256_loadu_ps(c + 48), c31 = _mm256_loadu_ps(c + 56);
+        c40 = _mm256_loadu_ps(c + 64), c41 = _mm256_loadu_ps(c + 72);
+        c50 = _mm256_loadu_ps(c + 80), c51 = _mm256_loadu_ps(c + 88);
+    }
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kn; k++) {
+        const __m256 w0 = _mm256_loadu_ps(wt + 16 * k), w1 = _mm256_loadu_ps(wt + 16 * k + 8);
+        const float *xv = xk + 6 * k;
+        __m256 b = _mm256_broadcast_ss(xv + 0);
+        c00 = _mm256_fmadd_ps(w0, b, c00), c01 = _mm256_fmadd_ps(w1, b, c01);
+        b = _mm256_broadcast_ss(xv + 1);
+        c10 = _mm256_fmadd_ps(w0, b, c10), c11 = _mm256_fmadd_ps(w1, b, c11);
+        b = _mm256_broadcast_ss(xv + 2);
+        c20 = _mm256_fmadd_ps(w0, b, c20), c21 = _mm256_fmadd_ps(w1, b, c21);
+        b = _mm256_broadcast_ss(xv + 3);
+        c30 = _mm256_fmadd_ps(w0, b, c30), c31 = _mm256_fmadd_ps(w1, b, c31);
+        b = _mm256_broadcast_ss(xv + 4);
+        c40 = _mm256_fmadd_ps(w0, b, c40), c41 = _mm256_fmadd_ps(w1, b, c41);
+        b = _mm256_broadcast_ss(xv + 5);
+        c50 = _mm256_fmadd_ps(w0, b, c50), c51 = _mm256_fmadd_ps(w1, b, c51);
+    }
+    _mm256_storeu_ps(c + 0, c00), _mm256_storeu_ps(c + 8, c01);
+    _mm256_storeu_ps(c + 16, c10), _mm256_storeu_ps(c + 24, c11);
+    _mm256_storeu_ps(c + 32, c20), _mm256_storeu_ps(c + 40, c21);
+    _mm256_storeu_ps(c + 48, c30), _mm256_storeu_ps(c + 56, c31);
+    _mm256_storeu_ps(c + 64, c40), _mm256_storeu_ps(c + 72, c41);
+    _mm256_storeu_ps(c + 80, c50), _mm256_storeu_ps(c + 88, c51);
+}
+
+/* Packs tokens 6p..6p+5 of x into xpk panel p as [cols][6] (zeros past T). */
+static void gm_pack_task(void *ctx, int p, int n_tasks, int thread) {
+    (void)n_tasks;
+    (void)thread;
+    const gm_job *j = ctx;
+    const int64_t cols = j->w->cols;
+    float *dst = j->xpk + (size_t)p * GM_TOK * cols;
+    const float *src[GM_TOK];
+    int n = 0;
+    for (int i = 0; i < GM_TOK; i++) {
+        const int t = p * GM_TOK + i;
+        src[i] = t < j->T ? j->x + (size_t)t * cols : NULL;
+        n += t < j->T;
+    }
+    if (n == GM_TOK) {
+        for (int64_t k = 0; k < cols; k++)
+            for (int i = 0; i < GM_TOK; i++) dst[k * GM_TOK + i] = src[i][k];
+    } else {
+        for (int64_t k = 0; k < cols; k++)
+            for (int i = 0; i < GM_TOK; i++) dst[k * GM_TOK + i] = src[i] ? src[i][k] : 0.0f;
+    }
+}
+
+/* GM_TILES tiles of 16 weight rows against all panels. Per-thread tbuf: wt [GM_TILES, 16 R],
+ * tmp [8 R], c [GM_TILES, n_panels, 6, 16], sc/bi [ng_cap] each. Loop order k-block, panel,
+ * tile: a panel's k-block (6 KiB) is loaded once and used by every tile from L1; the tiles'
+ * k-blocks (16 KiB each) stay in L2 across the panels. */
+static AVX2_FN void gm_task(void *ctx, int task, int n_tasks, int thread) {
+    (void)n_tasks;
+    const gm_job *j = ctx;
+    const wt_linear *w = j->w;
+    const size_t R = j->s->row_cap, ngc = ng_cap(R), cstride = (size_t)j->n_panels * GM_TOK * GM_ROWS;
+    const int64_t cols = w->cols, rows = w->rows, r0 = (int64_t)task * GM_ROWS * GM_TILES;
+    const int nt = (int)((rows - r0 + GM_ROWS - 1) / GM_ROWS < GM_TILES ? (rows - r0 + GM_ROWS - 1) / GM_ROWS : GM_TILES);
+    float *tb = j->s->tbuf + (size_t)thread * j->s->tbuf_cap;
+    float *wt = tb, *tmp = tb + GM_TILES * 16 * R, *c = tmp + 8 * R;
+    float *sc = c + GM_TILES * cstride, *bi = sc + ngc;
+    for (int i = 0; i < nt; i++) gm_tile(w, r0 + (int64_t)i * GM_ROWS, wt + (size_t)i * 16 * R, tmp, R, sc, bi);
+    for (int64_t k0 = 0; k0 < cols; k0 += GM_KC) {
+        const int64_t kn = cols - k0 < GM_KC ? cols - k0 : GM_KC;
+        for (int p = 0; p < j->n_panels; p++) {
+            const float *xk = j->xpk + ((size_t)p * cols + (size_t)k0) * GM_TOK;
+            for (int i = 0; i < nt; i++)
+                gm_kernel(wt + (size_t)i * 16 * R + (size_t)k0 * GM_ROWS, xk, kn,
+                          c + (size_t)i * cstride + (size_t)p * GM_TOK * GM_ROWS, k0 == 0);
+        }
+    }
+    for (int i = 0; i < nt; i++) {
+        const int64_t ri = r0 + (int64_t)i * GM_ROWS;
+        const int nr = rows - ri < GM_ROWS ? (int)(rows - ri) : GM_ROWS;
+        for (int t = 0; t < j->T; t++) {
+            const float *ct = c + (size_t)i * cstride + (size_t)t * GM_ROWS; /* (t/6*6 + t%6) * 16 */
+            float *o = j->out + (size_t)t * rows + ri;
+            if (nr == GM_ROWS) {
+                _mm256_storeu_ps(o, _mm256_loadu_ps(ct));
+                _mm256_storeu_ps(o + 8, _mm256_loadu_ps(ct + 8));
+            } else {
+                for (int r = 0; r < nr; r++) o[r] = ct[r];
+            }
+        }
+    }
+}
+
+/* Prefill path for T <= s->max_batch tokens: pack panels (parallel), then tiles (parallel). */
+static void linear_gemm(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T) {
+    gm_job j = {.w = w, .out = out, .x = x, .xpk = s->xp, .T = T, .n_panels = (T + GM_TOK - 1) / GM_TOK, .s = s};
+    st_pool_run(pool, gm_pack_task, &j, j.n_panels);
+    const int64_t per = GM_ROWS * GM_TILES;
+    st_pool_run(pool, gm_task, &j, (int)((w->rows + per - 1) / per));
+}
+
+void cpu_linear_fast(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T) {
+    ST_ASSERT((size_t)w->cols <= s->row_cap && s->simd >= CPU_SIMD_AVX2 && s->xp && s->tbuf);
+    if (T <= 0) return;
+    if (T <= MV_MAX_T) {
+        linear_mv(pool, s, out, x, w, T);
+        return;
+    }
+    for (int t0 = 0; t0 < T; t0 += s->max_batch) {
+        const int n = T - t0 < s->max_batch ? T - t0 : s->max_batch;
+        if (n <= MV_MAX_T) linear_mv(pool, s, out + (size_t)t0 * w->rows, x + (size_t)t0 * w->cols, w, n);
+        else linear_gemm(pool, s, out + (size_t)t0 * w->rows, x + (size_t)t0 * w->cols, w, n);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* attention                                                                                  */
+
+typedef struct fa_job {
+    float *out;
+    const float *q;
+    const float *const *k;
+    const float *const *v;
+    const int32_t *pos;
+    int n_head, n_head_kv, hd;
+    float scale;
+    cpu_scratch *s;
+} fa_job;
+
+#define FA_HEADS 4 /* query heads of one KV group handled together (K/V rows loaded once) */
+
+/* One (token, KV head) pair: for up to FA_HEADS query heads sharing the KV head at a time,
+ * scores = q.k * scale over positions 0..pos[t], softmax (vectorised exp), out = sum a v. */
+static AVX2_FN void fa_task(void *ctx, int task, int n_tasks, int thread) {
+    (void)n_tasks;
+    const fa_job *j = ctx;
+    const int Hkv = j->n_head_kv, rep = j->n_head / Hkv, hd = j->hd, kvw = Hkv * hd;
+    const int t = task / Hkv, kvh = task % Hkv, n = j->pos[t] + 1;
+    const float *kc = j->k[t] + (size_t)kvh * hd, *vc = j->v[t] + (size_t)kvh * hd;
+    const size_t R = j->s->row_cap;
+    float *sc = j->s->tbuf + (size_t)thread * j->s->tbuf_cap; /* [FA_HEADS, R] */
+    for (int h0 = 0; h0 < rep; h0 += FA_HEADS) {
+        const int nh = rep - h0 < FA_HEADS ? rep - h0 : FA_HEADS;
+        const float *qh[FA_HEADS];
+        float *oh[FA_HEADS];
+        for (int r = 0; r < FA_HEADS; r++) {
+            const int head = kvh * rep + h0 + (r < nh ? r : 0);
+            qh[r] = j->q + ((size_t)t * j->n_head + head) * hd;
+            oh[r] = j->out + ((size_t)t * j->n_head + head) * hd;
+        }
+        /* 1. scores: 4 dot products per K row (unused heads repeat head 0, not stored) */
+        for (int p = 0; p < n; p++) {
+            const float *kr = kc + (size_t)p * kvw;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int i = 0; i < hd; i += 8) {
+                const __m256 kv = _mm256_loadu_ps(kr + i);
+                a0 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh[0] + i), a0);
+                a1 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh[1] + i), a1);
+                a2 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh[2] + i), a2);
+                a3 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh[3] + i), a3);
+            }
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            const __m128 s4 = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)),
+                                         _mm_set1_ps(j->scale));
+            float v4[4];
+            _mm_storeu_ps(v4, s4);
+            for (int r = 0; r < nh; r++) sc[(size_t)r * R + p] = v4[r];
+        }
+        /* 2. softmax per head */
+        float inv[FA_HEADS];
+        for (int r = 0; r < nh; r++) {
+            float *s = sc + (size_t)r * R;
+            __m256 mv = _mm256_set1_ps(-INFINITY);
+            int p = 0;
+            for (; p + 8 <= n; p += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + p));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            float mx = _mm_cvtss_f32(m4);
+            for (int i = p; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+            const __m256 mxv = _mm256_set1_ps(mx);
+            __m256 sv = _mm256_setzero_ps();
+            for (p = 0; p + 8 <= n; p += 8) {
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), mxv));
+                _mm256_storeu_ps(s + p, e);
+                sv = _mm256_add_ps(sv, e);
+            }
+            float sum = hsum8(sv);
+            for (; p < n; p++) {
+                float e[8];
+                _mm256_storeu_ps(e, exp8(_mm256_set1_ps(s[p] - mx)));
+                s[p] = e[0];
+                sum += e[0];
+            }
+            inv[r] = 1.0f / sum;
+        }
+        /* 3. out = sum_p a_p v_p */
+        for (int r = 0; r < nh; r++) memset(oh[r], 0, (size_t)hd * sizeof(float));
+        for (int p = 0; p < n; p++) {
+            const float *vr = vc + (size_t)p * kvw;
+            for (int r = 0; r < nh; r++) {
+                const __m256 a = _mm256_set1_ps(sc[(size_t)r * R + p] * inv[r]);
+                float *o = oh[r];
+                for (int i = 0; i < hd; i += 8)
+                    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
+            }
+        }
+    }
+}
+
+void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
+                        const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+                        float scale) {
+    ST_ASSERT(s->simd >= CPU_SIMD_AVX2 && hd % 8 == 0 && n_head % n_head_kv == 0 && s->tbuf &&
+              s->tbuf_cap >= FA_HEADS * s->row_cap);
+    for (int t = 0; t < T; t++) ST_ASSERT((size_t)pos[t] < s->row_cap);
+    fa_job j = {out, q, kslot, vslot, pos, n_head, n_head_kv, hd, scale, s};
+    st_pool_run(pool, fa_task, &j, T * n_head_kv);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* elementwise                                                                                */
+
+AVX2_FN void cpu_swiglu_fast(float *out, const float *gate, const float *up, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_sub_ps(zero, g));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}

@@ -1,0 +1,45 @@
+/* cpu_simd.h — the CPU backend's fast path (internal to src/backend/cpu).
+ *
+ * SIMD kernels behind cpu_linear / cpu_attention when the scratch was initialised with
+ * exact = 0. x86-64 only: an AVX2+FMA+F16C baseline chosen at run time, AVX-512F for the
+ * decode matrix-vector products where present; everything else falls back to the float32
+ * reference in cpu_ops.c. Results differ from the reference only by float32 rounding (order of
+ * summation, fused multiply-adds, and the group factorisation below).
+ *
+ * Quantized decode uses the group trick on MLX affine weights w = s_g * q + b_g:
+ *     y = sum_g s_g * (q_g . x_g) + b_g * sum(x_g)
+ * with sum(x_g) computed once per call. Whole 8-value packs are decoded per 32-bit lane (pack k
+ * of a block in lane k: 2-bit 2 bytes, 3-bit 3 bytes, 4-bit 4 bytes, 5-bit 5 bytes; 6- and 8-bit
+ * use 4-value packs of 3 and 4 bytes), so value s of every lane comes out of one shift + mask.
+ * The activations are permuted once per call to match ("xp" layout, see perm_x in cpu_simd.c).
+ */
+#ifndef STRATA_CPU_SIMD_H
+#define STRATA_CPU_SIMD_H
+
+#include "cpu_ops.h"
+
+enum cpu_simd_level {
+    CPU_SIMD_NONE = 0,   /* reference kernels only                                            */
+    CPU_SIMD_AVX2 = 2,   /* AVX2 + FMA + F16C                                                  */
+    CPU_SIMD_AVX512 = 3, /* AVX-512F matrix-vector kernels, AVX2 for the rest                  */
+};
+
+/* The best level this CPU supports, capped by the environment: STRATA_NO_SIMD (any value) ->
+ * CPU_SIMD_NONE, STRATA_SIMD=avx2 -> at most CPU_SIMD_AVX2. Detected once; thread-safe. */
+int cpu_simd_level(void);
+
+/* Per-thread floats the fast path needs in cpu_scratch.tbuf for row_cap and max_batch. */
+size_t cpu_simd_tbuf_floats(size_t row_cap, int max_batch);
+
+/* Fast out[T, rows] = x[T, cols] W^T (contract of cpu_linear); needs s->simd >= AVX2. */
+void cpu_linear_fast(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T);
+
+/* Fast causal attention (contract of cpu_attention); needs s->simd >= AVX2 and hd % 8 == 0. */
+void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
+                        const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+                        float scale);
+
+/* out[i] = silu(gate[i]) * up[i] with a vectorised exp (about 2 ulp); needs AVX2. */
+void cpu_swiglu_fast(float *out, const float *gate, const float *up, int64_t n);
+
+#endif

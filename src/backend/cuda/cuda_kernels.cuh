@@ -1,0 +1,612 @@
+// cuda_kernels.cuh — the CUDA backend's kernels (see strata/cuda_backend.h). Included by
+// cuda_model.cu only; every kernel mirrors one op of src/backend/cpu/cpu_ops.c or forward.c.
+// Activations are fp32 row-major, accumulation fp32, the KV cache bf16.
+#pragma once
+
+#include "strata/model.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+// ---------------------------------------------------------------------------------------------
+// device view of a linear weight (one expert, or E experts at fixed strides)
+
+struct dlin {
+    int qbits;        // 0 = dense
+    int group;        // quantized group size
+    int dtype;        // dense: SFT_F32 / SFT_F16 / SFT_BF16
+    int sdtype;       // quantized: dtype of scales / biases
+    int64_t rows, cols;
+    const char *w;    // dense [rows, cols] / packed u32 [rows, cols*bits/32]
+    const char *s;    // scales [rows, cols/group] in sdtype
+    const char *b;    // biases
+    size_t row_bytes; // bytes per row of w
+    size_t srow;      // scale elements per row
+    size_t e_wstride; // bytes between experts in w (0: one weight)
+    size_t e_sstride; // scale elements between experts
+};
+
+__device__ __forceinline__ float ld_hf(const char *p, size_t i, int dt) {
+    if (dt == SFT_F32) return ((const float *)p)[i];
+    unsigned short h = ((const unsigned short *)p)[i];
+    if (dt == SFT_BF16) return __uint_as_float((unsigned)h << 16);
+    return __half2float(__ushort_as_half(h));
+}
+
+__device__ __forceinline__ float bf16u(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
+
+__device__ __forceinline__ uint32_t q_get(const uint32_t *row, int bits, size_t v) {
+    size_t bit = (size_t)bits * v;
+    uint64_t x = row[bit >> 5];
+    if ((bit & 31) + (size_t)bits > 32) x |= (uint64_t)row[(bit >> 5) + 1] << 32;
+    return (uint32_t)(x >> (bit & 31)) & ((1u << bits) - 1u);
+}
+
+// Element c of row r (expert e) as float: the reference dequantisation.
+__device__ __forceinline__ float dlin_elem(const dlin &w, int e, int64_t r, int64_t c) {
+    const char *row = w.w + (size_t)e * w.e_wstride + (size_t)r * w.row_bytes;
+    if (!w.qbits) return ld_hf(row, (size_t)c, w.dtype);
+    size_t si = (size_t)e * w.e_sstride + (size_t)r * w.srow + (size_t)(c / w.group);
+    float s = ld_hf(w.s, si, w.sdtype), b = ld_hf(w.b, si, w.sdtype);
+    return s * (float)q_get((const uint32_t *)row, w.qbits, (size_t)c) + b;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// matrix-vector (decode). A launch covers up to MV_SEGS weights of the same kind at once (q/k/v,
+// gate/up: one launch instead of three / two): segment s owns blocks [blk0[s], blk0[s+1]) of
+// grid.x. A block has MV_WARPS warps; a warp computes R consecutive output rows, so every x
+// chunk it loads serves R rows, and each lane keeps R independent 16-byte weight loads in
+// flight. Up to MV_MAXT token rows per weight read (NT = 1: the decode specialisation). Job j
+// (blockIdx.y) reads x rows from x + (j / x_div) * ldx (+ t * ldx), writes y + j * ldy
+// (+ t * ldy), and uses expert eid[j] (eid may be NULL: expert 0).
+
+#define MV_WARPS 4
+#define MV_MAXT 8
+#define MV_SEGS 3
+
+struct mv_args {
+    dlin w[MV_SEGS];
+    float *y[MV_SEGS];
+    int64_t ldy[MV_SEGS];
+    int blk0[MV_SEGS + 1];
+    int nseg;
+    const float *x;
+    int64_t ldx;
+    int nt;
+    int x_div;
+    const int32_t *eid;
+};
+
+// segment of this block, its first row, the job's x / y / expert
+#define MV_PROLOGUE(R)                                                                                              \
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;                                                     \
+    int sg = 0;                                                                                                     \
+    _Pragma("unroll") for (int i_ = 1; i_ < MV_SEGS; i_++) if (i_ < a.nseg && (int)blockIdx.x >= a.blk0[i_]) sg = i_; \
+    const dlin &w = a.w[sg];                                                                                        \
+    const int64_t r0 = ((int64_t)((int)blockIdx.x - a.blk0[sg]) * MV_WARPS + warp) * (R);                           \
+    if (r0 >= w.rows) return;                                                                                       \
+    const int j = blockIdx.y;                                                                                       \
+    const int e = a.eid ? a.eid[j] : 0;                                                                             \
+    const float *x = a.x + (int64_t)(j / a.x_div) * a.ldx;                                                          \
+    const int64_t ldy = a.ldy[sg];                                                                                  \
+    float *y = a.y[sg] + (int64_t)j * ldy;
+
+template <int R, int NT>
+__device__ __forceinline__ void mv_store(const mv_args &a, float (&acc)[R][NT], float *y, int64_t ldy, int64_t r0,
+                                         int64_t rows, int lane) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (NT == 1 || t < a.nt) {
+                float v = warp_sum(acc[r][t]);
+                if (lane == 0 && r0 + r < rows) y[(int64_t)t * ldy + r0 + r] = v;
+            }
+        }
+    }
+}
+
+// dense bf16 / f16 rows with cols % 8 == 0: 16-byte loads
+template <int DT, int R, int NT>
+__global__ void __launch_bounds__(MV_WARPS * 32) k_mv_dense16(mv_args a) {
+    MV_PROLOGUE(R)
+    const uint4 *rowp[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int64_t rr = r0 + r < w.rows ? r0 + r : w.rows - 1;
+        rowp[r] = (const uint4 *)(w.w + (size_t)e * w.e_wstride + (size_t)rr * w.row_bytes);
+    }
+    const int64_t n8 = w.cols / 8;
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
+#pragma unroll 2
+    for (int64_t c = lane; c < n8; c += 32) {
+        uint4 v[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) v[r] = __ldg(rowp[r] + c);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (NT == 1 || t < a.nt) {
+                const float4 *xp = (const float4 *)(x + (int64_t)t * a.ldx + c * 8);
+                const float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+                const float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const unsigned int u[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+                    float s = acc[r][t];
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        float lo, hi;
+                        if (DT == SFT_BF16) {
+                            lo = __uint_as_float(u[k] << 16);
+                            hi = __uint_as_float(u[k] & 0xffff0000u);
+                        } else {
+                            lo = __half2float(__ushort_as_half((unsigned short)(u[k] & 0xffff)));
+                            hi = __half2float(__ushort_as_half((unsigned short)(u[k] >> 16)));
+                        }
+                        s = fmaf(lo, xv[2 * k], s);
+                        s = fmaf(hi, xv[2 * k + 1], s);
+                    }
+                    acc[r][t] = s;
+                }
+            }
+        }
+    }
+    mv_store<R, NT>(a, acc, y, ldy, r0, w.rows, lane);
+}
+
+// any dense or quantized row, element by element (odd shapes; the reference on the device)
+__global__ void __launch_bounds__(MV_WARPS * 32) k_mv_generic(mv_args a) {
+    MV_PROLOGUE(1)
+    float acc[1][MV_MAXT];
+#pragma unroll
+    for (int t = 0; t < MV_MAXT; t++) acc[0][t] = 0.f;
+    for (int64_t c = lane; c < w.cols; c += 32) {
+        float wv = dlin_elem(w, e, r0, c);
+#pragma unroll
+        for (int t = 0; t < MV_MAXT; t++)
+            if (t < a.nt) acc[0][t] += wv * x[(int64_t)t * a.ldx + c];
+    }
+    mv_store<1, MV_MAXT>(a, acc, y, ldy, r0, w.rows, lane);
+}
+
+// MLX affine rows: a lane takes chunks of 32 values (= BITS words, one group since groups are
+// multiples of 32). Each value q becomes f = 1 + q / 2^BITS by placing its bits under the
+// exponent of 1.0f (a shift and a LOP3, no int->float conversion); then per chunk
+// sum(q x) = 2^BITS (sum(f x) - sum(x)), and w = s q + b gives s * sum(q x) + b * sum(x).
+// sum(x) is computed once per chunk for all R rows.
+template <int BITS>
+__device__ __forceinline__ void load_words(const uint32_t *p, uint32_t (&wv)[BITS]) {
+    if constexpr (BITS == 4) {
+        uint4 v = __ldg((const uint4 *)p);
+        wv[0] = v.x, wv[1] = v.y, wv[2] = v.z, wv[3] = v.w;
+    } else if constexpr (BITS == 8) {
+        uint4 v = __ldg((const uint4 *)p), u = __ldg((const uint4 *)p + 1);
+        wv[0] = v.x, wv[1] = v.y, wv[2] = v.z, wv[3] = v.w, wv[4] = u.x, wv[5] = u.y, wv[6] = u.z, wv[7] = u.w;
+    } else if constexpr (BITS == 2) {
+        uint2 v = __ldg((const uint2 *)p);
+        wv[0] = v.x, wv[1] = v.y;
+    } else if constexpr (BITS == 6) {
+        uint2 v0 = __ldg((const uint2 *)p), v1 = __ldg((const uint2 *)p + 1), v2 = __ldg((const uint2 *)p + 2);
+        wv[0] = v0.x, wv[1] = v0.y, wv[2] = v1.x, wv[3] = v1.y, wv[4] = v2.x, wv[5] = v2.y;
+    } else {
+#pragma unroll
+        for (int k = 0; k < BITS; k++) wv[k] = __ldg(p + k);
+    }
+}
+
+template <int BITS>
+__device__ __forceinline__ float q_unit(const uint32_t (&wv)[BITS], const int v) {
+    constexpr int P = 23 - BITS;
+    const int bit = v * BITS, wi = bit >> 5, sh = bit & 31;
+    uint32_t u;
+    if (sh + BITS <= 32) u = P >= sh ? (wv[wi] << (P - sh)) : (wv[wi] >> (sh - P));
+    else u = __funnelshift_r(wv[wi], wv[wi + 1], sh) << P;
+    return __uint_as_float((u & (((1u << BITS) - 1u) << P)) | 0x3F800000u);
+}
+
+template <int BITS, int R, int NT>
+__global__ void __launch_bounds__(MV_WARPS * 32) k_mv_q(mv_args a) {
+    MV_PROLOGUE(R)
+    const uint32_t *rowp[R];
+    size_t sb[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int64_t rr = r0 + r < w.rows ? r0 + r : w.rows - 1;
+        rowp[r] = (const uint32_t *)(w.w + (size_t)e * w.e_wstride + (size_t)rr * w.row_bytes);
+        sb[r] = (size_t)e * w.e_sstride + (size_t)rr * w.srow;
+    }
+    const int64_t nch = w.cols / 32;
+    const int cpg = w.group / 32; // chunks per group
+    const float two_b = (float)(1u << BITS);
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
+    for (int64_t c = lane; c < nch; c += 32) {
+        uint32_t wv[R][BITS];
+#pragma unroll
+        for (int r = 0; r < R; r++) load_words<BITS>(rowp[r] + c * BITS, wv[r]);
+        const size_t gi = (size_t)(c / cpg);
+        float sc[R], bs[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            sc[r] = ld_hf(w.s, sb[r] + gi, w.sdtype) * two_b;
+            bs[r] = ld_hf(w.b, sb[r] + gi, w.sdtype);
+        }
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (NT == 1 || t < a.nt) {
+                const float4 *xp = (const float4 *)(x + (int64_t)t * a.ldx + c * 32);
+                float xv[32];
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const float4 q = __ldg(xp + k);
+                    xv[4 * k] = q.x, xv[4 * k + 1] = q.y, xv[4 * k + 2] = q.z, xv[4 * k + 3] = q.w;
+                }
+                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma unroll
+                for (int k = 0; k < 8; k++) s0 += xv[4 * k], s1 += xv[4 * k + 1], s2 += xv[4 * k + 2], s3 += xv[4 * k + 3];
+                const float sx = (s0 + s1) + (s2 + s3);
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float f0 = 0.f, f1 = 0.f;
+#pragma unroll
+                    for (int v = 0; v < 32; v += 2) {
+                        f0 = fmaf(q_unit<BITS>(wv[r], v), xv[v], f0);
+                        f1 = fmaf(q_unit<BITS>(wv[r], v + 1), xv[v + 1], f1);
+                    }
+                    acc[r][t] += sc[r] * ((f0 + f1) - sx) + bs[r] * sx;
+                }
+            }
+        }
+    }
+    mv_store<R, NT>(a, acc, y, ldy, r0, w.rows, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dequantise / convert rows [r0, r0+n) of a weight (expert 0) into bf16 [n, cols] (GEMM input)
+
+__global__ void k_dequant_bf16(dlin w, int64_t r0, int64_t n, __nv_bfloat16 *out) {
+    int64_t total = n * w.cols;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = i / w.cols, c = i % w.cols;
+        out[i] = __float2bfloat16(dlin_elem(w, 0, r0 + r, c));
+    }
+}
+
+__global__ void k_f32_to_bf16(const float *x, int64_t n, __nv_bfloat16 *out) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// elementwise and row ops
+
+__global__ void k_embed(float *out, const int32_t *tokens, int T, dlin table) {
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    const int64_t r = tokens[t];
+    for (int64_t c = threadIdx.x; c < table.cols; c += blockDim.x) out[(int64_t)t * table.cols + c] = dlin_elem(table, 0, r, c);
+}
+
+// one warp per row (short rows: per-head QK-norm)
+__global__ void k_rmsnorm_warp(float *out, const float *x, const float *w, int64_t n_rows, int n, float eps) {
+    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= n_rows) return;
+    const float *xr = x + r * n;
+    float ss = 0.f;
+    for (int i = lane; i < n; i += 32) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    const float inv = rsqrtf(ss / (float)n + eps);
+    float *o = out + r * n;
+    for (int i = lane; i < n; i += 32) o[i] = xr[i] * inv * w[i];
+}
+
+// one block per row (full-width rows)
+__global__ void k_rmsnorm_block(float *out, const float *x, const float *w, int n, float eps) {
+    __shared__ float red[32];
+    const int64_t r = blockIdx.x;
+    const float *xr = x + r * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(red[0] / (float)n + eps);
+    float *o = out + r * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+}
+
+// rotate-half RoPE of q[T, Hq, hd] and k[T, Hk, hd] (k may be NULL) on the first n_rot dims;
+// angles in double like cpu_rope_table.
+__global__ void k_rope(float *q, int Hq, float *k, int Hk, const int32_t *pos, int hd, int n_rot, const double *inv_freq) {
+    const int t = blockIdx.x, half = n_rot / 2;
+    const double p = (double)pos[t];
+    const int n = (Hq + Hk) * half;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        int h = i / half, f = i % half;
+        float *v = h < Hq ? q + ((int64_t)t * Hq + h) * hd : k + ((int64_t)t * Hk + (h - Hq)) * hd;
+        double ang = p * inv_freq[f];
+        float co = (float)cos(ang), si = (float)sin(ang);
+        float x1 = v[f], x2 = v[f + half];
+        v[f] = x1 * co - x2 * si;
+        v[f + half] = x2 * co + x1 * si;
+    }
+}
+
+// K/V rows of T tokens into the bf16 cache of one layer: cache + slot*slot_stride + pos*kvd
+__global__ void k_kv_store(__nv_bfloat16 *kc, __nv_bfloat16 *vc, const float *k, const float *v, const int32_t *pos,
+                           const int32_t *slot, int kvd, size_t slot_stride) {
+    const int t = blockIdx.x;
+    const size_t base = (size_t)slot[t] * slot_stride + (size_t)pos[t] * kvd;
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+        kc[base + i] = __float2bfloat16(k[(int64_t)t * kvd + i]);
+        vc[base + i] = __float2bfloat16(v[(int64_t)t * kvd + i]);
+    }
+}
+
+__global__ void k_swiglu(float *out, const float *g, const float *u, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float x = g[i];
+        out[i] = x / (1.0f + expf(-x)) * u[i];
+    }
+}
+
+__global__ void k_add(float *x, const float *y, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) x[i] += y[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention: split-K flash decoding. Block (row = t*H + h, split) runs an online softmax over
+// positions [split*chunk, min(pos[t]+1, (split+1)*chunk)) of its slot with ATT_WARPS warps (one
+// position per warp at a time), and writes (o unnormalised [hd], m, l) to part. k_attn_combine
+// merges the splits. Works for decode and (slowly, untiled) prefill.
+
+#define ATT_WARPS 4
+#define ATT_MAXJ 8 // hd <= 256
+
+__global__ void __launch_bounds__(ATT_WARPS * 32)
+    k_attn_split(float *part, const float *q, const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, const int32_t *pos,
+                 const int32_t *slot, int H, int Hkv, int hd, float scale, size_t slot_stride, int chunk, int nsplit) {
+    __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
+    __shared__ float sm_o[ATT_WARPS][ATT_MAXJ * 32];
+    const int row = blockIdx.x, split = blockIdx.y, t = row / H, h = row % H;
+    const int kvh = h / (H / Hkv), kvd = Hkv * hd;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n = pos[t] + 1, p0 = split * chunk, p1 = min(n, p0 + chunk);
+    float *out = part + ((size_t)row * nsplit + split) * (hd + 2);
+    if (p0 >= n) {
+        if (threadIdx.x == 0) out[hd] = -INFINITY, out[hd + 1] = 0.f;
+        return;
+    }
+    float qr[ATT_MAXJ], o[ATT_MAXJ];
+#pragma unroll
+    for (int jj = 0; jj < ATT_MAXJ; jj++) {
+        int i = lane + 32 * jj;
+        qr[jj] = i < hd ? q[((int64_t)t * H + h) * hd + i] * scale : 0.f;
+        o[jj] = 0.f;
+    }
+    const __nv_bfloat16 *kb = kc + (size_t)slot[t] * slot_stride + (size_t)kvh * hd;
+    const __nv_bfloat16 *vb = vc + (size_t)slot[t] * slot_stride + (size_t)kvh * hd;
+    float m = -INFINITY, l = 0.f;
+    for (int p = p0 + warp; p < p1; p += ATT_WARPS) {
+        const __nv_bfloat16 *kr = kb + (size_t)p * kvd, *vr = vb + (size_t)p * kvd;
+        float d = 0.f;
+#pragma unroll
+        for (int jj = 0; jj < ATT_MAXJ; jj++) {
+            int i = lane + 32 * jj;
+            if (i < hd) d += qr[jj] * __bfloat162float(kr[i]);
+        }
+        d = warp_sum(d);
+        float mn = fmaxf(m, d), corr = __expf(m - mn), pe = __expf(d - mn);
+        l = l * corr + pe;
+#pragma unroll
+        for (int jj = 0; jj < ATT_MAXJ; jj++) {
+            int i = lane + 32 * jj;
+            if (i < hd) o[jj] = o[jj] * corr + pe * __bfloat162float(vr[i]);
+        }
+        m = mn;
+    }
+    if (lane == 0) sm_m[warp] = m, sm_l[warp] = l;
+#pragma unroll
+    for (int jj = 0; jj < ATT_MAXJ; jj++) sm_o[warp][lane + 32 * jj] = o[jj];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_m[w]);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float acc = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++)
+            if (sm_m[w] != -INFINITY) acc += sm_o[w][i] * __expf(sm_m[w] - M);
+        out[i] = acc;
+    }
+    if (threadIdx.x == 0) {
+        float L = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++)
+            if (sm_m[w] != -INFINITY) L += sm_l[w] * __expf(sm_m[w] - M);
+        out[hd] = M, out[hd + 1] = L;
+    }
+}
+
+__global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit) {
+    const int row = blockIdx.x;
+    const float *p = part + (size_t)row * nsplit * (hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, p[(size_t)s * (hd + 2) + hd]);
+    float L = 0.f;
+    for (int s = 0; s < nsplit; s++) {
+        float ms = p[(size_t)s * (hd + 2) + hd];
+        if (ms != -INFINITY) L += p[(size_t)s * (hd + 2) + hd + 1] * __expf(ms - M);
+    }
+    const float inv = 1.0f / L;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < nsplit; s++) {
+            float ms = p[(size_t)s * (hd + 2) + hd];
+            if (ms != -INFINITY) acc += p[(size_t)s * (hd + 2) + i] * __expf(ms - M);
+        }
+        out[(size_t)row * hd + i] = acc * inv;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoE: routing (one warp per token, exactly forward.c's moe_route) and the weighted combine
+
+#define MOE_MAXE 512
+#define MOE_PER_LANE (MOE_MAXE / 32)
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Lane l holds experts e = l + 32 j. Softmax: score = expf(lg - max) / sum (sum in double, as
+// the CPU), key = score; sigmoid: score = 1/(1+exp(-lg)), key = score + bias. K rounds of a
+// warp argmax over the untaken keys (ties -> lowest index, like the CPU's strict '>' scan).
+__global__ void k_moe_route(const float *logits, const float *bias, int T, int E, int K, int sigmoid, int norm_topk,
+                            int32_t *sel, float *selw) {
+    const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (t >= T) return;
+    const float *lg = logits + (size_t)t * E;
+    float score[MOE_PER_LANE], key[MOE_PER_LANE];
+    if (!sigmoid) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < MOE_PER_LANE; j++) {
+            const int e = lane + 32 * j;
+            if (e < E) mx = fmaxf(mx, lg[e]);
+        }
+        mx = warp_max(mx);
+        double sum = 0;
+#pragma unroll
+        for (int j = 0; j < MOE_PER_LANE; j++) {
+            const int e = lane + 32 * j;
+            score[j] = e < E ? expf(lg[e] - mx) : 0.f;
+            sum += score[j];
+        }
+        sum = warp_sum_d(sum);
+#pragma unroll
+        for (int j = 0; j < MOE_PER_LANE; j++) key[j] = score[j] = (float)(score[j] / sum);
+    } else {
+#pragma unroll
+        for (int j = 0; j < MOE_PER_LANE; j++) {
+            const int e = lane + 32 * j;
+            score[j] = e < E ? 1.0f / (1.0f + expf(-lg[e])) : 0.f;
+            key[j] = score[j] + (bias && e < E ? bias[e] : 0.0f);
+        }
+    }
+    int32_t *s = sel + (size_t)t * K;
+    float *w = selw + (size_t)t * K;
+    unsigned taken = 0; // bit j: expert lane + 32 j already chosen
+    for (int k = 0; k < K; k++) {
+        float bv = 0.f, bs = 0.f;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int j = 0; j < MOE_PER_LANE; j++) {
+            const int e = lane + 32 * j;
+            if (e < E && !(taken >> j & 1u) && (bi == 0x7fffffff || key[j] > bv)) bv = key[j], bs = score[j], bi = e;
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            // the CPU keeps the first index unless a later key is strictly greater
+            const bool take = oi != 0x7fffffff && (bi == 0x7fffffff || ov > bv || (ov == bv && oi < bi));
+            if (take) bv = ov, bs = os, bi = oi;
+        }
+        if ((bi & 31) == lane && bi != 0x7fffffff) taken |= 1u << (bi >> 5);
+        if (lane == 0) {
+            s[k] = bi == 0x7fffffff ? 0 : bi;
+            w[k] = bs;
+        }
+    }
+    if (norm_topk && lane == 0) {
+        double sum = 0;
+        for (int k = 0; k < K; k++) sum += w[k];
+        for (int k = 0; k < K; k++) w[k] = (float)(w[k] / (sum + (sigmoid ? 1e-20 : 0)));
+    }
+}
+
+// out[t, :] = sum_k selw[t, k] * ye[t*K + k, :]
+__global__ void k_moe_combine(float *out, const float *ye, const float *selw, int K, int D) {
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float acc = 0.f;
+        for (int k = 0; k < K; k++) acc += selw[t * K + k] * ye[((size_t)t * K + k) * D + i];
+        out[(size_t)t * D + i] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// argmax per row (ties: lowest index, like the CPU loop), and the greedy loop's bookkeeping
+
+__global__ void k_argmax(const float *x, int n, int32_t *out) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float *r = x + (size_t)blockIdx.x * n;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = r[i];
+        if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+    }
+    if ((threadIdx.x & 31) == 0) sv[threadIdx.x >> 5] = bv, si[threadIdx.x >> 5] = bi;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x / 32); w++)
+            if (sv[w] > bv || (sv[w] == bv && si[w] < bi)) bv = sv[w], bi = si[w];
+        out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+    }
+}
+
+// after a greedy step: tokens <- next, pos += 1, log[counter++] = next[0] (single-stream loop)
+__global__ void k_advance(int32_t *tokens, const int32_t *next, int32_t *pos, int B, int32_t *log, int32_t *counter) {
+    const int b = threadIdx.x;
+    if (b < B) {
+        tokens[b] = next[b];
+        pos[b] += 1;
+    }
+    if (b == 0 && log) log[(*counter)++] = next[0];
+}
+
+__global__ void k_fill_kv(__nv_bfloat16 *kc, __nv_bfloat16 *vc, size_t n, uint64_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+        x ^= x >> 29, x *= 0xBF58476D1CE4E5B9ull, x ^= x >> 32;
+        float r = (float)((x >> 40) & 0xffff) / 65536.0f - 0.5f;
+        kc[i] = __float2bfloat16(r);
+        vc[i] = __float2bfloat16(-r);
+    }
+}

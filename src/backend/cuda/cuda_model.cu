@@ -1,0 +1,986 @@
+// cuda_model.cu — the CUDA backend (see strata/cuda_backend.h): weights uploaded once, the
+// generic block of forward.c as a sequence of kernels on one stream, decode steps captured as
+// CUDA graphs, and single-op entry points for the parity harness.
+// base.h is C11 (_Noreturn); C++ spells it as an attribute.
+#ifndef _Noreturn
+#define _Noreturn [[noreturn]]
+#endif
+#include "strata/cuda_backend.h"
+
+#include "cuda_kernels.cuh"
+
+#include <cublas_v2.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <vector>
+
+// ---------------------------------------------------------------------------------------------
+// error helpers
+
+#define CU_TRY(call)                                                                                                \
+    do {                                                                                                            \
+        cudaError_t e_ = (call);                                                                                    \
+        if (e_ != cudaSuccess) {                                                                                    \
+            cudaGetLastError();                                                                                     \
+            return st_err_set(err, e_ == cudaErrorMemoryAllocation ? ST_ERR_NOMEM : ST_ERR_INTERNAL,                \
+                              "CUDA: %s failed: %s (%s:%d)", #call, cudaGetErrorString(e_), __FILE__, __LINE__);    \
+        }                                                                                                           \
+    } while (0)
+
+static int cu_check(st_err *err, const char *what) {
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) return st_err_set(err, ST_ERR_INTERNAL, "CUDA: %s: %s", what, cudaGetErrorString(e));
+    return ST_OK;
+}
+
+static unsigned grid_for(int64_t n, int threads) {
+    int64_t g = (n + threads - 1) / threads;
+    if (g > 65536) g = 65536;
+    return (unsigned)(g < 1 ? 1 : g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// launch context: stream, cuBLAS and the GEMM scratch (bf16 activations and weight tiles)
+
+struct gctx {
+    cudaStream_t st;
+    cublasHandle_t blas;
+    __nv_bfloat16 *xb;  // [xb_elems] activations converted for the GEMM
+    size_t xb_elems;
+    __nv_bfloat16 *wb;  // [wb_elems] dequantised weight rows for the GEMM
+    size_t wb_elems;
+    // per-kernel profile (cuda_model_profile_step)
+    int prof;
+    std::vector<std::pair<const char *, cudaEvent_t>> *marks;
+};
+
+static void mark(gctx *g, const char *name) {
+    if (!g->prof) return;
+    cudaEvent_t e;
+    cudaEventCreate(&e);
+    cudaEventRecord(e, g->st);
+    g->marks->push_back({name, e});
+}
+
+// Which matrix-vector kernel serves weight w (segments of one launch must agree).
+enum { MVK_GENERIC, MVK_BF16, MVK_F16, MVK_Q };
+static int mv_kind(const dlin &w, bool xal, int force_generic) {
+    if (force_generic || !xal) return MVK_GENERIC;
+    if (w.qbits) {
+        if (w.cols % 32 == 0 && w.group % 32 == 0 &&
+            (w.qbits == 2 || w.qbits == 3 || w.qbits == 4 || w.qbits == 5 || w.qbits == 6 || w.qbits == 8))
+            return MVK_Q + w.qbits;
+        return MVK_GENERIC;
+    }
+    if (w.cols % 8 == 0 && w.row_bytes % 16 == 0) {
+        if (w.dtype == SFT_BF16) return MVK_BF16;
+        if (w.dtype == SFT_F16) return MVK_F16;
+    }
+    return MVK_GENERIC;
+}
+
+#define MV_R 4 // rows per warp of the wide kernels
+
+template <int R, int NT> static void mv_fire(gctx *g, int kind, dim3 grid, const mv_args &a) {
+    dim3 block(MV_WARPS * 32);
+    switch (kind) {
+    case MVK_BF16: k_mv_dense16<SFT_BF16, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_F16: k_mv_dense16<SFT_F16, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 2: k_mv_q<2, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 3: k_mv_q<3, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 4: k_mv_q<4, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 5: k_mv_q<5, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 6: k_mv_q<6, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 8: k_mv_q<8, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    default: k_mv_generic<<<grid, block, 0, g->st>>>(a); return;
+    }
+}
+
+// Launches the matrix-vector kernel for n weights ws[i] -> ys[i] (row stride ldys[i]) over the
+// same x: jobs x rows each. Weights of different kinds go to separate launches.
+static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys, const int64_t *ldys, const float *x,
+                        int64_t ldx, int nt, int jobs, int x_div, const int32_t *eid, int force_generic) {
+    const bool xal = ldx % 4 == 0 && ((uintptr_t)x & 15) == 0;
+    int done = 0;
+    bool used[8] = {false};
+    while (done < n) {
+        mv_args a;
+        memset(&a, 0, sizeof a);
+        a.x = x, a.ldx = ldx, a.nt = nt, a.x_div = x_div, a.eid = eid;
+        int kind = -1;
+        int64_t rows = 0;
+        for (int i = 0; i < n && a.nseg < MV_SEGS; i++) {
+            if (used[i]) continue;
+            const int k = mv_kind(*ws[i], xal, force_generic);
+            if (kind >= 0 && k != kind) continue;
+            kind = k;
+            a.w[a.nseg] = *ws[i], a.y[a.nseg] = ys[i], a.ldy[a.nseg] = ldys[i];
+            a.nseg++;
+            rows += ws[i]->rows;
+            used[i] = true;
+            done++;
+        }
+        // rows per warp: MV_R when that still gives two blocks per SM, else 1 (small weights)
+        int R = kind == MVK_GENERIC ? 1 : MV_R;
+        if (R > 1 && (rows / (MV_WARPS * MV_R)) * jobs < 264) R = 1;
+        int b = 0;
+        for (int s = 0; s < a.nseg; s++) {
+            a.blk0[s] = b;
+            b += (int)((a.w[s].rows + MV_WARPS * R - 1) / (MV_WARPS * R));
+        }
+        a.blk0[a.nseg] = b;
+        dim3 grid((unsigned)b, (unsigned)jobs);
+        if (R == 1) {
+            if (nt == 1) mv_fire<1, 1>(g, kind, grid, a);
+            else mv_fire<1, MV_MAXT>(g, kind, grid, a);
+        } else {
+            if (nt == 1) mv_fire<MV_R, 1>(g, kind, grid, a);
+            else mv_fire<MV_R, MV_MAXT>(g, kind, grid, a);
+        }
+    }
+}
+
+static void mv_launch(gctx *g, const dlin &w, const float *x, int64_t ldx, float *y, int64_t ldy, int nt, int jobs,
+                      int x_div, const int32_t *eid, int force_generic) {
+    const dlin *ws[1] = {&w};
+    float *ys[1] = {y};
+    int64_t ld[1] = {ldy};
+    mv_launch_n(g, 1, ws, ys, ld, x, ldx, nt, jobs, x_div, eid, force_generic);
+}
+
+static void mv_launch2(gctx *g, const dlin &w1, float *y1, int64_t ld1, const dlin &w2, float *y2, int64_t ld2,
+                       const float *x, int64_t ldx, int nt, int jobs, int x_div, const int32_t *eid) {
+    const dlin *ws[2] = {&w1, &w2};
+    float *ys[2] = {y1, y2};
+    int64_t ld[2] = {ld1, ld2};
+    mv_launch_n(g, 2, ws, ys, ld, x, ldx, nt, jobs, x_div, eid, 0);
+}
+
+// y[T, rows] (row stride ldy) = x[T, cols] (contiguous) W^T. path: 0 auto, 1 matrix-vector, 2 GEMM.
+static void linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w, int T, int path = 0) {
+    const int64_t cols = w.cols;
+    bool gemm = path == 2 || (path == 0 && T > MV_MAXT);
+    if (gemm && (size_t)T * cols > g->xb_elems) gemm = false;
+    if (gemm && w.qbits && g->wb_elems < (size_t)cols) gemm = false;
+    if (!gemm) {
+        for (int t0 = 0; t0 < T; t0 += MV_MAXT) {
+            int n = std::min(MV_MAXT, T - t0);
+            mv_launch(g, w, x + (int64_t)t0 * cols, cols, y + (int64_t)t0 * ldy, ldy, n, 1, 1, nullptr, path == 3);
+        }
+        return;
+    }
+    int64_t n = (int64_t)T * cols;
+    k_f32_to_bf16<<<grid_for(n, 256), 256, 0, g->st>>>(x, n, g->xb);
+    const float one = 1.0f, zero = 0.0f;
+    if (!w.qbits && w.dtype == SFT_BF16) {
+        cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w.rows, T, (int)cols, &one, w.w, CUDA_R_16BF, (int)cols,
+                     g->xb, CUDA_R_16BF, (int)cols, &zero, y, CUDA_R_32F, (int)ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        return;
+    }
+    int64_t rc = (int64_t)(g->wb_elems / (size_t)cols);
+    for (int64_t r0 = 0; r0 < w.rows; r0 += rc) {
+        int64_t nr = std::min(rc, w.rows - r0);
+        k_dequant_bf16<<<grid_for(nr * cols, 256), 256, 0, g->st>>>(w, r0, nr, g->wb);
+        cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, T, (int)cols, &one, g->wb, CUDA_R_16BF, (int)cols,
+                     g->xb, CUDA_R_16BF, (int)cols, &zero, y + r0, CUDA_R_32F, (int)ldy, CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT);
+    }
+}
+
+// n linears over the same x[T, cols]: one matrix-vector launch for T <= MV_MAXT (q/k/v, gate/up),
+// otherwise each through linear().
+static void linear_n(gctx *g, int n, const dlin *const *ws, float *const *ys, const int64_t *ldys, const float *x, int T) {
+    if (T > MV_MAXT) {
+        for (int i = 0; i < n; i++) linear(g, ys[i], ldys[i], x, *ws[i], T);
+        return;
+    }
+    mv_launch_n(g, n, ws, ys, ldys, x, ws[0]->cols, T, 1, 1, nullptr, 0);
+}
+
+static void rmsnorm(gctx *g, float *out, const float *x, const float *w, int64_t rows, int n, float eps) {
+    if (n >= 512) k_rmsnorm_block<<<(unsigned)rows, 256, 0, g->st>>>(out, x, w, n, eps);
+    else k_rmsnorm_warp<<<(unsigned)((rows + 7) / 8), 256, 0, g->st>>>(out, x, w, rows, n, eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the MoE feed-forward of forward.c's moe_forward: router logits in fp32 (the matrix-vector
+// kernel in chunks of MV_MAXT tokens for every T: a bf16 GEMM here rounds x and flips near-tied
+// top-k choices against the CPU, which is what failed the T > 8 prefill of every MoE fixture),
+// routing (one warp per token), then one matrix-vector job per (token, k) reading expert sel[t,k]
+// for gate/up and down, and the weighted sum into out (each output row written by one thread,
+// no atomics).
+
+struct moe_w {
+    dlin router, eg, eu, ed;
+    const float *bias;
+    int E, K, F, D, sigmoid, norm;
+};
+struct moe_buf {
+    float *rlog, *selw, *gate, *up, *ye; // [T, E], [T, K], [T*K, F] x 2, [T*K, D]
+    int32_t *sel;                        // [T, K]
+};
+
+static void moe_ffn(gctx *g, const moe_w &m, const moe_buf &b, const float *xn, int T, float *out) {
+    cudaStream_t st = g->st;
+    const int E = m.E, K = m.K, F = m.F, D = m.D;
+    mark(g, "moe router");
+    linear(g, b.rlog, E, xn, m.router, T, 1);
+    k_moe_route<<<(T + 3) / 4, 128, 0, st>>>(b.rlog, m.bias, T, E, K, m.sigmoid, m.norm, b.sel, b.selw);
+    mark(g, "moe experts gate/up");
+    mv_launch2(g, m.eg, b.gate, F, m.eu, b.up, F, xn, D, 1, T * K, K, b.sel);
+    mark(g, "swiglu");
+    k_swiglu<<<grid_for((int64_t)T * K * F, 256), 256, 0, st>>>(b.gate, b.gate, b.up, (int64_t)T * K * F);
+    mark(g, "moe experts down");
+    mv_launch(g, m.ed, b.gate, F, b.ye, D, 1, T * K, 1, b.sel, 0);
+    k_moe_combine<<<T, 256, 0, st>>>(out, b.ye, b.selw, K, D);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the model on the device
+
+struct dlayer {
+    float *attn_norm, *ffn_norm, *q_norm, *k_norm; // fp32
+    dlin wq, wk, wv, wo, w_gate, w_up, w_down;
+    dlin router, eg, eu, ed;                      // experts packed [E, ...]
+    float *router_bias;
+    int moe;
+};
+
+struct cuda_model {
+    const model *m;
+    cuda_model_opts o;
+    char devname[128];
+    gctx g;
+    std::vector<void *> allocs;
+    size_t weight_bytes, kv_bytes, act_bytes;
+    dlin embed, output;
+    float *out_norm;
+    std::vector<dlayer> L;
+    double *inv_freq;        // [n_rot/2]
+    // activations, B = max_batch rows
+    float *x, *xn, *q, *k, *v, *att, *tmp; // [B, n_embd] / [B, qd] / [B, kvd]
+    float *gate, *up;        // [max(B*n_ff, B*K*F)]
+    float *rlog, *selw, *ye; // [B, E] / [B, K] / [B*K, D]
+    int32_t *sel;            // [B, K]
+    float *logits;           // [B, V]
+    float *part;             // attention partials [B*H, nsplit, hd+2]
+    int att_chunk, att_nsplit;
+    __nv_bfloat16 *kc, *vc;  // [n_slots][n_layer][max_ctx][kvd]
+    size_t kv_layer_stride, kv_slot_stride;
+    int32_t *io;             // [3, B] tokens, positions, slots
+    int32_t *next;           // [B] argmax ids
+    int32_t *gen_log, *gen_counter; // [max_ctx + 8], [1]
+    int32_t *h_io;           // pinned [3 * B + 8]
+    cudaGraphExec_t graph[MV_MAXT + 1];
+};
+
+template <class T> static int dalloc(cuda_model *c, T **p, size_t n, size_t *acct, st_err *err) {
+    size_t bytes = (n ? n : 1) * sizeof(T);
+    void *q = nullptr;
+    cudaError_t e = cudaMalloc(&q, bytes);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        char b1[32], b2[32];
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        return st_err_set(err, ST_ERR_NOMEM, "CUDA: cannot allocate %s on the device (%s free)",
+                          st_fmt_bytes((double)bytes, b1, sizeof b1), st_fmt_bytes((double)fr, b2, sizeof b2));
+    }
+    c->allocs.push_back(q);
+    if (acct) *acct += bytes;
+    *p = (T *)q;
+    return ST_OK;
+}
+
+static size_t sdt_size(int dt) { return dt == SFT_F32 ? 4 : 2; }
+
+static int upload(cuda_model *c, const void *src, size_t bytes, const char **dst, st_err *err) {
+    char *p = nullptr;
+    int rc = dalloc(c, &p, bytes, &c->weight_bytes, err);
+    if (rc) return rc;
+    CU_TRY(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
+    *dst = p;
+    return ST_OK;
+}
+
+static int upload_f32(cuda_model *c, const float *src, size_t n, float **dst, st_err *err) {
+    if (!src) {
+        *dst = nullptr;
+        return ST_OK;
+    }
+    const char *p = nullptr;
+    int rc = upload(c, src, n * 4, &p, err);
+    *dst = (float *)p;
+    return rc;
+}
+
+static void dlin_from(const wt_linear *w, dlin *d) {
+    memset(d, 0, sizeof *d);
+    d->qbits = w->qbits, d->group = w->group, d->dtype = (int)w->dtype, d->sdtype = (int)w->sdtype;
+    d->rows = w->rows, d->cols = w->cols, d->row_bytes = w->row_bytes, d->srow = w->srow_elems;
+}
+
+// Uploads E weights of identical shape (E = 1: a plain linear) contiguously.
+static int upload_lin(cuda_model *c, const wt_linear *w, int E, dlin *d, st_err *err) {
+    memset(d, 0, sizeof *d);
+    if (!w || !w[0].w) return ST_OK;
+    dlin_from(&w[0], d);
+    const size_t wb = (size_t)w[0].rows * w[0].row_bytes;
+    const size_t sn = w[0].qbits ? (size_t)w[0].rows * w[0].srow_elems : 0, sb = sn * sdt_size(w[0].sdtype);
+    char *pw, *ps = nullptr, *pb = nullptr;
+    int rc = dalloc(c, &pw, wb * E, &c->weight_bytes, err);
+    if (!rc && sn) rc = dalloc(c, &ps, sb * E, &c->weight_bytes, err);
+    if (!rc && sn) rc = dalloc(c, &pb, sb * E, &c->weight_bytes, err);
+    if (rc) return rc;
+    for (int e = 0; e < E; e++) {
+        if (w[e].rows != w[0].rows || w[e].cols != w[0].cols || w[e].qbits != w[0].qbits || w[e].dtype != w[0].dtype ||
+            w[e].group != w[0].group || w[e].sdtype != w[0].sdtype)
+            return st_err_set(err, ST_ERR_UNSUPPORTED, "CUDA: experts of one layer differ in shape or quantization");
+        CU_TRY(cudaMemcpy(pw + wb * e, w[e].w, wb, cudaMemcpyHostToDevice));
+        if (sn) {
+            CU_TRY(cudaMemcpy(ps + sb * e, w[e].scales, sb, cudaMemcpyHostToDevice));
+            CU_TRY(cudaMemcpy(pb + sb * e, w[e].biases, sb, cudaMemcpyHostToDevice));
+        }
+    }
+    d->w = pw, d->s = ps, d->b = pb;
+    d->e_wstride = wb, d->e_sstride = sn;
+    return ST_OK;
+}
+
+// HF rope inverse frequencies incl. llama3 / linear scaling: the computation of forward.c.
+static void rope_freqs(const model_desc *d, double *inv) {
+    int half = d->n_rot / 2;
+    for (int i = 0; i < half; i++) {
+        float f = (float)(1.0 / pow(d->rope_theta, (double)(2 * i) / (double)d->n_rot));
+        double fr = f;
+        if (d->rope_scaling == ROPE_SCALING_LINEAR) fr = fr / d->rope_factor;
+        if (d->rope_scaling == ROPE_SCALING_LLAMA3) {
+            double orig = (double)d->rope_orig_max_pos;
+            double low_wl = orig / d->rope_low_freq, high_wl = orig / d->rope_high_freq;
+            double wl = 2.0 * M_PI / fr;
+            double scaled = wl > low_wl ? fr / d->rope_factor : fr;
+            if (!(wl < high_wl) && !(wl > low_wl)) {
+                double sm = (orig / wl - d->rope_low_freq) / (d->rope_high_freq - d->rope_low_freq);
+                scaled = (1.0 - sm) * scaled / d->rope_factor + sm * scaled;
+            }
+            fr = scaled;
+        }
+        inv[i] = fr;
+    }
+}
+
+static int device_ok(int dev, char *name, size_t cap, st_err *err) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        return st_err_set(err, ST_ERR_UNSUPPORTED, "no CUDA device: %s",
+                          e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+    }
+    if (dev < 0 || dev >= n) return st_err_set(err, ST_ERR_ARG, "CUDA device %d does not exist (%d devices)", dev, n);
+    CU_TRY(cudaSetDevice(dev));
+    if (name) {
+        cudaDeviceProp p;
+        CU_TRY(cudaGetDeviceProperties(&p, dev));
+        snprintf(name, cap, "%s (sm_%d%d, %d SMs)", p.name, p.major, p.minor, p.multiProcessorCount);
+    }
+    return ST_OK;
+}
+
+extern "C" void cuda_model_free(cuda_model *c) {
+    if (!c) return;
+    cudaDeviceSynchronize();
+    for (int b = 0; b <= MV_MAXT; b++)
+        if (c->graph[b]) cudaGraphExecDestroy(c->graph[b]);
+    for (void *p : c->allocs) cudaFree(p);
+    if (c->h_io) cudaFreeHost(c->h_io);
+    if (c->g.blas) cublasDestroy(c->g.blas);
+    if (c->g.st) cudaStreamDestroy(c->g.st);
+    delete c;
+}
+
+extern "C" int cuda_model_init(cuda_model **out, const model *m, const cuda_model_opts *opts, st_err *err) {
+    *out = nullptr;
+    cuda_model_opts o = opts ? *opts : cuda_model_opts{};
+    if (getenv("STRATA_CUDA_NO_GRAPH")) o.no_graph = 1;
+    char name[128] = "";
+    int rc = device_ok(o.device, name, sizeof name, err);
+    if (rc) return rc;
+    const model_desc *d = &m->desc;
+    if (!m->holds_embed || !m->holds_output || m->layer_begin != 0 || m->layer_end != d->n_layer)
+        return st_err_set(err, ST_ERR_UNSUPPORTED, "CUDA: the backend runs whole models only (no pipeline stages yet)");
+    if (d->head_dim > 32 * ATT_MAXJ || d->n_head % d->n_head_kv)
+        return st_err_set(err, ST_ERR_UNSUPPORTED, "CUDA: head_dim %d / heads %d:%d not supported", d->head_dim,
+                          d->n_head, d->n_head_kv);
+    if (d->n_expert > MOE_MAXE)
+        return st_err_set(err, ST_ERR_UNSUPPORTED, "CUDA: %d experts (at most %d)", d->n_expert, MOE_MAXE);
+    if (o.max_batch <= 0) o.max_batch = 256;
+    if (o.n_slots <= 0) o.n_slots = 1;
+    if (o.max_ctx <= 0) o.max_ctx = (int)(d->max_pos < 4096 ? d->max_pos : 4096);
+    if (o.max_ctx > d->max_pos)
+        return st_err_set(err, ST_ERR_ARG, "context %d exceeds the model's max_position_embeddings %lld", o.max_ctx,
+                          (long long)d->max_pos);
+    cuda_model *c = new cuda_model();
+    c->m = m;
+    c->o = o;
+    snprintf(c->devname, sizeof c->devname, "%s", name);
+    if (cudaStreamCreateWithFlags(&c->g.st, cudaStreamNonBlocking) != cudaSuccess ||
+        cublasCreate(&c->g.blas) != CUBLAS_STATUS_SUCCESS) {
+        cuda_model_free(c);
+        return st_err_set(err, ST_ERR_INTERNAL, "CUDA: cannot create a stream / cuBLAS handle");
+    }
+    cublasSetStream(c->g.blas, c->g.st);
+    cublasSetMathMode(c->g.blas, CUBLAS_DEFAULT_MATH);
+#define TRY(x)                                                                                                      \
+    do {                                                                                                            \
+        if ((rc = (x))) {                                                                                           \
+            cuda_model_free(c);                                                                                     \
+            return rc;                                                                                              \
+        }                                                                                                           \
+    } while (0)
+    // weights
+    TRY(upload_lin(c, &m->embed, 1, &c->embed, err));
+    if (m->output.w == m->embed.w) c->output = c->embed;
+    else TRY(upload_lin(c, &m->output, 1, &c->output, err));
+    TRY(upload_f32(c, m->out_norm, (size_t)d->n_embd, &c->out_norm, err));
+    const int D = d->n_embd, H = d->n_head, Hkv = d->n_head_kv, hd = d->head_dim, qd = H * hd, kvd = Hkv * hd;
+    const int E = d->n_expert, K = d->n_expert_used > 0 ? d->n_expert_used : 1, F = d->n_ff_expert;
+    c->L.resize((size_t)d->n_layer);
+    size_t max_cols = (size_t)std::max(std::max(D, qd), std::max(d->n_ff, F)), max_w = 0;
+    for (int l = 0; l < d->n_layer; l++) {
+        const layer_weights *lw = &m->layers[l];
+        dlayer *dl = &c->L[(size_t)l];
+        memset(dl, 0, sizeof *dl);
+        dl->moe = d->layer_moe[l];
+        TRY(upload_f32(c, lw->attn_norm, (size_t)D, &dl->attn_norm, err));
+        TRY(upload_f32(c, lw->ffn_norm, (size_t)D, &dl->ffn_norm, err));
+        size_t qn = d->qk_norm == QK_NORM_FULL ? (size_t)qd : (size_t)hd, kn = d->qk_norm == QK_NORM_FULL ? (size_t)kvd : (size_t)hd;
+        if (d->qk_norm != QK_NORM_NONE) {
+            TRY(upload_f32(c, lw->q_norm, qn, &dl->q_norm, err));
+            TRY(upload_f32(c, lw->k_norm, kn, &dl->k_norm, err));
+        }
+        TRY(upload_lin(c, &lw->wq, 1, &dl->wq, err));
+        TRY(upload_lin(c, &lw->wk, 1, &dl->wk, err));
+        TRY(upload_lin(c, &lw->wv, 1, &dl->wv, err));
+        TRY(upload_lin(c, &lw->wo, 1, &dl->wo, err));
+        if (dl->moe) {
+            TRY(upload_lin(c, &lw->router, 1, &dl->router, err));
+            TRY(upload_f32(c, lw->router_bias, (size_t)E, &dl->router_bias, err));
+            TRY(upload_lin(c, lw->exp_gate, E, &dl->eg, err));
+            TRY(upload_lin(c, lw->exp_up, E, &dl->eu, err));
+            TRY(upload_lin(c, lw->exp_down, E, &dl->ed, err));
+        } else {
+            TRY(upload_lin(c, &lw->w_gate, 1, &dl->w_gate, err));
+            TRY(upload_lin(c, &lw->w_up, 1, &dl->w_up, err));
+            TRY(upload_lin(c, &lw->w_down, 1, &dl->w_down, err));
+        }
+        const dlin *all[] = {&dl->wq, &dl->wk, &dl->wv, &dl->wo, &dl->w_gate, &dl->w_up, &dl->w_down, &dl->router};
+        for (const dlin *w : all)
+            if (w->w && (w->qbits || w->dtype != SFT_BF16)) max_w = std::max(max_w, (size_t)(w->rows * w->cols));
+    }
+    if (c->output.qbits || c->output.dtype != SFT_BF16) max_w = std::max(max_w, (size_t)(c->output.rows * c->output.cols));
+    {
+        std::vector<double> inv((size_t)std::max(1, d->n_rot / 2));
+        rope_freqs(d, inv.data());
+        const char *p = nullptr;
+        TRY(upload(c, inv.data(), inv.size() * sizeof(double), &p, err));
+        c->inv_freq = (double *)p;
+    }
+    // activations
+    const size_t B = (size_t)o.max_batch, V = (size_t)d->n_vocab;
+    size_t *A = &c->act_bytes;
+    TRY(dalloc(c, &c->x, B * D, A, err));
+    TRY(dalloc(c, &c->xn, B * D, A, err));
+    TRY(dalloc(c, &c->q, B * qd, A, err));
+    TRY(dalloc(c, &c->k, B * kvd, A, err));
+    TRY(dalloc(c, &c->v, B * kvd, A, err));
+    TRY(dalloc(c, &c->att, B * qd, A, err));
+    TRY(dalloc(c, &c->tmp, B * D, A, err));
+    size_t ffn = std::max(B * (size_t)std::max(d->n_ff, 1), B * K * (size_t)std::max(F, 1));
+    TRY(dalloc(c, &c->gate, ffn, A, err));
+    TRY(dalloc(c, &c->up, ffn, A, err));
+    TRY(dalloc(c, &c->rlog, B * (size_t)std::max(E, 1), A, err));
+    TRY(dalloc(c, &c->selw, B * K, A, err));
+    TRY(dalloc(c, &c->sel, B * K, A, err));
+    TRY(dalloc(c, &c->ye, B * K * D, A, err));
+    TRY(dalloc(c, &c->logits, B * V, A, err));
+    c->att_nsplit = std::min(32, std::max(1, (o.max_ctx + 127) / 128));
+    c->att_chunk = (o.max_ctx + c->att_nsplit - 1) / c->att_nsplit;
+    TRY(dalloc(c, &c->part, B * H * (size_t)c->att_nsplit * (hd + 2), A, err));
+    c->g.xb_elems = B * std::max(max_cols, (size_t)D);
+    TRY(dalloc(c, &c->g.xb, c->g.xb_elems, A, err));
+    c->g.wb_elems = std::min(max_w, (size_t)64 << 20);
+    if (c->g.wb_elems < max_cols && max_w) c->g.wb_elems = max_cols;
+    TRY(dalloc(c, &c->g.wb, c->g.wb_elems, A, err));
+    TRY(dalloc(c, &c->io, 3 * B, A, err));
+    TRY(dalloc(c, &c->next, B, A, err));
+    TRY(dalloc(c, &c->gen_log, (size_t)o.max_ctx + 8, A, err));
+    TRY(dalloc(c, &c->gen_counter, 1, A, err));
+    if (cudaMallocHost(&c->h_io, (3 * B + 8) * sizeof(int32_t)) != cudaSuccess) {
+        cuda_model_free(c);
+        return st_err_set(err, ST_ERR_NOMEM, "CUDA: cannot allocate pinned host memory");
+    }
+    // KV cache
+    c->kv_layer_stride = (size_t)o.max_ctx * kvd;
+    c->kv_slot_stride = (size_t)d->n_layer * c->kv_layer_stride;
+    size_t kvn = c->kv_slot_stride * (size_t)o.n_slots;
+    TRY(dalloc(c, &c->kc, kvn, &c->kv_bytes, err));
+    TRY(dalloc(c, &c->vc, kvn, &c->kv_bytes, err));
+    if (cudaMemset(c->kc, 0, kvn * 2) != cudaSuccess || cudaMemset(c->vc, 0, kvn * 2) != cudaSuccess) {
+        cuda_model_free(c);
+        return st_err_set(err, ST_ERR_INTERNAL, "CUDA: memset failed");
+    }
+#undef TRY
+    *out = c;
+    return ST_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the forward pass (enqueue only): rows in c->io, T <= max_batch
+
+enum { OUT_NONE, OUT_LAST, OUT_ALL, OUT_GREEDY };
+
+static void enqueue(cuda_model *c, int T, int outm) {
+    const model_desc *d = &c->m->desc;
+    gctx *g = &c->g;
+    cudaStream_t st = g->st;
+    const int D = d->n_embd, H = d->n_head, Hkv = d->n_head_kv, hd = d->head_dim, qd = H * hd, kvd = Hkv * hd;
+    const int B = c->o.max_batch;
+    const int32_t *tok = c->io, *pos = c->io + B, *slot = c->io + 2 * B;
+    const float eps = d->norm_eps, scale = 1.0f / sqrtf((float)hd);
+    mark(g, "embed");
+    k_embed<<<T, 256, 0, st>>>(c->x, tok, T, c->embed);
+    for (int l = 0; l < d->n_layer; l++) {
+        const dlayer &L = c->L[(size_t)l];
+        mark(g, "rmsnorm");
+        rmsnorm(g, c->xn, c->x, L.attn_norm, T, D, eps);
+        mark(g, "linear qkv");
+        {
+            const dlin *ws[3] = {&L.wq, &L.wk, &L.wv};
+            float *ys[3] = {c->q, c->k, c->v};
+            const int64_t ld[3] = {qd, kvd, kvd};
+            linear_n(g, 3, ws, ys, ld, c->xn, T);
+        }
+        mark(g, "qk-norm + rope + kv store");
+        if (d->qk_norm == QK_NORM_HEAD) {
+            rmsnorm(g, c->q, c->q, L.q_norm, (int64_t)T * H, hd, eps);
+            rmsnorm(g, c->k, c->k, L.k_norm, (int64_t)T * Hkv, hd, eps);
+        } else if (d->qk_norm == QK_NORM_FULL) {
+            rmsnorm(g, c->q, c->q, L.q_norm, T, qd, eps);
+            rmsnorm(g, c->k, c->k, L.k_norm, T, kvd, eps);
+        }
+        if (d->n_rot > 0) k_rope<<<T, 128, 0, st>>>(c->q, H, c->k, Hkv, pos, hd, d->n_rot, c->inv_freq);
+        __nv_bfloat16 *kl = c->kc + (size_t)l * c->kv_layer_stride, *vl = c->vc + (size_t)l * c->kv_layer_stride;
+        k_kv_store<<<T, 128, 0, st>>>(kl, vl, c->k, c->v, pos, slot, kvd, c->kv_slot_stride);
+        mark(g, "attention");
+        k_attn_split<<<dim3((unsigned)(T * H), (unsigned)c->att_nsplit), ATT_WARPS * 32, 0, st>>>(
+            c->part, c->q, kl, vl, pos, slot, H, Hkv, hd, scale, c->kv_slot_stride, c->att_chunk, c->att_nsplit);
+        k_attn_combine<<<T * H, 64, 0, st>>>(c->att, c->part, hd, c->att_nsplit);
+        mark(g, "linear o");
+        linear(g, c->tmp, D, c->att, L.wo, T);
+        mark(g, "add + rmsnorm");
+        k_add<<<grid_for((int64_t)T * D, 256), 256, 0, st>>>(c->x, c->tmp, (int64_t)T * D);
+        rmsnorm(g, c->xn, c->x, L.ffn_norm, T, D, eps);
+        if (L.moe) {
+            moe_w mw = {L.router, L.eg, L.eu, L.ed, L.router_bias, d->n_expert, d->n_expert_used, d->n_ff_expert, D,
+                        d->router == ROUTER_SIGMOID_BIAS, d->norm_topk_prob};
+            moe_buf mb = {c->rlog, c->selw, c->gate, c->up, c->ye, c->sel};
+            moe_ffn(g, mw, mb, c->xn, T, c->tmp);
+        } else {
+            mark(g, "linear gate/up");
+            {
+                const dlin *ws[2] = {&L.w_gate, &L.w_up};
+                float *ys[2] = {c->gate, c->up};
+                const int64_t ld[2] = {d->n_ff, d->n_ff};
+                linear_n(g, 2, ws, ys, ld, c->xn, T);
+            }
+            mark(g, "swiglu");
+            k_swiglu<<<grid_for((int64_t)T * d->n_ff, 256), 256, 0, st>>>(c->gate, c->gate, c->up, (int64_t)T * d->n_ff);
+            mark(g, "linear down");
+            linear(g, c->tmp, D, c->gate, L.w_down, T);
+        }
+        mark(g, "add");
+        k_add<<<grid_for((int64_t)T * D, 256), 256, 0, st>>>(c->x, c->tmp, (int64_t)T * D);
+    }
+    if (outm == OUT_NONE) return;
+    const int V = d->n_vocab;
+    mark(g, "output norm");
+    if (outm == OUT_LAST) {
+        rmsnorm(g, c->xn, c->x + (size_t)(T - 1) * D, c->out_norm, 1, D, eps);
+        mark(g, "logits");
+        linear(g, c->logits, V, c->xn, c->output, 1);
+        return;
+    }
+    rmsnorm(g, c->xn, c->x, c->out_norm, T, D, eps);
+    mark(g, "logits");
+    linear(g, c->logits, V, c->xn, c->output, T);
+    if (outm == OUT_GREEDY) {
+        mark(g, "argmax");
+        k_argmax<<<T, 1024, 0, st>>>(c->logits, V, c->next);
+        k_advance<<<1, 32, 0, st>>>(c->io, c->next, c->io + B, T, c->gen_log, c->gen_counter);
+    }
+}
+
+static int check_rows(const cuda_model *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
+                      st_err *err) {
+    const model_desc *d = &c->m->desc;
+    for (int t = 0; t < T; t++) {
+        if (tokens[t] < 0 || tokens[t] >= d->n_vocab)
+            return st_err_set(err, ST_ERR_ARG, "token id %d at index %d is outside the vocabulary (%d)", tokens[t], t,
+                              d->n_vocab);
+        if (pos[t] < 0 || pos[t] >= c->o.max_ctx)
+            return st_err_set(err, ST_ERR_ARG, "position %d is beyond the context of %d tokens", pos[t], c->o.max_ctx);
+        if (slot[t] < 0 || slot[t] >= c->o.n_slots)
+            return st_err_set(err, ST_ERR_ARG, "slot %d does not exist (%d slots)", slot[t], c->o.n_slots);
+    }
+    return ST_OK;
+}
+
+static int put_rows(cuda_model *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T, st_err *err) {
+    const int B = c->o.max_batch;
+    memcpy(c->h_io, tokens, (size_t)T * 4);
+    memcpy(c->h_io + B, pos, (size_t)T * 4);
+    memcpy(c->h_io + 2 * B, slot, (size_t)T * 4);
+    CU_TRY(cudaMemcpyAsync(c->io, c->h_io, 3 * (size_t)B * 4, cudaMemcpyHostToDevice, c->g.st));
+    return ST_OK;
+}
+
+extern "C" int cuda_model_forward(cuda_model *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
+                                  float *logits, logits_mode mode, st_err *err) {
+    int rc = check_rows(c, tokens, pos, slot, T, err);
+    if (rc) return rc;
+    const int B = c->o.max_batch, V = c->m->desc.n_vocab;
+    for (int t0 = 0; t0 < T; t0 += B) {
+        int n = std::min(B, T - t0);
+        if ((rc = put_rows(c, tokens + t0, pos + t0, slot + t0, n, err))) return rc;
+        int outm = OUT_NONE;
+        if (mode == LOGITS_ALL) outm = OUT_ALL;
+        if (mode == LOGITS_LAST && t0 + n == T) outm = OUT_LAST;
+        enqueue(c, n, outm);
+        if (outm == OUT_ALL)
+            CU_TRY(cudaMemcpyAsync(logits + (size_t)t0 * V, c->logits, (size_t)n * V * 4, cudaMemcpyDeviceToHost, c->g.st));
+        if (outm == OUT_LAST) CU_TRY(cudaMemcpyAsync(logits, c->logits, (size_t)V * 4, cudaMemcpyDeviceToHost, c->g.st));
+        CU_TRY(cudaStreamSynchronize(c->g.st));
+        if ((rc = cu_check(err, "forward"))) return rc;
+    }
+    return ST_OK;
+}
+
+// Captures the greedy decode step for B rows (after one eager run that loads every kernel).
+static int ensure_graph(cuda_model *c, int B, st_err *err) {
+    if (c->graph[B] || c->o.no_graph) return ST_OK;
+    enqueue(c, B, OUT_GREEDY); // warm-up: same rows, same K/V writes as the replay that follows
+    CU_TRY(cudaStreamSynchronize(c->g.st));
+    int rc = cu_check(err, "decode warm-up");
+    if (rc) return rc;
+    cudaGraph_t graph = nullptr;
+    cudaError_t e = cudaStreamBeginCapture(c->g.st, cudaStreamCaptureModeThreadLocal);
+    if (e == cudaSuccess) {
+        enqueue(c, B, OUT_GREEDY);
+        e = cudaStreamEndCapture(c->g.st, &graph);
+    }
+    if (e == cudaSuccess) e = cudaGraphInstantiate(&c->graph[B], graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (e != cudaSuccess) { /* run eagerly from now on rather than fail */
+        c->graph[B] = nullptr;
+        c->o.no_graph = 1;
+        cudaGetLastError();
+        ST_WARN("CUDA: graph capture of the decode step failed (%s); launching kernels eagerly",
+                cudaGetErrorString(e));
+    }
+    return ST_OK;
+}
+
+static void launch_step(cuda_model *c, int B) {
+    if (c->graph[B]) cudaGraphLaunch(c->graph[B], c->g.st);
+    else enqueue(c, B, OUT_GREEDY);
+}
+
+extern "C" int cuda_model_decode_greedy(cuda_model *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot,
+                                        int B, int32_t *next, st_err *err) {
+    if (B < 1 || B > MV_MAXT || B > c->o.max_batch)
+        return st_err_set(err, ST_ERR_ARG, "CUDA: greedy decode takes 1..%d rows, not %d", MV_MAXT, B);
+    int rc = check_rows(c, tokens, pos, slot, B, err);
+    if (rc) return rc;
+    if ((rc = put_rows(c, tokens, pos, slot, B, err))) return rc;
+    if (!c->graph[B] && !c->o.no_graph) {
+        CU_TRY(cudaMemsetAsync(c->gen_counter, 0, 4, c->g.st));
+        if ((rc = ensure_graph(c, B, err))) return rc;
+        if ((rc = put_rows(c, tokens, pos, slot, B, err))) return rc;
+    }
+    CU_TRY(cudaMemsetAsync(c->gen_counter, 0, 4, c->g.st));
+    launch_step(c, B);
+    CU_TRY(cudaMemcpyAsync(c->h_io + 3 * c->o.max_batch, c->next, (size_t)B * 4, cudaMemcpyDeviceToHost, c->g.st));
+    CU_TRY(cudaStreamSynchronize(c->g.st));
+    if ((rc = cu_check(err, "decode step"))) return rc;
+    memcpy(next, c->h_io + 3 * c->o.max_batch, (size_t)B * 4);
+    return ST_OK;
+}
+
+extern "C" int cuda_model_generate_greedy(cuda_model *c, int32_t token, int pos0, int slot, int n, int32_t *out,
+                                          float *step_ms, st_err *err) {
+    if (n < 1 || pos0 < 0 || pos0 + n > c->o.max_ctx)
+        return st_err_set(err, ST_ERR_ARG, "CUDA: %d steps from position %d exceed the context %d", n, pos0, c->o.max_ctx);
+    int rc = check_rows(c, &token, &pos0, &slot, 1, err);
+    if (rc) return rc;
+    if ((rc = put_rows(c, &token, &pos0, &slot, 1, err))) return rc;
+    CU_TRY(cudaMemsetAsync(c->gen_counter, 0, 4, c->g.st));
+    if (!c->graph[1] && !c->o.no_graph) {
+        if ((rc = ensure_graph(c, 1, err))) return rc;
+        if ((rc = put_rows(c, &token, &pos0, &slot, 1, err))) return rc;
+        CU_TRY(cudaMemsetAsync(c->gen_counter, 0, 4, c->g.st));
+    }
+    std::vector<cudaEvent_t> ev;
+    if (step_ms) {
+        ev.resize((size_t)n + 1);
+        for (auto &e : ev) cudaEventCreate(&e);
+        cudaEventRecord(ev[0], c->g.st);
+    }
+    for (int i = 0; i < n; i++) {
+        launch_step(c, 1);
+        if (step_ms) cudaEventRecord(ev[(size_t)i + 1], c->g.st);
+    }
+    CU_TRY(cudaStreamSynchronize(c->g.st));
+    if ((rc = cu_check(err, "greedy generation"))) return rc;
+    CU_TRY(cudaMemcpy(out, c->gen_log, (size_t)n * 4, cudaMemcpyDeviceToHost));
+    if (step_ms) {
+        for (int i = 0; i < n; i++) cudaEventElapsedTime(&step_ms[i], ev[(size_t)i], ev[(size_t)i + 1]);
+        for (auto &e : ev) cudaEventDestroy(e);
+    }
+    return ST_OK;
+}
+
+extern "C" int cuda_model_kv_fill_synthetic(cuda_model *c, int slot, int n_tokens, st_err *err) {
+    if (slot < 0 || slot >= c->o.n_slots || n_tokens < 0 || n_tokens > c->o.max_ctx)
+        return st_err_set(err, ST_ERR_ARG, "cannot fill %d tokens of slot %d", n_tokens, slot);
+    size_t n = c->kv_slot_stride;
+    k_fill_kv<<<grid_for((int64_t)n, 256), 256, 0, c->g.st>>>(c->kc + (size_t)slot * n, c->vc + (size_t)slot * n, n, 7);
+    return cu_check(err, "kv fill");
+}
+
+extern "C" void cuda_model_get_info(const cuda_model *c, cuda_model_info *info) {
+    memset(info, 0, sizeof *info);
+    snprintf(info->device, sizeof info->device, "%s", c->devname);
+    info->weight_bytes = c->weight_bytes;
+    info->kv_bytes = c->kv_bytes;
+    info->act_bytes = c->act_bytes;
+    cudaMemGetInfo(&info->mem_free, &info->mem_total);
+}
+
+extern "C" double cuda_measure_copy_bandwidth(int device, size_t bytes, int reps) {
+    if (cudaSetDevice(device) != cudaSuccess) return 0;
+    void *a = nullptr, *b = nullptr;
+    if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        cudaFree(a);
+        return 0;
+    }
+    cudaMemset(a, 1, bytes);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+    float best = 1e30f;
+    for (int r = 0; r < reps; r++) {
+        cudaEventRecord(e0);
+        cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        best = std::min(best, ms);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    return best > 0 && best < 1e29f ? 2.0 * (double)bytes / (best * 1e-3) : 0;
+}
+
+extern "C" int cuda_model_profile_step(cuda_model *c, int pos, void *fp, st_err *err) {
+    FILE *f = (FILE *)fp;
+    int32_t tok = 1, slot = 0;
+    int rc = check_rows(c, &tok, &pos, &slot, 1, err);
+    if (rc) return rc;
+    if ((rc = put_rows(c, &tok, &pos, &slot, 1, err))) return rc;
+    std::vector<std::pair<const char *, cudaEvent_t>> marks;
+    c->g.marks = &marks;
+    c->g.prof = 1;
+    enqueue(c, 1, OUT_GREEDY);
+    mark(&c->g, "end");
+    c->g.prof = 0;
+    CU_TRY(cudaStreamSynchronize(c->g.st));
+    if ((rc = cu_check(err, "profile step"))) return rc;
+    std::map<std::string, std::pair<int, double>> agg;
+    double total = 0;
+    for (size_t i = 0; i + 1 < marks.size(); i++) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, marks[i].second, marks[i + 1].second);
+        auto &a = agg[marks[i].first];
+        a.first++, a.second += ms * 1e3;
+        total += ms * 1e3;
+    }
+    for (auto &m : marks) cudaEventDestroy(m.second);
+    std::vector<std::pair<double, std::string>> rows;
+    for (auto &a : agg) rows.push_back({a.second.second, a.first});
+    std::sort(rows.rbegin(), rows.rend());
+    fprintf(f, "| kernel group (one decode step, B=1, pos %d, events between launches) | calls | us | share |\n|---|---|---|---|\n", pos);
+    for (auto &r : rows)
+        fprintf(f, "| %s | %d | %.1f | %.1f%% |\n", r.second.c_str(), agg[r.second].first, r.first, 100.0 * r.first / total);
+    fprintf(f, "| total (eager launches, event overhead included) | | %.1f | |\n", total);
+    return ST_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// single ops for the parity harness
+
+struct opctx {
+    gctx g;
+    std::vector<void *> bufs;
+    opctx() {
+        memset(&g, 0, sizeof g);
+        cudaStreamCreate(&g.st);
+        cublasCreate(&g.blas);
+        cublasSetStream(g.blas, g.st);
+    }
+    ~opctx() {
+        cudaDeviceSynchronize();
+        for (void *p : bufs) cudaFree(p);
+        cublasDestroy(g.blas);
+        cudaStreamDestroy(g.st);
+    }
+    template <class T> T *put(const T *src, size_t n) {
+        void *p = nullptr;
+        if (cudaMalloc(&p, (n ? n : 1) * sizeof(T)) != cudaSuccess) return nullptr;
+        bufs.push_back(p);
+        if (src) cudaMemcpy(p, src, n * sizeof(T), cudaMemcpyHostToDevice);
+        else cudaMemset(p, 0, (n ? n : 1) * sizeof(T));
+        return (T *)p;
+    }
+};
+
+#define OP_BEGIN()                                                                                                  \
+    int rc_ = device_ok(0, nullptr, 0, err);                                                                       \
+    if (rc_) return rc_;                                                                                            \
+    opctx oc;
+
+static int op_end(opctx &oc, void *dst, const void *src, size_t bytes, st_err *err) {
+    int rc = cu_check(err, "op");
+    if (rc) return rc;
+    CU_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    (void)oc;
+    return ST_OK;
+}
+
+static int op_weight(opctx &oc, const wt_linear *w, dlin *d) {
+    dlin_from(w, d);
+    size_t wb = (size_t)w->rows * w->row_bytes;
+    d->w = oc.put((const char *)w->w, wb);
+    if (w->qbits) {
+        size_t sb = (size_t)w->rows * w->srow_elems * sdt_size(w->sdtype);
+        d->s = oc.put((const char *)w->scales, sb);
+        d->b = oc.put((const char *)w->biases, sb);
+    }
+    return d->w ? 0 : -1;
+}
+
+extern "C" int cuda_op_linear(const wt_linear *w, const float *x, int T, float *out, int path, st_err *err) {
+    OP_BEGIN();
+    dlin d;
+    if (op_weight(oc, w, &d)) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
+    const float *dx = oc.put(x, (size_t)T * w->cols);
+    float *dy = oc.put<float>(nullptr, (size_t)T * w->rows);
+    oc.g.xb_elems = (size_t)T * w->cols;
+    oc.g.xb = oc.put<__nv_bfloat16>(nullptr, oc.g.xb_elems);
+    oc.g.wb_elems = std::max((size_t)w->cols, std::min((size_t)(w->rows * w->cols), (size_t)1 << 20));
+    oc.g.wb = oc.put<__nv_bfloat16>(nullptr, oc.g.wb_elems);
+    linear(&oc.g, dy, w->rows, dx, d, T, path);
+    return op_end(oc, out, dy, (size_t)T * w->rows * 4, err);
+}
+
+extern "C" int cuda_op_embed(const wt_linear *table, const int32_t *tokens, int T, float *out, st_err *err) {
+    OP_BEGIN();
+    dlin d;
+    if (op_weight(oc, table, &d)) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
+    const int32_t *dt = oc.put(tokens, (size_t)T);
+    float *dy = oc.put<float>(nullptr, (size_t)T * table->cols);
+    k_embed<<<T, 256, 0, oc.g.st>>>(dy, dt, T, d);
+    return op_end(oc, out, dy, (size_t)T * table->cols * 4, err);
+}
+
+extern "C" int cuda_op_rmsnorm(const float *x, const float *w, int64_t n_rows, int n, float eps, float *out, st_err *err) {
+    OP_BEGIN();
+    const float *dx = oc.put(x, (size_t)n_rows * n), *dw = oc.put(w, (size_t)n);
+    float *dy = oc.put<float>(nullptr, (size_t)n_rows * n);
+    rmsnorm(&oc.g, dy, dx, dw, n_rows, n, eps);
+    return op_end(oc, out, dy, (size_t)n_rows * n * 4, err);
+}
+
+extern "C" int cuda_op_rope(float *x, const int32_t *pos, int T, int n_heads, int hd, int n_rot, const double *inv_freq,
+                            st_err *err) {
+    OP_BEGIN();
+    float *dx = oc.put(x, (size_t)T * n_heads * hd);
+    const int32_t *dp = oc.put(pos, (size_t)T);
+    const double *di = oc.put(inv_freq, (size_t)std::max(1, n_rot / 2));
+    k_rope<<<T, 128, 0, oc.g.st>>>(dx, n_heads, nullptr, 0, dp, hd, n_rot, di);
+    return op_end(oc, x, dx, (size_t)T * n_heads * hd * 4, err);
+}
+
+extern "C" int cuda_op_attention(const float *q, const float *k, const float *v, int n_ctx, const int32_t *pos, int T,
+                                 int H, int Hkv, int hd, float scale, float *out, st_err *err) {
+    OP_BEGIN();
+    if (hd > 32 * ATT_MAXJ) return st_err_set(err, ST_ERR_UNSUPPORTED, "head_dim %d", hd);
+    size_t kvn = (size_t)n_ctx * Hkv * hd;
+    std::vector<__nv_bfloat16> kb(kvn), vb(kvn);
+    for (size_t i = 0; i < kvn; i++) kb[i] = __float2bfloat16(k[i]), vb[i] = __float2bfloat16(v[i]);
+    const __nv_bfloat16 *dk = oc.put(kb.data(), kvn), *dv = oc.put(vb.data(), kvn);
+    const float *dq = oc.put(q, (size_t)T * H * hd);
+    const int32_t *dp = oc.put(pos, (size_t)T);
+    std::vector<int32_t> zs((size_t)T, 0);
+    const int32_t *ds = oc.put(zs.data(), (size_t)T);
+    int nsplit = std::min(32, std::max(1, (n_ctx + 127) / 128)), chunk = (n_ctx + nsplit - 1) / nsplit;
+    float *part = oc.put<float>(nullptr, (size_t)T * H * nsplit * (hd + 2));
+    float *dy = oc.put<float>(nullptr, (size_t)T * H * hd);
+    k_attn_split<<<dim3((unsigned)(T * H), (unsigned)nsplit), ATT_WARPS * 32, 0, oc.g.st>>>(part, dq, dk, dv, dp, ds, H, Hkv,
+                                                                                          hd, scale, kvn, chunk, nsplit);
+    k_attn_combine<<<T * H, 64, 0, oc.g.st>>>(dy, part, hd, nsplit);
+    return op_end(oc, out, dy, (size_t)T * H * hd * 4, err);
+}
+
+extern "C" int cuda_op_swiglu(const float *gate, const float *up, int64_t n, float *out, st_err *err) {
+    OP_BEGIN();
+    float *dg = oc.put(gate, (size_t)n);
+    const float *du = oc.put(up, (size_t)n);
+    k_swiglu<<<grid_for(n, 256), 256, 0, oc.g.st>>>(dg, dg, du, n);
+    return op_end(oc, out, dg, (size_t)n * 4, err);
+}
+
+extern "C" int cuda_op_moe_route(const float *logits, const float *bias, int T, int E, int K, int sigmoid, int norm_topk,
+                                 int32_t *sel, float *w, st_err *err) {
+    OP_BEGIN();
+    if (E > MOE_MAXE) return st_err_set(err, ST_ERR_UNSUPPORTED, "%d experts", E);
+    const float *dl = oc.put(logits, (size_t)T * E);
+    const float *db = bias ? oc.put(bias, (size_t)E) : nullptr;
+    int32_t *ds = oc.put<int32_t>(nullptr, (size_t)T * K);
+    float *dw = oc.put<float>(nullptr, (size_t)T * K);
+    k_moe_route<<<(T + 31) / 32, 32, 0, oc.g.st>>>(dl, db, T, E, K, sigmoid, norm_topk, ds, dw);
+    int rc = op_end(oc, sel, ds, (size_t)T * K * 4, err);
+    if (rc) return rc;
+    CU_TRY(cudaMemcpy(w, dw, (size_t)T * K * 4, cudaMemcpyDeviceToHost));
+    return ST_OK;
+}
+
+extern "C" int cuda_op_argmax(const float *x, int rows, int n, int32_t *out, st_err *err) {
+    OP_BEGIN();
+    const float *dx = oc.put(x, (size_t)rows * n);
+    int32_t *dy = oc.put<int32_t>(nullptr, (size_t)rows);
+    k_argmax<<<rows, 1024, 0, oc.g.st>>>(dx, n, dy);
+    return op_end(oc, out, dy, (size_t)rows * 4, err);
+}

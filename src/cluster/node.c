@@ -1,0 +1,654 @@
+/* node.c — the node daemon: identity, device report, LOAD, and the stage loop.
+ *
+ * Threads: an accept thread runs handshakes (so a node blocked connecting to its next stage
+ * never stops others from connecting to it) and hands authenticated links to the main loop
+ * through a queue + pipe. The main loop owns everything else: control links (coordinators),
+ * the inbound data link (previous stage, or the last stage for stage 0), the outbound data
+ * link, the model, its context and per-slot sequence state. */
+#include "cluster_proto.h"
+#include "strata/bench.h"
+#include "strata/model.h"
+#include "strata/pool.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#define NODE_MAX_CTRL 8
+#define NODE_QUEUE 16
+#define NODE_CTRL_PAYLOAD (64u << 20)
+
+typedef struct slot_state {
+    int active;             /* stage 0: sequence present                                    */
+    uint64_t seq_id;
+    cp_seq params;
+    int32_t *prompt;        /* [max_ctx] stage 0's prompt copy                              */
+    int n_prompt, prefilled;
+    int pending_local;      /* single stage: next decode token queued                       */
+    int32_t pend_tok, pend_pos;
+    uint64_t hop_back_ns;   /* last -> stage 0 hop of the previous step                      */
+    /* last stage */
+    smp_sampler *smp;
+    int n_gen;
+} slot_state;
+
+typedef struct node {
+    const node_opts *o;
+    xport_key key;
+    char node_id[40];
+    int listen_fd;
+    int pipe_rd, pipe_wr;
+    pthread_t acc_thread;
+    volatile sig_atomic_t *stop;
+    int acc_stop;
+    pthread_mutex_t mu;
+    xport *queue[NODE_QUEUE];
+    int n_queue;
+    /* links */
+    xport *ctrl[NODE_MAX_CTRL];
+    xport *coord;           /* the control link that sent the current LOAD                  */
+    xport *data_in, *data_out;
+    /* device */
+    cp_info info;
+    /* loaded stage */
+    cp_load load;
+    int loaded;
+    model *m;
+    model_ctx *ctx;
+    slot_state *slots;
+    int32_t *pos_buf, *slot_buf;
+    float *logits, *logits2;
+    int D, V;
+} node;
+
+/* ------------------------------------------------------------------------------------------ */
+/* identity and devices                                                                       */
+
+static void random_hex(char *buf, int nbytes) {
+    uint8_t r[32];
+    if (getrandom(r, (size_t)nbytes, 0) != nbytes) memset(r, 0x5a, sizeof r);
+    for (int i = 0; i < nbytes; i++) sprintf(buf + 2 * i, "%02x", r[i]);
+}
+
+/* Reads STATE_DIR/node_id or creates it; without a state dir the id is ephemeral. */
+static int node_identity(node *n, st_err *err) {
+    if (!n->o->state_dir) {
+        random_hex(n->node_id, 8);
+        ST_INFO("node id %s (ephemeral: no --state-dir)", n->node_id);
+        return 0;
+    }
+    if (st_mkdir_p(n->o->state_dir, err)) return err->code;
+    char *p = st_path_join(n->o->state_dir, "node_id");
+    if (!p) return st_err_set(err, ST_ERR_NOMEM, "path");
+    char *txt = NULL;
+    size_t len = 0;
+    st_err e2 = {0};
+    if (st_path_exists(p) && st_file_read(p, &txt, &len, &e2) == 0 && len >= 8) {
+        txt[strcspn(txt, "\r\n")] = 0;
+        snprintf(n->node_id, sizeof n->node_id, "%.32s", txt);
+    } else {
+        random_hex(n->node_id, 8);
+        FILE *f = fopen(p, "w");
+        if (!f) {
+            free(p), free(txt);
+            return st_err_set(err, ST_ERR_IO, "%s/node_id: cannot write", n->o->state_dir);
+        }
+        fprintf(f, "%s\n", n->node_id);
+        fclose(f);
+    }
+    free(p), free(txt);
+    return 0;
+}
+
+static uint64_t meminfo(const char *key) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[256];
+    uint64_t v = 0;
+    size_t kl = strlen(key);
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, key, kl) && line[kl] == ':') {
+            v = strtoull(line + kl + 1, NULL, 10) * 1024;
+            break;
+        }
+    fclose(f);
+    return v;
+}
+
+static uint64_t rss_bytes(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    unsigned long a = 0, b = 0;
+    if (f) {
+        if (fscanf(f, "%lu %lu", &a, &b) != 2) b = 0;
+        fclose(f);
+    }
+    return (uint64_t)b * (uint64_t)sysconf(_SC_PAGESIZE);
+}
+
+static void node_devices(node *n) {
+    cp_info *i = &n->info;
+    snprintf(i->node_id, sizeof i->node_id, "%s", n->node_id);
+    if (gethostname(i->host, sizeof i->host)) strcpy(i->host, "?");
+    i->mem_total = meminfo("MemTotal");
+    i->mem_free = meminfo("MemAvailable");
+    i->mem_limit = n->o->memory_limit;
+    i->cores = st_cpu_count();
+    if (n->o->bw_probe_mb >= 0) {
+        st_pool *p = st_pool_init(n->o->n_threads > 0 ? n->o->n_threads : i->cores);
+        if (p) {
+            size_t mb = n->o->bw_probe_mb ? (size_t)n->o->bw_probe_mb : 64;
+            i->bw_bytes_s = bench_measure_bandwidth(p, mb << 20, 3);
+            st_pool_free(p);
+        }
+    }
+    char a[32], b[32];
+    ST_INFO("node %s: %d cores, memory %s total / %s free, read bandwidth %.1f GB/s", n->node_id, i->cores,
+            st_fmt_bytes((double)i->mem_total, a, sizeof a), st_fmt_bytes((double)i->mem_free, b, sizeof b),
+            i->bw_bytes_s / 1e9);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* accept thread                                                                              */
+
+static void *accept_main(void *arg) {
+    node *n = arg;
+    xport_opts ao = {.max_payload = NODE_CTRL_PAYLOAD, .pref = n->o->xport_pref, .node_id = n->node_id,
+                     .timeout_ms = 2000};
+    while (!n->acc_stop && !*n->stop) {
+        struct pollfd p = {.fd = n->listen_fd, .events = POLLIN};
+        if (poll(&p, 1, 200) <= 0) continue;
+        xport *x = NULL;
+        st_err err = {0};
+        if (xport_accept(&x, n->listen_fd, &n->key, &ao, &err)) {
+            ST_DEBUG("accept: %s", err.msg);
+            continue;
+        }
+        pthread_mutex_lock(&n->mu);
+        if (n->n_queue < NODE_QUEUE) {
+            n->queue[n->n_queue++] = x;
+            x = NULL;
+        }
+        pthread_mutex_unlock(&n->mu);
+        if (x) {
+            ST_WARN("dropping link from %s: too many pending", xport_get_peer(x)->addr);
+            xport_close(x);
+        } else {
+            char c = 1;
+            if (write(n->pipe_wr, &c, 1) < 0) ST_DEBUG("accept pipe: %s", strerror(errno));
+        }
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* loading                                                                                    */
+
+static void stage_unload(node *n) {
+    if (n->slots)
+        for (int s = 0; s < n->load.n_slots; s++) {
+            free(n->slots[s].prompt);
+            smp_free(n->slots[s].smp);
+        }
+    free(n->slots), n->slots = NULL;
+    free(n->pos_buf), free(n->slot_buf), n->pos_buf = n->slot_buf = NULL;
+    free(n->logits), free(n->logits2), n->logits = n->logits2 = NULL;
+    model_ctx_free(n->ctx), n->ctx = NULL;
+    model_free(n->m), n->m = NULL;
+    xport_close(n->data_out), n->data_out = NULL;
+    n->loaded = 0;
+}
+
+static int load_check(const cp_load *l) {
+    return l->layer_begin >= 0 && l->layer_end > l->layer_begin && l->stage >= 0 && l->n_stages >= 1 &&
+           l->n_stages <= CLUSTER_MAX_STAGES && l->stage < l->n_stages && l->max_ctx > 0 && l->max_ctx <= (1 << 24) &&
+           l->n_slots > 0 && l->n_slots <= 1024 && l->max_batch > 0 && l->max_batch <= 8192 && l->n_buffers > 0 &&
+           l->n_buffers <= 1024 && l->max_inflight > 0 && memchr(l->model_dir, 0, sizeof l->model_dir) &&
+           memchr(l->next_addr, 0, sizeof l->next_addr);
+}
+
+/* Handles LOAD: binds the layer range, allocates KV + state, connects the next hop.
+ * Replies CP_LOADED (status 0, or the error). */
+static void stage_load(node *n, xport *from, const cp_load *l) {
+    cp_loaded r = {.epoch = l->epoch};
+    st_err err = {0};
+    stage_unload(n);
+    n->load = *l;
+    n->coord = from;
+    if (n->data_in && xport_get_peer(n->data_in)->epoch < l->epoch) xport_close(n->data_in), n->data_in = NULL;
+    model_load_opts mo = {.layer_begin = l->layer_begin, .layer_end = l->layer_end, .with_embed = l->with_embed,
+                          .with_output = l->with_output, .source = l->model_dir};
+    model_ctx_opts co = {.max_ctx = l->max_ctx, .n_slots = l->n_slots, .max_batch = l->max_batch,
+                         .n_threads = l->n_threads > 0 ? l->n_threads : n->o->n_threads, .exact = l->exact};
+    uint64_t t0 = st_time_ns();
+    if (model_load(&n->m, l->model_dir, &mo, &err)) goto fail;
+    if (l->layer_end > n->m->desc.n_layer) {
+        st_err_set(&err, ST_ERR_ARG, "layers %d..%d beyond the model's %d", l->layer_begin, l->layer_end, n->m->desc.n_layer);
+        goto fail;
+    }
+    uint64_t limit = n->o->memory_limit ? n->o->memory_limit : n->info.mem_free;
+    size_t kv_need = model_desc_kv_bytes_per_token(&n->m->desc, 2) * (size_t)(l->layer_end - l->layer_begin) *
+                     (size_t)l->max_ctx * (size_t)l->n_slots;
+    if (limit && n->m->weight_bytes + kv_need > limit) {
+        char a[32], b[32];
+        st_err_set(&err, ST_ERR_LIMIT, "layers %d..%d need %s (weights + KV), memory limit is %s", l->layer_begin,
+                   l->layer_end, st_fmt_bytes((double)(n->m->weight_bytes + kv_need), a, sizeof a),
+                   st_fmt_bytes((double)limit, b, sizeof b));
+        goto fail;
+    }
+    if (model_ctx_init(&n->ctx, n->m, &co, &err)) goto fail;
+    n->D = n->m->desc.n_embd, n->V = n->m->desc.n_vocab;
+    n->slots = calloc((size_t)l->n_slots, sizeof *n->slots);
+    n->pos_buf = malloc((size_t)l->max_batch * sizeof(int32_t));
+    n->slot_buf = malloc((size_t)l->max_batch * sizeof(int32_t));
+    n->logits = malloc((size_t)n->V * sizeof(float));
+    n->logits2 = malloc((size_t)n->V * sizeof(float));
+    if (!n->slots || !n->pos_buf || !n->slot_buf || !n->logits || !n->logits2) {
+        st_err_set(&err, ST_ERR_NOMEM, "stage state");
+        goto fail;
+    }
+    if (l->stage == 0)
+        for (int s = 0; s < l->n_slots; s++)
+            if (!(n->slots[s].prompt = malloc((size_t)l->max_ctx * sizeof(int32_t)))) {
+                st_err_set(&err, ST_ERR_NOMEM, "prompt buffers");
+                goto fail;
+            }
+    if (l->n_stages > 1) {
+        size_t payload = l->with_output ? sizeof(dp_token) : sizeof(dp_act) + (size_t)l->max_batch * (size_t)n->D * 4;
+        xport_opts xo = {.n_buffers = l->n_buffers, .max_inflight = l->max_inflight, .max_payload = payload,
+                         .data_mac = l->data_mac, .pref = l->xport_pref, .role = XPORT_ROLE_DATA, .epoch = l->epoch,
+                         .node_id = n->node_id, .timeout_ms = 5000};
+        if (xport_connect(&n->data_out, l->next_addr, &n->key, &xo, &err)) goto fail;
+        snprintf(r.next_kind, sizeof r.next_kind, "%s", xport_kind_name(n->data_out));
+    }
+    n->loaded = 1;
+    r.n_vocab = n->V, r.n_embd = n->D;
+    r.weight_bytes = n->m->weight_bytes;
+    r.kv_bytes = model_ctx_kv_bytes(n->ctx);
+    r.rss_bytes = rss_bytes();
+    char a[32], b[32];
+    ST_INFO("stage %d/%d: layers %d..%d%s%s loaded in %.2f s: weights %s, KV %s (%d x %d), next hop %s %s",
+            l->stage, l->n_stages, l->layer_begin, l->layer_end - 1, l->with_embed ? " +embed" : "",
+            l->with_output ? " +output" : "", (double)(st_time_ns() - t0) / 1e9,
+            st_fmt_bytes((double)r.weight_bytes, a, sizeof a), st_fmt_bytes((double)r.kv_bytes, b, sizeof b),
+            l->n_slots, l->max_ctx, l->n_stages > 1 ? l->next_addr : "(self)", r.next_kind);
+    xport_send_copy(from, CP_LOADED, &r, sizeof r, &err);
+    return;
+fail:
+    ST_ERROR("LOAD failed: %s", err.msg);
+    stage_unload(n);
+    r.status = err.code ? err.code : ST_ERR_INTERNAL;
+    snprintf(r.msg, sizeof r.msg, "%s", err.msg);
+    st_err e2 = {0};
+    xport_send_copy(from, CP_LOADED, &r, sizeof r, &e2);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the stage                                                                                  */
+
+/* The last stage's sampled token: to the coordinator, and (unless done) to stage 0. */
+static void emit_token(node *n, int slot, int32_t pos, int32_t tok, int done, const dp_act *h, int prefill) {
+    slot_state *ss = &n->slots[slot];
+    st_err err = {0};
+    if (n->coord) {
+        int nl = ss->params.want_logits ? n->V : 0;
+        size_t len = sizeof(dp_token) + (size_t)nl * 4;
+        uint8_t *b = xport_send_buf(n->coord, len);
+        if (b) {
+            dp_token t = {.epoch = n->load.epoch, .seq_id = ss->seq_id, .slot = slot, .pos = pos, .token = tok,
+                          .done = done, .t_sent = st_time_ns(), .n_logits = nl, .prefill = prefill};
+            memcpy(t.compute_ns, h->compute_ns, sizeof t.compute_ns);
+            memcpy(t.hop_ns, h->hop_ns, sizeof t.hop_ns);
+            memcpy(b, &t, sizeof t);
+            if (nl) memcpy(b + sizeof t, n->logits2, (size_t)nl * 4);
+            if (xport_send(n->coord, CP_TOKEN, len, &err)) ST_WARN("token to coordinator: %s", err.msg);
+        }
+    }
+    if (done) return;
+    if (n->load.n_stages == 1) {
+        ss->pending_local = 1, ss->pend_tok = tok, ss->pend_pos = pos;
+        return;
+    }
+    if (!n->data_out) return;
+    dp_token t = {.epoch = n->load.epoch, .seq_id = ss->seq_id, .slot = slot, .pos = pos, .token = tok,
+                  .t_sent = st_time_ns()};
+    if (xport_send_copy(n->data_out, DP_TOKEN, &t, sizeof t, &err)) ST_WARN("token to stage 0: %s", err.msg);
+}
+
+/* Runs T rows through this stage. Input: token ids (stage 0) or hidden states. h describes
+ * the rows (slot, pos0, flags, timing so far); t_in is when the input arrived. */
+static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *hidden_in, uint64_t t_in) {
+    st_err err = {0};
+    const cp_load *l = &n->load;
+    for (int i = 0; i < h->T; i++) n->pos_buf[i] = h->pos0 + i, n->slot_buf[i] = h->slot;
+    slot_state *ss = &n->slots[h->slot];
+    if (h->flags & ACT_FIRST) {
+        ss->seq_id = h->seq_id;
+        if (l->with_output) {
+            ss->params = h->params;
+            smp_free(ss->smp), ss->smp = NULL;
+            smp_params sp = smp_params_default();
+            sp.temperature = h->params.temperature, sp.top_k = h->params.top_k, sp.top_p = h->params.top_p;
+            sp.min_p = h->params.min_p, sp.repetition_penalty = h->params.repetition_penalty;
+            sp.presence_penalty = h->params.presence_penalty, sp.frequency_penalty = h->params.frequency_penalty;
+            sp.seed = h->params.seed;
+            ss->smp = smp_init(&sp, n->V, 0, &err);
+            if (!ss->smp) ST_WARN("sequence %llu: bad sampling parameters: %s", (unsigned long long)h->seq_id, err.msg);
+            ss->n_gen = 0;
+        }
+    }
+    if (!l->with_output) {
+        size_t len = sizeof(dp_act) + (size_t)h->T * (size_t)n->D * 4;
+        uint8_t *b = xport_send_buf(n->data_out, len);
+        if (!b) {
+            ST_WARN("stage %d: next hop unavailable (%s), dropping step", l->stage,
+                    n->data_out ? xport_error(n->data_out) : "not connected");
+            return;
+        }
+        uint64_t t0 = st_time_ns();
+        if (model_forward_stage(n->ctx, tokens, hidden_in, n->pos_buf, n->slot_buf, h->T, (float *)(b + sizeof(dp_act)),
+                                NULL, LOGITS_NONE, &err)) {
+            ST_WARN("stage %d: forward failed: %s", l->stage, err.msg);
+            return; /* the slot is reused by the next commit */
+        }
+        uint64_t t1 = st_time_ns();
+        h->compute_ns[l->stage] = t1 - t0;
+        if (l->stage > 0) h->hop_ns[l->stage - 1] = t0 > h->t_sent ? t_in - h->t_sent : 0;
+        h->t_sent = st_time_ns();
+        memcpy(b, h, sizeof *h);
+        if (xport_send(n->data_out, DP_ACT, len, &err)) ST_WARN("stage %d: send: %s", l->stage, err.msg);
+        return;
+    }
+    /* last stage */
+    int want = (h->flags & ACT_LAST) != 0;
+    uint64_t t0 = st_time_ns();
+    if (model_forward_stage(n->ctx, tokens, hidden_in, n->pos_buf, n->slot_buf, h->T, NULL, want ? n->logits : NULL,
+                            want ? LOGITS_LAST : LOGITS_NONE, &err)) {
+        ST_WARN("stage %d: forward failed: %s", l->stage, err.msg);
+        return;
+    }
+    h->compute_ns[l->stage] = st_time_ns() - t0;
+    if (l->stage > 0) h->hop_ns[l->stage - 1] = t_in - h->t_sent;
+    if (!want) return;
+    if (!ss->smp) {
+        ST_WARN("slot %d: no sampler (sequence start lost), dropping", h->slot);
+        return;
+    }
+    memcpy(n->logits2, n->logits, (size_t)n->V * 4);
+    int32_t tok = smp_sample(ss->smp, n->logits);
+    if (tok >= 0) smp_accept(ss->smp, tok);
+    ss->n_gen++;
+    int32_t pos = h->pos0 + h->T;
+    int done = tok < 0 || ss->n_gen >= ss->params.max_tokens || pos + 1 >= l->max_ctx;
+    for (int i = 0; i < ss->params.n_eos && i < CP_MAX_EOS; i++)
+        if (tok == ss->params.eos[i]) done = 1;
+    emit_token(n, h->slot, pos, tok, done, h, (h->flags & ACT_FIRST) != 0);
+}
+
+/* Stage 0: one prefill chunk of a slot. */
+static void prefill_chunk(node *n, int s) {
+    slot_state *ss = &n->slots[s];
+    int T = ss->n_prompt - ss->prefilled;
+    if (T > n->load.max_batch) T = n->load.max_batch;
+    dp_act h = {.epoch = n->load.epoch, .seq_id = ss->seq_id, .slot = s, .pos0 = ss->prefilled, .T = T};
+    if (ss->prefilled == 0) h.flags |= ACT_FIRST, h.params = ss->params;
+    if (ss->prefilled + T == ss->n_prompt) h.flags |= ACT_LAST;
+    const int32_t *toks = ss->prompt + ss->prefilled;
+    ss->prefilled += T;
+    stage_rows(n, &h, toks, NULL, st_time_ns());
+}
+
+static void decode_step(node *n, int s, int32_t tok, int32_t pos, uint64_t hop_back) {
+    slot_state *ss = &n->slots[s];
+    dp_act h = {.epoch = n->load.epoch, .seq_id = ss->seq_id, .slot = s, .pos0 = pos, .T = 1, .flags = ACT_LAST};
+    h.hop_ns[n->load.n_stages - 1] = hop_back;
+    stage_rows(n, &h, &tok, NULL, st_time_ns());
+}
+
+static void on_start(node *n, const uint8_t *p, size_t len) {
+    cp_seq q;
+    if (len < sizeof q) return ST_WARN("START: short message dropped");
+    memcpy(&q, p, sizeof q);
+    if (!n->loaded || n->load.stage != 0 || q.epoch != n->load.epoch)
+        return ST_WARN("START for epoch %llu dropped (not stage 0 of the current epoch)", (unsigned long long)q.epoch);
+    if (q.slot < 0 || q.slot >= n->load.n_slots || q.n_prompt < 1 || q.n_prompt >= n->load.max_ctx ||
+        len != sizeof q + (size_t)q.n_prompt * 4 || q.n_eos < 0 || q.n_eos > CP_MAX_EOS || q.max_tokens < 1)
+        return ST_WARN("START: bad fields, dropped");
+    slot_state *ss = &n->slots[q.slot];
+    memcpy(ss->prompt, p + sizeof q, (size_t)q.n_prompt * 4);
+    for (int i = 0; i < q.n_prompt; i++)
+        if (ss->prompt[i] < 0 || ss->prompt[i] >= n->V) return ST_WARN("START: token id out of range, dropped");
+    ss->active = 1, ss->seq_id = q.seq_id, ss->params = q, ss->n_prompt = q.n_prompt, ss->prefilled = 0;
+    ss->pending_local = 0;
+    prefill_chunk(n, q.slot);
+}
+
+static void on_act(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
+    dp_act h;
+    if (len < sizeof h) return ST_WARN("ACT: short message dropped");
+    memcpy(&h, p, sizeof h);
+    if (!n->loaded || h.epoch != n->load.epoch) return; /* stale epoch: silently dropped */
+    if (n->load.stage == 0 || h.slot < 0 || h.slot >= n->load.n_slots || h.T < 1 || h.T > n->load.max_batch ||
+        h.pos0 < 0 || h.pos0 + h.T > n->load.max_ctx || len != sizeof h + (size_t)h.T * (size_t)n->D * 4)
+        return ST_WARN("ACT: bad fields, dropped");
+    if ((h.flags & ACT_FIRST) && (h.params.n_eos < 0 || h.params.n_eos > CP_MAX_EOS))
+        return ST_WARN("ACT: bad params, dropped");
+    stage_rows(n, &h, NULL, (const float *)(p + sizeof h), t_in);
+}
+
+static void on_token(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
+    dp_token t;
+    if (len < sizeof t) return ST_WARN("TOKEN: short message dropped");
+    memcpy(&t, p, sizeof t);
+    if (!n->loaded || t.epoch != n->load.epoch) return;
+    if (n->load.stage != 0 || t.slot < 0 || t.slot >= n->load.n_slots || t.pos < 1 || t.pos >= n->load.max_ctx ||
+        t.token < 0 || t.token >= n->V)
+        return ST_WARN("TOKEN: bad fields, dropped");
+    if (n->slots[t.slot].seq_id != t.seq_id) return;
+    decode_step(n, t.slot, t.token, t.pos, t_in - t.t_sent);
+}
+
+static void on_control(node *n, xport *x, const xport_msg *m) {
+    st_err err = {0};
+    switch (m->type) {
+    case CP_INFO_REQ:
+        n->info.mem_free = meminfo("MemAvailable");
+        xport_send_copy(x, CP_INFO, &n->info, sizeof n->info, &err);
+        break;
+    case CP_PING:
+        xport_send_copy(x, CP_PONG, m->data, m->len > 8 ? 8 : m->len, &err);
+        break;
+    case CP_LOAD: {
+        cp_load l;
+        if (m->len != sizeof l) {
+            ST_WARN("LOAD: wrong size, dropped");
+            break;
+        }
+        memcpy(&l, m->data, sizeof l);
+        if (!load_check(&l)) {
+            ST_WARN("LOAD: fields out of range, dropped");
+            cp_loaded r = {.epoch = l.epoch, .status = ST_ERR_ARG};
+            snprintf(r.msg, sizeof r.msg, "LOAD fields out of range");
+            xport_send_copy(x, CP_LOADED, &r, sizeof r, &err);
+            break;
+        }
+        stage_load(n, x, &l);
+        break;
+    }
+    case CP_START:
+        on_start(n, m->data, m->len);
+        break;
+    default:
+        ST_WARN("control message type 0x%x from %s dropped", m->type, xport_get_peer(x)->addr);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* main loop                                                                                  */
+
+static void drop_ctrl(node *n, int i, const char *why) {
+    ST_INFO("control link %s closed: %s", xport_get_peer(n->ctrl[i])->addr, why);
+    if (n->coord == n->ctrl[i]) n->coord = NULL;
+    xport_close(n->ctrl[i]);
+    n->ctrl[i] = NULL;
+}
+
+static void take_new_links(node *n) {
+    char buf[64];
+    while (read(n->pipe_rd, buf, sizeof buf) > 0) {
+    }
+    pthread_mutex_lock(&n->mu);
+    for (int i = 0; i < n->n_queue; i++) {
+        xport *x = n->queue[i];
+        const xport_peer *p = xport_get_peer(x);
+        if (p->role == XPORT_ROLE_CONTROL) {
+            int k = 0;
+            while (k < NODE_MAX_CTRL && n->ctrl[k]) k++;
+            if (k == NODE_MAX_CTRL) {
+                ST_WARN("too many control links, dropping %s", p->addr);
+                xport_close(x);
+            } else {
+                n->ctrl[k] = x;
+                ST_INFO("control link from %s (%s)", p->addr, p->node_id[0] ? p->node_id : "coordinator");
+            }
+        } else if (p->role == XPORT_ROLE_DATA) {
+            if (n->data_in && xport_get_peer(n->data_in)->epoch > p->epoch) {
+                xport_close(x);
+            } else {
+                xport_close(n->data_in);
+                n->data_in = x;
+                ST_INFO("data link from %s (node %s, %s, epoch %llu)", p->addr, p->node_id, xport_kind_name(x),
+                        (unsigned long long)p->epoch);
+            }
+        } else {
+            xport_close(x); /* probe: authenticated and done */
+        }
+    }
+    n->n_queue = 0;
+    pthread_mutex_unlock(&n->mu);
+}
+
+static int node_loop(node *n) {
+    xport_msg m;
+    st_err err = {0};
+    while (!*n->stop) {
+        int busy = 0;
+        if (n->loaded)
+            for (int s = 0; s < n->load.n_slots; s++)
+                if ((n->slots[s].active && n->slots[s].prefilled < n->slots[s].n_prompt) || n->slots[s].pending_local)
+                    busy = 1;
+        xport *xs[NODE_MAX_CTRL + 2];
+        int nx = 0;
+        for (int i = 0; i < NODE_MAX_CTRL; i++) xs[nx++] = n->ctrl[i];
+        xs[nx++] = n->data_in;
+        xs[nx++] = n->data_out;
+        xport_wait(xs, nx, &n->pipe_rd, 1, busy ? 0 : 100);
+        take_new_links(n);
+        for (int i = 0; i < NODE_MAX_CTRL; i++) {
+            while (n->ctrl[i]) {
+                int r = xport_recv(n->ctrl[i], &m, &err);
+                if (r < 0) {
+                    drop_ctrl(n, i, err.msg);
+                    break;
+                }
+                if (r == 0) break;
+                xport *x = n->ctrl[i];
+                on_control(n, x, &m);
+                if (n->ctrl[i] == x) xport_release(x);
+            }
+        }
+        while (n->data_in) {
+            int r = xport_recv(n->data_in, &m, &err);
+            if (r < 0) {
+                ST_WARN("upstream data link lost: %s", err.msg);
+                xport_close(n->data_in), n->data_in = NULL;
+                break;
+            }
+            if (r == 0) break;
+            uint64_t t_in = st_time_ns();
+            if (m.type == DP_ACT) on_act(n, m.data, m.len, t_in);
+            else if (m.type == DP_TOKEN) on_token(n, m.data, m.len, t_in);
+            else ST_WARN("data message type 0x%x dropped", m.type);
+            if (n->data_in) xport_release(n->data_in);
+        }
+        if (n->data_out) {
+            xport_flush(n->data_out);
+            int r = xport_recv(n->data_out, &m, &err);
+            if (r < 0) {
+                ST_WARN("downstream data link lost: %s", err.msg);
+                xport_close(n->data_out), n->data_out = NULL;
+            } else if (r == 1) {
+                ST_WARN("unexpected frame on the downstream link dropped");
+                xport_release(n->data_out);
+            }
+        }
+        for (int i = 0; i < NODE_MAX_CTRL; i++)
+            if (n->ctrl[i]) xport_flush(n->ctrl[i]);
+        /* stage 0 work queued locally: one prefill chunk per slot per turn, local decodes */
+        if (n->loaded && n->load.stage == 0)
+            for (int s = 0; s < n->load.n_slots; s++) {
+                slot_state *ss = &n->slots[s];
+                if (ss->active && ss->prefilled < ss->n_prompt) prefill_chunk(n, s);
+                else if (ss->pending_local) {
+                    ss->pending_local = 0;
+                    decode_step(n, s, ss->pend_tok, ss->pend_pos, 0);
+                }
+            }
+    }
+    return 0;
+}
+
+int node_run(const node_opts *o, volatile sig_atomic_t *stop, st_err *err) {
+    node *n = calloc(1, sizeof *n);
+    if (!n) return st_err_set(err, ST_ERR_NOMEM, "node");
+    n->o = o;
+    n->stop = stop;
+    n->listen_fd = n->pipe_rd = n->pipe_wr = -1;
+    int rc = 0, port = 0, thread = 0;
+    pthread_mutex_init(&n->mu, NULL);
+    if ((rc = xport_key_init(&n->key, o->cluster_key, err))) goto out;
+    if ((rc = node_identity(n, err))) goto out;
+    node_devices(n);
+    if ((rc = xport_listen(&n->listen_fd, o->listen, &port, err))) goto out;
+    int pp[2];
+    if (pipe(pp)) {
+        rc = st_err_set(err, ST_ERR_IO, "pipe: %s", strerror(errno));
+        goto out;
+    }
+    n->pipe_rd = pp[0], n->pipe_wr = pp[1];
+    fcntl(n->pipe_rd, F_SETFL, O_NONBLOCK);
+    if (pthread_create(&n->acc_thread, NULL, accept_main, n)) {
+        rc = st_err_set(err, ST_ERR_INTERNAL, "cannot start the accept thread");
+        goto out;
+    }
+    thread = 1;
+    ST_INFO("node %s listening on %s (port %d)", n->node_id, o->listen, port);
+    if (o->port_file) {
+        char tmp[4096];
+        snprintf(tmp, sizeof tmp, "%s.tmp", o->port_file);
+        FILE *f = fopen(tmp, "w");
+        if (f) {
+            fprintf(f, "%d\n", port);
+            fclose(f);
+            rename(tmp, o->port_file);
+        }
+    }
+    rc = node_loop(n);
+out:
+    n->acc_stop = 1;
+    if (thread) pthread_join(n->acc_thread, NULL);
+    for (int i = 0; i < n->n_queue; i++) xport_close(n->queue[i]);
+    for (int i = 0; i < NODE_MAX_CTRL; i++) xport_close(n->ctrl[i]);
+    xport_close(n->data_in);
+    stage_unload(n);
+    if (n->listen_fd >= 0) close(n->listen_fd);
+    if (n->pipe_rd >= 0) close(n->pipe_rd), close(n->pipe_wr);
+    pthread_mutex_destroy(&n->mu);
+    free(n);
+    ST_INFO("node stopped");
+    return rc;
+}

@@ -1,0 +1,429 @@
+/* test_cpu_ops.c — the CPU backend's linear, attention and SwiGLU kernels (cpu_ops.h).
+ *
+ * Two layers of checks:
+ *   1. the float32 reference (exact = 1) against a naive double-precision computation that
+ *      dequantizes every weight with cpu_mlx_q_get: |ref - naive| <= 1e-6 * sum|w x|;
+ *   2. the SIMD fast path (exact = 0; every ISA the CPU has: AVX2 and, where present, AVX-512)
+ *      against the reference: |fast - ref| <= 1e-5 * sum|w x|.
+ * sum|w x| (per output, in double) is the scale float32 rounding errors of a dot product are
+ * proportional to, so the bounds hold for outputs that cancel to ~0 and still catch a single
+ * wrong weight (which moves the result by ~1/cols of that scale, >= 1e-3 here).
+ * Weights live in exactly-sized heap buffers so AddressSanitizer builds catch any read past a
+ * row, a scale array or an activation. Random data from a fixed seed: deterministic.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/cpu_ops.h"
+#include "backend/cpu/cpu_simd.h"
+#include "strata/base.h"
+#include "strata/pool.h"
+
+// ----------------------------------------------------------------------------
+// helpers
+
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+
+static uint64_t rng_u64(void) { /* splitmix64 */
+    uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static double rng_unif(double lo, double hi) { return lo + (hi - lo) * (double)(rng_u64() >> 11) * 0x1.0p-53; }
+
+/* A float in dtype dt stored at p[i]; returns the value actually stored (after rounding). */
+static float put_float(void *p, size_t i, sft_dtype dt, float v) {
+    if (dt == SFT_F32) {
+        memcpy((char *)p + 4 * i, &v, 4);
+        return v;
+    }
+    uint16_t h = dt == SFT_BF16 ? st_f32_to_bf16(v) : st_f32_to_f16(v);
+    memcpy((char *)p + 2 * i, &h, 2);
+    return dt == SFT_BF16 ? st_bf16_to_f32(h) : st_f16_to_f32(h);
+}
+
+static double get_float(const void *p, size_t i, sft_dtype dt) {
+    if (dt == SFT_F32) {
+        float f;
+        memcpy(&f, (const char *)p + 4 * i, 4);
+        return f;
+    }
+    uint16_t h;
+    memcpy(&h, (const char *)p + 2 * i, 2);
+    return dt == SFT_BF16 ? st_bf16_to_f32(h) : st_f16_to_f32(h);
+}
+
+static int dtype_bytes(sft_dtype dt) { return dt == SFT_F32 ? 4 : 2; }
+
+/* A weight with its own exactly-sized buffers (freed by weight_free). */
+typedef struct test_weight {
+    wt_linear w;
+    void *data, *scales, *biases;
+} test_weight;
+
+/* Random MLX affine weight [rows, cols] at bits/group with scales/biases in sdt, shaped like
+ * mlx's quantizer output: s > 0, b ~ -s * (2^bits - 1) / 2 (a zero-centred group). */
+static void weight_quant(test_weight *t, int64_t rows, int64_t cols, int bits, int group, sft_dtype sdt) {
+    memset(t, 0, sizeof *t);
+    wt_linear *w = &t->w;
+    w->qbits = bits;
+    w->group = group;
+    w->sdtype = sdt;
+    w->rows = rows;
+    w->cols = cols;
+    w->row_bytes = (size_t)cols * bits / 8;
+    w->srow_elems = (size_t)(cols / group);
+    size_t nw = (size_t)rows * w->row_bytes / 4, ns = (size_t)rows * w->srow_elems;
+    uint32_t *q = malloc(nw * 4);
+    t->scales = malloc(ns * (size_t)dtype_bytes(sdt));
+    t->biases = malloc(ns * (size_t)dtype_bytes(sdt));
+    assert_true(q && t->scales && t->biases);
+    for (size_t i = 0; i < nw; i++) q[i] = (uint32_t)rng_u64();
+    const double qmax = (double)((1 << bits) - 1);
+    for (size_t i = 0; i < ns; i++) {
+        double s = rng_unif(0.5, 1.5) / qmax;
+        put_float(t->scales, i, sdt, (float)s);
+        put_float(t->biases, i, sdt, (float)(-s * qmax / 2 * rng_unif(0.8, 1.2)));
+    }
+    t->data = q;
+    w->w = q;
+    w->scales = t->scales;
+    w->biases = t->biases;
+}
+
+/* Random dense weight [rows, cols] in dt. */
+static void weight_dense(test_weight *t, int64_t rows, int64_t cols, sft_dtype dt) {
+    memset(t, 0, sizeof *t);
+    wt_linear *w = &t->w;
+    w->dtype = dt;
+    w->rows = rows;
+    w->cols = cols;
+    w->row_bytes = (size_t)cols * (size_t)dtype_bytes(dt);
+    t->data = malloc((size_t)rows * w->row_bytes);
+    assert_non_null(t->data);
+    for (size_t i = 0; i < (size_t)(rows * cols); i++) put_float(t->data, i, dt, (float)rng_unif(-1, 1));
+    w->w = t->data;
+}
+
+static void weight_free(test_weight *t) {
+    free(t->data);
+    free(t->scales);
+    free(t->biases);
+}
+
+/* Weight (r, i) in double, straight from the stored format (cpu_mlx_q_get for quantized). */
+static double weight_at(const wt_linear *w, int64_t r, int64_t i) {
+    const char *row = (const char *)w->w + (size_t)r * w->row_bytes;
+    if (!w->qbits) return get_float(row, (size_t)i, w->dtype);
+    size_t gi = (size_t)r * w->srow_elems + (size_t)(i / w->group);
+    double q = cpu_mlx_q_get((const uint32_t *)row, w->qbits, (size_t)i);
+    return get_float(w->scales, gi, w->sdtype) * q + get_float(w->biases, gi, w->sdtype);
+}
+
+/* y[T, rows] and the error scale sum|w x| [T, rows], both in double. */
+static void linear_naive(const wt_linear *w, const float *x, int T, double *y, double *mag) {
+    for (int64_t r = 0; r < w->rows; r++)
+        for (int t = 0; t < T; t++) {
+            double s = 0, m = 0;
+            for (int64_t i = 0; i < w->cols; i++) {
+                double p = weight_at(w, r, i) * x[(size_t)t * w->cols + i];
+                s += p;
+                m += fabs(p);
+            }
+            y[(size_t)t * w->rows + r] = s;
+            mag[(size_t)t * w->rows + r] = m;
+        }
+}
+
+/* Max over outputs of |a - b| / mag; prints the worst one when it exceeds tol. */
+static double rel_err(const float *a, const double *b, const double *mag, size_t n, double tol, const char *what) {
+    double worst = 0;
+    size_t wi = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - b[i]) / (mag[i] > 0 ? mag[i] : 1.0);
+        if (!(e <= worst)) worst = e, wi = i; /* NaN counts as worst */
+    }
+    if (!(worst <= tol)) printf("  %s: output %zu: got %.9g want %.9g (scale %.3g): rel %.3g > %.1g\n", what, wi,
+                                (double)a[wi], b[wi], mag[wi], worst, tol);
+    return worst;
+}
+
+static float *rand_vec(size_t n, double lo, double hi) {
+    float *v = malloc(n * sizeof(float));
+    assert_non_null(v);
+    for (size_t i = 0; i < n; i++) v[i] = (float)rng_unif(lo, hi);
+    return v;
+}
+
+/* The fast-path ISAs this CPU can run (CPU_SIMD_AVX2, and CPU_SIMD_AVX512 where present). */
+static int simd_levels(int *lv) {
+    int n = 0, top = cpu_simd_level();
+    if (top >= CPU_SIMD_AVX2) lv[n++] = CPU_SIMD_AVX2;
+    if (top >= CPU_SIMD_AVX512) lv[n++] = CPU_SIMD_AVX512;
+    return n;
+}
+
+static st_pool *g_pool; /* 2 threads, shared by all tests */
+
+static int setup(void **state) {
+    (void)state;
+    g_pool = st_pool_init(2);
+    return g_pool ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    st_pool_free(g_pool);
+    return 0;
+}
+
+/* Checks one weight for every T in ts: reference vs naive (1e-6) and every fast ISA vs the
+ * reference (1e-5), with max_batch 256 and 8 (the latter chunks T = 17 into 8 + 8 + 1).
+ * Returns the number of failed comparisons. */
+static int check_linear(const wt_linear *w, const int *ts, int nts, const char *label) {
+    int fails = 0, lv[2], nlv = simd_levels(lv);
+    size_t cap = (size_t)w->cols;
+    for (int k = 0; k < nts; k++) {
+        const int T = ts[k];
+        float *x = rand_vec((size_t)T * w->cols, -1, 1);
+        size_t n = (size_t)T * w->rows;
+        double *y = malloc(n * sizeof(double)), *mag = malloc(n * sizeof(double));
+        float *ref = malloc(n * sizeof(float)), *fast = malloc(n * sizeof(float));
+        assert_true(y && mag && ref && fast);
+        linear_naive(w, x, T, y, mag);
+        cpu_scratch se;
+        assert_int_equal(cpu_scratch_init(&se, 2, cap, 256, 1), ST_OK);
+        cpu_linear(g_pool, &se, ref, x, w, T);
+        cpu_scratch_free(&se);
+        char what[160];
+        snprintf(what, sizeof what, "%s T=%d reference vs naive", label, T);
+        fails += !(rel_err(ref, y, mag, n, 1e-6, what) <= 1e-6);
+        double *refd = malloc(n * sizeof(double));
+        assert_non_null(refd);
+        for (size_t i = 0; i < n; i++) refd[i] = ref[i];
+        for (int l = 0; l < nlv; l++)
+            for (int mb = 0; mb < 2; mb++) {
+                cpu_scratch sf;
+                assert_int_equal(cpu_scratch_init(&sf, 2, cap, mb ? 8 : 256, 0), ST_OK);
+                sf.simd = lv[l];
+                for (size_t i = 0; i < n; i++) fast[i] = NAN;
+                cpu_linear(mb ? NULL : g_pool, &sf, fast, x, w, T);
+                cpu_scratch_free(&sf);
+                snprintf(what, sizeof what, "%s T=%d fast (%s, max_batch %d) vs reference", label, T,
+                         lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256);
+                fails += !(rel_err(fast, refd, mag, n, 1e-5, what) <= 1e-5);
+            }
+        free(refd);
+        free(x);
+        free(y);
+        free(mag);
+        free(ref);
+        free(fast);
+    }
+    return fails;
+}
+
+// ----------------------------------------------------------------------------
+// tests
+
+/* The bit reader itself against a bit-by-bit decode of the LSB-first stream. */
+static void test_mlx_q_get(void **state) {
+    (void)state;
+    uint32_t row[15];
+    for (int i = 0; i < 15; i++) row[i] = (uint32_t)rng_u64();
+    const int widths[] = {2, 3, 4, 5, 6, 8};
+    for (int wi = 0; wi < 6; wi++) {
+        int bits = widths[wi];
+        for (size_t v = 0; v < 15 * 32 / (size_t)bits; v++) {
+            uint32_t want = 0;
+            for (int b = 0; b < bits; b++) {
+                size_t bit = v * (size_t)bits + (size_t)b;
+                want |= ((row[bit / 32] >> (bit % 32)) & 1u) << b;
+            }
+            assert_int_equal(cpu_mlx_q_get(row, bits, v), want);
+        }
+    }
+}
+
+/* Every MLX width x group x scale dtype, odd row counts, column counts with and without a
+ * partial decode block, T = 1..5 and 17 (decode kernels for 1..4, GEMM above). */
+static void test_linear_quant(void **state) {
+    (void)state;
+    const int widths[] = {2, 3, 4, 5, 6, 8}, groups[] = {32, 64, 128};
+    const sft_dtype sdts[] = {SFT_BF16, SFT_F16, SFT_F32};
+    const int ts[] = {1, 2, 3, 4, 5, 17};
+    int fails = 0, cases = 0;
+    for (int bi = 0; bi < 6; bi++)
+        for (int gi = 0; gi < 3; gi++)
+            for (int si = 0; si < 3; si++) {
+                const int g = groups[gi];
+                /* 5 groups: 160/320/640 columns -> a 32-value tail for 8-value packs at group 32
+                 * (two in the 16-lane layout); rows 37 is not a multiple of 4, 16 or 6 */
+                const int64_t shapes[2][2] = {{37, 5 * (int64_t)g}, {3, 1024}};
+                for (int sh = 0; sh < 2; sh++) {
+                    test_weight t;
+                    weight_quant(&t, shapes[sh][0], shapes[sh][1], widths[bi], g, sdts[si]);
+                    char label[96];
+                    snprintf(label, sizeof label, "q%dg%d %s [%lld x %lld]", widths[bi], g, sft_dtype_name(sdts[si]),
+                             (long long)t.w.rows, (long long)t.w.cols);
+                    fails += check_linear(&t.w, ts, sh == 0 ? 6 : 2, label);
+                    cases++;
+                    weight_free(&t);
+                }
+            }
+    printf("  %d quantized weights checked, %d failures\n", cases, fails);
+    assert_int_equal(fails, 0);
+}
+
+/* bf16 / f16 / f32 weights with column counts that exercise every tail. */
+static void test_linear_dense(void **state) {
+    (void)state;
+    const sft_dtype dts[] = {SFT_BF16, SFT_F16, SFT_F32};
+    const int64_t shapes[][2] = {{1, 1}, {5, 7}, {17, 16}, {37, 100}, {19, 1024}, {3, 1061}};
+    const int ts[] = {1, 2, 3, 4, 5, 17};
+    int fails = 0;
+    for (int di = 0; di < 3; di++)
+        for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
+            test_weight t;
+            weight_dense(&t, shapes[sh][0], shapes[sh][1], dts[di]);
+            char label[96];
+            snprintf(label, sizeof label, "%s [%lld x %lld]", sft_dtype_name(dts[di]), (long long)t.w.rows,
+                     (long long)t.w.cols);
+            fails += check_linear(&t.w, ts, 6, label);
+            weight_free(&t);
+        }
+    assert_int_equal(fails, 0);
+}
+
+/* Larger T through the GEMM with several tiles and panels, at the qwen3 hidden width. */
+static void test_linear_prefill_shape(void **state) {
+    (void)state;
+    const int ts[] = {64};
+    test_weight t;
+    weight_quant(&t, 50, 1024, 4, 64, SFT_BF16);
+    int fails = check_linear(&t.w, ts, 1, "q4g64 prefill [50 x 1024]");
+    weight_free(&t);
+    weight_dense(&t, 40, 512, SFT_BF16);
+    fails += check_linear(&t.w, ts, 1, "bf16 prefill [40 x 512]");
+    weight_free(&t);
+    assert_int_equal(fails, 0);
+}
+
+/* Naive causal attention in double: out[t, h] = softmax(q.k * scale) v over 0..pos[t]. */
+static void attention_naive(const float *q, const float *const *kp, const float *const *vp, const int32_t *pos, int T,
+                            int H, int Hkv, int hd, float scale, double *out) {
+    const int kvw = Hkv * hd;
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            const int kvh = h / (H / Hkv), n = pos[t] + 1;
+            const float *qv = q + ((size_t)t * H + h) * hd;
+            double *s = malloc((size_t)n * sizeof(double)), mx = -INFINITY, sum = 0;
+            assert_non_null(s);
+            for (int p = 0; p < n; p++) {
+                double d = 0;
+                for (int i = 0; i < hd; i++) d += (double)qv[i] * kp[t][(size_t)p * kvw + (size_t)kvh * hd + i];
+                s[p] = d * scale;
+                if (s[p] > mx) mx = s[p];
+            }
+            for (int p = 0; p < n; p++) sum += s[p] = exp(s[p] - mx);
+            double *o = out + ((size_t)t * H + h) * hd;
+            for (int i = 0; i < hd; i++) {
+                double a = 0;
+                for (int p = 0; p < n; p++) a += s[p] / sum * vp[t][(size_t)p * kvw + (size_t)kvh * hd + i];
+                o[i] = a;
+            }
+            free(s);
+        }
+}
+
+/* Reference and fast attention against the double computation: GQA ratios 1, 2, 6 (the fast
+ * kernel takes query heads 4 at a time), head dims 8/64/128, contexts 1..75, two slots. */
+static void test_attention(void **state) {
+    (void)state;
+    const int cfg[][3] = {{4, 4, 8}, {4, 2, 64}, {12, 2, 128}, {16, 8, 128}}; /* H, Hkv, hd */
+    const int lens[] = {1, 2, 5, 17};
+    int lv[2], nlv = simd_levels(lv), fails = 0;
+    for (size_t ci = 0; ci < sizeof cfg / sizeof cfg[0]; ci++)
+        for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+            const int H = cfg[ci][0], Hkv = cfg[ci][1], hd = cfg[ci][2], T = lens[li], ctx = 80;
+            const float scale = 1.0f / sqrtf((float)hd);
+            float *q = rand_vec((size_t)T * H * hd, -2, 2);
+            float *kc = rand_vec((size_t)2 * ctx * Hkv * hd, -2, 2), *vc = rand_vec((size_t)2 * ctx * Hkv * hd, -1, 1);
+            const float *kp[17], *vp[17];
+            int32_t pos[17];
+            for (int t = 0; t < T; t++) { /* alternate slots, positions up to 75 */
+                int slot = t & 1;
+                kp[t] = kc + (size_t)slot * ctx * Hkv * hd;
+                vp[t] = vc + (size_t)slot * ctx * Hkv * hd;
+                pos[t] = (int32_t)((t * 37 + 3 * li) % 76);
+            }
+            size_t n = (size_t)T * H * hd;
+            double *want = malloc(n * sizeof(double)), *one = malloc(n * sizeof(double));
+            float *got = malloc(n * sizeof(float));
+            assert_true(want && one && got);
+            for (size_t i = 0; i < n; i++) one[i] = 1.0; /* |out| <= max|v| = 1: absolute bound */
+            attention_naive(q, kp, vp, pos, T, H, Hkv, hd, scale, want);
+            for (int l = -1; l < nlv; l++) {
+                cpu_scratch s;
+                assert_int_equal(cpu_scratch_init(&s, 2, ctx, 64, l < 0), ST_OK);
+                if (l >= 0) s.simd = lv[l];
+                cpu_attention(g_pool, &s, got, q, kp, vp, pos, T, H, Hkv, hd, scale);
+                cpu_scratch_free(&s);
+                char what[128];
+                snprintf(what, sizeof what, "attention H=%d Hkv=%d hd=%d T=%d %s", H, Hkv, hd, T,
+                         l < 0 ? "reference" : lv[l] == CPU_SIMD_AVX512 ? "fast/avx512" : "fast/avx2");
+                fails += !(rel_err(got, want, one, n, 1e-5, what) <= 1e-5);
+            }
+            free(q);
+            free(kc);
+            free(vc);
+            free(want);
+            free(one);
+            free(got);
+        }
+    assert_int_equal(fails, 0);
+}
+
+/* Vectorised SwiGLU against the reference op, relative 1e-5 (absolute 1e-30 near 0). */
+static void test_swiglu(void **state) {
+    (void)state;
+    if (cpu_simd_level() < CPU_SIMD_AVX2) skip();
+    const int64_t n = 4099;
+    float *g = rand_vec((size_t)n, -30, 30), *u = rand_vec((size_t)n, -3, 3);
+    g[0] = 0, g[1] = -100, g[2] = 100, g[3] = -87.5f, g[4] = 1e-20f;
+    float *a = malloc((size_t)n * sizeof(float)), *b = malloc((size_t)n * sizeof(float));
+    assert_true(a && b);
+    cpu_swiglu(a, g, u, n);
+    cpu_swiglu_fast(b, g, u, n);
+    for (int64_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - b[i]);
+        if (!(e <= 1e-5 * fabs(a[i]) + 1e-30)) fail_msg("swiglu(%g, %g): fast %.9g, reference %.9g", g[i], u[i], b[i], a[i]);
+    }
+    free(g);
+    free(u);
+    free(a);
+    free(b);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_mlx_q_get),
+        cmocka_unit_test(test_linear_quant),
+        cmocka_unit_test(test_linear_dense),
+        cmocka_unit_test(test_linear_prefill_shape),
+        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_swiglu),
+    };
+    printf("cpu_simd_level: %d\n", cpu_simd_level());
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
