@@ -98,6 +98,15 @@ else ok; fi
 grep -q "no cluster key" "$tmp/err" && ok || fail "auth: missing key not reported"
 for i in 0 1 2; do alive $i && ok || fail "auth: node $i died"; done
 
+# memory limit: a node refuses a LOAD that does not fit and says why
+start_node 3 --memory-limit 64K
+if gen "$m" --peers "$(peers 3)" --prompt-ids 1 --max-tokens 2 >/dev/null 2>"$tmp/err"; then
+    fail "memory limit: a LOAD beyond the limit was accepted"
+else ok; fi
+grep -q "memory limit is 64.00 KiB" "$tmp/err" && ok || fail "memory limit: refusal not reported: $(tail -1 "$tmp/err")"
+alive 3 && ok || fail "memory limit: node died"
+kill -TERM "${NODE_PID[3]}" 2>/dev/null
+
 # ---------------------------------------------------------------------------------------------
 # equivalence with the single-node path, every fixture model
 for m in "$fx"/models/*/; do
@@ -160,7 +169,7 @@ base=$(gen "$m" --peers "$P3" --prompt-ids 3,1,4,1,5,9,2,6 --max-tokens 60 --no-
 out=$(gen "$m" --peers "$P3" --prompt-ids 3,1,4,1,5,9,2,6 --max-tokens 60 --no-eos --kill-at 20 "${NODE_PID[1]}" 2>"$tmp/err" | grep '^ids:')
 [ -n "$base" ] && [ "$out" = "$base" ] && ok || fail "kill: ids after recovery differ: $(tail -3 "$tmp/err")"
 grep -q "recoveries 1" "$tmp/err" && ok || fail "kill: no recovery reported"
-grep -q "lost: .*closed" "$tmp/err" && ok || fail "kill: loss not logged"
+grep -q "node 127.0.0.1:[0-9]* (.*) lost: " "$tmp/err" && ok || fail "kill: loss not logged: $(grep lost "$tmp/err")"
 alive 1 && fail "kill: node 1 still alive" || ok
 start_node 1
 P3=$(peers 0 1 2)
@@ -172,6 +181,21 @@ gap=$(grep -o 'max_gap [0-9.]*' "$tmp/err" | awk '{print $2}')
 awk -v g="${gap:-99}" 'BEGIN { exit !(g < 2.0) }' && ok || fail "stop: detection + recovery took ${gap:-?} s (limit 2 s)"
 echo "ok: node loss: SIGKILL and SIGSTOP recovered, same ids; SIGSTOP gap ${gap:-?} s"
 grep -h "^stats:" "$tmp/err" | head -4
+
+# clean shutdown (SIGTERM) of every node; no sanitizer report anywhere (ASan build)
+for i in 0 1 2; do
+    kill -CONT "${NODE_PID[$i]}" 2>/dev/null
+    kill -TERM "${NODE_PID[$i]}" 2>/dev/null
+done
+for i in 0 1 2; do
+    for _ in $(seq 100); do alive $i || break; sleep 0.05; done
+    alive $i && fail "node $i ignored SIGTERM"
+    grep -q "node stopped" "$tmp/n$i.log" && ok || fail "node $i did not stop cleanly"
+done
+if grep -l "AddressSanitizer\|LeakSanitizer\|runtime error" "$tmp"/n*.log "$tmp/err" 2>/dev/null; then
+    fail "sanitizer report (see above)"
+    grep -h -A12 "Sanitizer\|runtime error" "$tmp"/n*.log | head -40 >&2
+else ok; fi
 
 echo "test_cluster: $checks checks passed, $failures failed"
 [ $failures -eq 0 ]
