@@ -168,7 +168,9 @@ typedef struct plan_request {
  * bf16 activations, TP up to PLAN_MAX_TP. */
 void plan_request_init(plan_request *r);
 
-/* One device's planned memory, line by line. total = the sum of the lines. */
+/* One device's planned memory, line by line. total = the sum of the lines. It is a promise:
+ * the cluster runtime (issue #5) allocates the KV cache for context x slots up front, and its
+ * test checks that each node's actual allocation stays <= total after a real load. */
 typedef struct plan_budget {
     int dev;                   /* device index in the cluster                                  */
     uint64_t usable;           /* memory x (1 - reserve), rounded down                         */

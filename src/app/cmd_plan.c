@@ -50,6 +50,7 @@ static const char *dev_name(const plan_cluster *c, int d, char *buf, size_t cap)
     return buf;
 }
 
+/* One budget line ("kv cache  23.25 GiB  note"); zero lines are left out. */
 static void print_bytes_line(const char *what, uint64_t v, const char *note) {
     char b[32];
     if (!v) return;
@@ -115,7 +116,8 @@ static void print_plan(const plan_result *p, const plan_model *m, const plan_clu
             snprintf(note, sizeof note, "%d layers%s", s->layer_end - s->layer_begin, s->n_tp > 1 ? ", 1/TP of each split tensor" : "");
             print_bytes_line("weights", bd->weights, note);
             print_bytes_line("embedding", bd->embed, NULL);
-            print_bytes_line("output", bd->output, m->tied && !s->has_embed ? "norm + copy of the tied embedding" : "norm + lm_head");
+            print_bytes_line("output", bd->output,
+                             !m->tied ? "norm + lm_head" : s->has_embed ? "norm (lm_head is the embedding above)" : "norm + copy of the tied embedding");
             snprintf(note, sizeof note, "%d layers x %s tokens x %d slot%s", s->layer_end - s->layer_begin,
                      plan_fmt_count(p->context, n1, sizeof n1), p->slots, p->slots == 1 ? "" : "s");
             print_bytes_line("kv cache", bd->kv, note);
@@ -149,6 +151,7 @@ static void print_plan(const plan_result *p, const plan_model *m, const plan_clu
     if (!p->exact) printf("search: heuristic device order (more than %d devices)\n", PLAN_EXACT_DEVICES);
 }
 
+/* `strata plan`: parses the flags, builds the model figures and the cluster, solves, prints. */
 int cmd_plan(int argc, char **argv) {
     const char *dir = NULL, *config = NULL, *synthetic = NULL, *cluster = NULL, *kv = "bf16";
     int json = 0;

@@ -35,7 +35,8 @@ static const unit_def g_bw_units[] = {{"", 1},          {"B/s", 1},         {"KB
                                       {"GiB/s", 1073741824.0}, {"bit/s", 0.125}, {"Kbit/s", 125.0}, {"Mbit/s", 125e3},
                                       {"Gbit/s", 125e6}, {"Tbit/s", 125e9}, {"Kb/s", 125.0},    {"Mb/s", 125e3},
                                       {"Gb/s", 125e6},  {"Tb/s", 125e9},    {NULL, 0}};
-static const unit_def g_time_units[] = {{"", 1}, {"s", 1}, {"ms", 1e-3}, {"us", 1e-6}, {"\xC2\xB5s", 1e-6}, {"ns", 1e-9}, {NULL, 0}};
+static const unit_def g_time_units[] = {{"", 1},           {"s", 1},    {"ms", 1e-3}, {"us", 1e-6},
+                                        {"\xC2\xB5s", 1e-6}, {"ns", 1e-9}, {NULL, 0}};
 static const unit_def g_flops_units[] = {{"", 1},          {"FLOPS", 1},       {"FLOP/s", 1},      {"GFLOPS", 1e9},
                                          {"GFLOP/s", 1e9}, {"TFLOPS", 1e12},   {"TFLOP/s", 1e12},  {"PFLOPS", 1e15},
                                          {"PFLOP/s", 1e15}, {NULL, 0}};
@@ -97,10 +98,15 @@ static int get_qty(cl_ctx *c, json_t *obj, const char *field, const char *key, c
         return st_err_set(c->err, ST_ERR_FORMAT, "%s: %s.%s: \"%s\" is not a %s (e.g. %s)", c->what, field, key,
                           json_is_string(v) ? json_string_value(v) : "?",
                           kind == 'm' ? "memory size" : kind == 'b' ? "bandwidth" : kind == 't' ? "time" : "throughput",
-                          kind == 'm' ? "\"128 GiB\"" : kind == 'b' ? "\"546 GB/s\" or \"80 Gbit/s\"" : kind == 't' ? "\"30 us\"" : "\"17 TFLOPS\"");
+                          kind == 'm'   ? "\"128 GiB\""
+                          : kind == 'b' ? "\"546 GB/s\" or \"80 Gbit/s\""
+                          : kind == 't' ? "\"30 us\""
+                                        : "\"17 TFLOPS\"");
     return ST_OK;
 }
 
+/* Reads string `key` of obj into out (a name: non-empty, shorter than cap, no '/'); `def` when
+ * absent and not required. */
 static int get_name(cl_ctx *c, json_t *obj, const char *field, const char *key, int required, const char *def, char *out,
                     size_t cap) {
     json_t *v = json_object_get(obj, key);
@@ -141,14 +147,18 @@ static int select_endpoint(const plan_cluster *cl, const char *ep, uint8_t *sel)
     return n;
 }
 
+/* Sets link l from every device marked in a to every device marked in b (not to itself). */
 static void set_links(plan_cluster *cl, const uint8_t *a, const uint8_t *b, const plan_link *l) {
     for (int i = 0; i < cl->n_dev; i++)
         for (int j = 0; j < cl->n_dev; j++)
             if (a[i] && b[j] && i != j) cl->link[(size_t)i * (size_t)cl->n_dev + (size_t)j] = *l;
 }
 
+/* Parses nodes[].devices[index] of node `node` into d; defaults: name "devN", kind gpu,
+ * flops 0 (unknown), overhead 1 GiB, threads 8. */
 static int parse_device(cl_ctx *c, json_t *jd, const char *field, const char *node, int index, plan_device *d) {
-    static const char *const keys[] = {"name", "kind", "memory", "bandwidth", "flops", "overhead", "threads", "description", "notes", NULL};
+    static const char *const keys[] = {"name",    "kind",    "memory",      "bandwidth", "flops",
+                                       "overhead", "threads", "description", "notes",     NULL};
     if (!json_is_object(jd)) return st_err_set(c->err, ST_ERR_FORMAT, "%s: %s: must be an object", c->what, field);
     int rc = check_keys(c, jd, field, keys);
     char def[16];
@@ -178,6 +188,9 @@ static int parse_device(cl_ctx *c, json_t *jd, const char *field, const char *no
     return ST_OK;
 }
 
+/* Parses the whole description into cl: nodes and devices, then the links in the documented
+ * order (default_link, intra_link, links[] in order). On failure cl may be partly filled; the
+ * caller frees it. */
 static int parse_root(cl_ctx *c, json_t *root, plan_cluster *cl) {
     static const char *const keys[] = {"name", "description", "notes", "nodes", "links", "default_link", NULL};
     static const char *const nkeys[] = {"name", "description", "notes", "devices", "intra_link", NULL};

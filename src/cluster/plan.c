@@ -59,6 +59,9 @@ typedef struct solver {
     int exact;
     int order[PLAN_MAX_DEVICES];
     int best_reach;            /* most layers a feasibility pass could place (diagnostics)    */
+    int *fit_end;              /* [n_units * L] at ctx: largest b < L with [a, b) fitting (not last) */
+    uint8_t *fit_last;         /* [n_units * L] at ctx: 1 if [a, L) fits as the last stage     */
+    double *t_stage;           /* [n_units * L * (L+1)] stage time of [a, b) (last iff b == L), or NULL */
 } solver;
 
 typedef struct dp_cell {
@@ -75,12 +78,23 @@ static uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
 static const plan_link *link_of(const solver *s, int i, int j) { return plan_cluster_link(s->c, i, j); }
 
-/* Sets the context that the memory checks use and refreshes the scratch table. */
+static int stage_fits(const solver *s, const unit *u, int a, int b, int first, int last);
+
+/* Sets the context that the memory checks use and refreshes the scratch and fit tables. */
 static void solver_set_ctx(solver *s, int64_t ctx) {
     s->ctx = ctx;
     for (int d = 0; d < s->D; d++)
         for (int last = 0; last < 2; last++)
             s->scratch[d][last] = plan_scratch_bytes(s->m, s->r->chunk, s->slots, ctx, s->c->dev[d].threads, last);
+    const int L = s->L;
+    for (int ui = 0; ui < s->n_units; ui++)
+        for (int a = 0; a < L; a++) {
+            const unit *u = &s->units[ui];
+            int b = a; /* more layers never need less memory: stop at the first misfit */
+            while (b + 1 <= L - 1 && stage_fits(s, u, a, b + 1, a == 0, 0)) b++;
+            s->fit_end[(size_t)ui * (size_t)L + (size_t)a] = b;
+            s->fit_last[(size_t)ui * (size_t)L + (size_t)a] = (uint8_t)stage_fits(s, u, a, L, a == 0, 1);
+        }
 }
 
 // ----------------------------------------------------------------------------
@@ -343,14 +357,13 @@ static int feasible(solver *s, st_err *err, int *ok) {
                 size_t nx;
                 if (!unit_step(s, st, u, &nx)) continue;
                 if (e != (size_t)s->D && !isfinite(hop_time(s, (int)e, u, 1, NULL))) continue;
-                int first = r == 0;
-                if (stage_fits(s, u, r, L, first, 1)) {
+                const size_t fi = (size_t)ui * (size_t)L + (size_t)r;
+                if (s->fit_last[fi]) {
                     *ok = 1;
                     s->best_reach = L;
                     break;
                 }
-                int b = r;
-                while (b + 1 <= L - 1 && stage_fits(s, u, r, b + 1, first, 0)) b++;
+                int b = s->fit_end[fi];
                 if (b > r && reach[nx * NE + (size_t)u->dev[0]] < b) reach[nx * NE + (size_t)u->dev[0]] = b;
             }
         }
@@ -358,15 +371,17 @@ static int feasible(solver *s, st_err *err, int *ok) {
     return ST_OK;
 }
 
+static inline double dmax(double a, double b) { return a > b ? a : b; }
+
 /* Lexicographic "strictly better" with a relative tolerance (float sums in different orders). */
-static int better(double a1, double a2, double b1, double b2) {
+static inline int better(double a1, double a2, double b1, double b2) {
     if (!isfinite(b1)) return isfinite(a1);
     if (!isfinite(a1)) return 0;
-    double tol = 1e-9 * fmax(fabs(a1), fabs(b1));
+    double tol = 1e-9 * dmax(fabs(a1), fabs(b1));
     if (a1 < b1 - tol) return 1;
     if (a1 > b1 + tol) return 0;
     if (!isfinite(b2)) return isfinite(a2);
-    return a2 < b2 - 1e-9 * fmax(fabs(a2), fabs(b2));
+    return a2 < b2 - 1e-9 * dmax(fabs(a2), fabs(b2));
 }
 
 enum { OBJ_SUM, OBJ_MAX };
@@ -403,17 +418,20 @@ static int optimize(solver *s, int obj, double cap, span *spans, int *n_spans, d
                     double hx = 0, hop = e == (size_t)s->D ? 0 : hop_time(s, (int)e, u, act, &hx);
                     if (!isfinite(hop) || hx > lim) continue;
                     const int first = k == 0;
+                    const size_t fi = (size_t)ui * (size_t)L + (size_t)k;
+                    const int bmax = s->fit_end[fi];
                     for (int b = k + 1; b <= L; b++) {
                         const int last = b == L;
-                        if (!stage_fits(s, u, k, b, first, last)) break; /* more layers never fit better */
-                        double t = stage_time(s, u, k, b, first, last, 0);
+                        /* past bmax nothing fits, not even [k, L) as the last stage (more memory) */
+                        if (last ? !s->fit_last[fi] : b > bmax) break;
+                        double t = s->t_stage ? s->t_stage[fi * NK + (size_t)b] : stage_time(s, u, k, b, first, last, 0);
                         if (t > lim) break;
                         double c1, c2;
                         if (obj == OBJ_SUM) {
                             c1 = cur.c1 + hop + t;
-                            c2 = fmax(cur.c2, fmax(t, hx));
+                            c2 = dmax(cur.c2, dmax(t, hx));
                         } else {
-                            c1 = fmax(cur.c1, fmax(t, hx));
+                            c1 = dmax(cur.c1, dmax(t, hx));
                             c2 = cur.c2 + hop + t;
                         }
                         const size_t ti = CELL(nx, (size_t)u->dev[0], b);
@@ -568,9 +586,9 @@ static void describe_tightest(const solver *s, plan_result *out) {
     char l[160], u[32], t[32], f[32], c[32];
     out->binding_dev = tb->dev;
     snprintf(out->binding, sizeof out->binding,
-             "node %s: %s usable, %s planned for %d layers at %s tokens x %d slot%s (%s free)",
+             "node %s: %s usable, %s planned for %d layers%s at %s tokens x %d slot%s (%s free)",
              dev_label(s->c, tb->dev, l, sizeof l), st_fmt_bytes((double)tb->usable, u, sizeof u),
-             st_fmt_bytes((double)tb->total, t, sizeof t), ts->layer_end - ts->layer_begin,
+             st_fmt_bytes((double)tb->total, t, sizeof t), ts->layer_end - ts->layer_begin, ts->n_tp > 1 ? " (its TP share)" : "",
              plan_fmt_count(s->ctx, c, sizeof c), s->slots, s->slots == 1 ? "" : "s",
              st_fmt_bytes((double)(tb->usable - tb->total), f, sizeof f));
 }
@@ -584,7 +602,7 @@ static void describe_overflow(solver *s, const span *sp, int ns, int64_t target,
     if (ns > 0) {
         solver_set_ctx(s, target);
         plan_budget worst = {0}, bd;
-        int wl = 0, have = 0;
+        int wl = 0, wt = 1, have = 0;
         for (int i = 0; i < ns; i++) {
             const unit *u = &s->units[sp[i].unit];
             for (int j = 0; j < u->n; j++) {
@@ -593,14 +611,16 @@ static void describe_overflow(solver *s, const span *sp, int ns, int64_t target,
                 if (!have || over > (double)worst.total - (double)worst.usable) {
                     worst = bd;
                     wl = sp[i].b - sp[i].a;
+                    wt = u->n;
                     have = 1;
                 }
             }
         }
         out->binding_dev = worst.dev;
-        snprintf(out->binding, sizeof out->binding, "node %s: %s usable, needs %s for %d layers at %s tokens x %d slot%s",
+        snprintf(out->binding, sizeof out->binding, "node %s: %s usable, needs %s for %d layers%s at %s tokens x %d slot%s",
                  dev_label(s->c, worst.dev, l, sizeof l), st_fmt_bytes((double)worst.usable, a, sizeof a),
-                 st_fmt_bytes((double)worst.total, b, sizeof b), wl, plan_fmt_count(target, c, sizeof c), s->slots,
+                 st_fmt_bytes((double)worst.total, b, sizeof b), wl, wt > 1 ? " (its TP share)" : "",
+                 plan_fmt_count(target, c, sizeof c), s->slots,
                  s->slots == 1 ? "" : "s");
         return;
     }
@@ -643,6 +663,9 @@ void plan_request_init(plan_request *r) {
 }
 
 static void solver_free(solver *s) {
+    free(s->fit_end);
+    free(s->fit_last);
+    free(s->t_stage);
     free(s->ps_brepl);
     free(s->ps_bshard);
     free(s->ps_rrepl);
@@ -656,15 +679,20 @@ int plan_solve(const plan_model *m, const plan_cluster *c, const plan_request *r
     out->binding_dev = -1;
     char a[32], b[32];
     if (r->slots < 1) return st_err_set(err, ST_ERR_ARG, "slots must be >= 1 (got %d)", r->slots);
-    if (r->kv_elem_bytes < 1 || r->kv_elem_bytes > 8) return st_err_set(err, ST_ERR_ARG, "KV element size %d is not 1..8 bytes", r->kv_elem_bytes);
+    if (r->kv_elem_bytes < 1 || r->kv_elem_bytes > 8)
+        return st_err_set(err, ST_ERR_ARG, "KV element size %d is not 1..8 bytes", r->kv_elem_bytes);
     if (!(r->reserve >= 0 && r->reserve < 1)) return st_err_set(err, ST_ERR_ARG, "reserve %g is not in [0, 1)", r->reserve);
-    if (r->chunk < 1 || r->act_bytes < 1 || r->max_tp < 1) return st_err_set(err, ST_ERR_ARG, "chunk, activation bytes and max TP must be >= 1");
+    if (r->chunk < 1 || r->act_bytes < 1 || r->max_tp < 1)
+        return st_err_set(err, ST_ERR_ARG, "chunk, activation bytes and max TP must be >= 1");
     if (c->n_dev < 1 || c->n_dev > PLAN_MAX_DEVICES) return st_err_set(err, ST_ERR_ARG, "cluster has %d devices", c->n_dev);
     int64_t ctx = r->context ? r->context : m->max_pos;
     if (ctx < 1) return st_err_set(err, ST_ERR_ARG, "context must be >= 1 (got %lld)", (long long)ctx);
     if (ctx > m->max_pos)
         return st_err_set(err, ST_ERR_ARG, "context %s exceeds %s's max_position_embeddings (%s)", plan_fmt_count(ctx, a, sizeof a),
                           m->name, plan_fmt_count(m->max_pos, b, sizeof b));
+    if ((double)plan_model_kv_bytes(m, r->kv_elem_bytes) * m->n_layer * (double)ctx * r->slots > 1e18)
+        return st_err_set(err, ST_ERR_ARG, "a KV cache for %s tokens x %d slots would exceed 1 EB", plan_fmt_count(ctx, a, sizeof a),
+                          r->slots);
     out->context = ctx;
     out->slots = r->slots;
     out->objective = r->objective;
@@ -709,6 +737,23 @@ int plan_solve(const plan_model *m, const plan_cluster *c, const plan_request *r
     if ((rc = build_units(&s, err))) {
         solver_free(&s);
         return rc;
+    }
+    const size_t UL = (size_t)s.n_units * (size_t)s.L;
+    s.fit_end = malloc(UL * sizeof *s.fit_end);
+    s.fit_last = malloc(UL);
+    if (!s.fit_end || !s.fit_last) {
+        solver_free(&s);
+        return st_err_set(err, ST_ERR_NOMEM, "out of memory");
+    }
+    /* stage times do not depend on the context: tabulate them once when the table is modest */
+    if (UL * NL <= ((size_t)8 << 20)) { /* <= 64 MiB */
+        s.t_stage = malloc(UL * NL * sizeof *s.t_stage);
+        if (s.t_stage)
+            for (int ui = 0; ui < s.n_units; ui++)
+                for (int a = 0; a < s.L; a++)
+                    for (int b = a + 1; b <= s.L; b++)
+                        s.t_stage[((size_t)ui * (size_t)s.L + (size_t)a) * NL + (size_t)b] =
+                            stage_time(&s, &s.units[ui], a, b, a == 0, b == s.L, 0);
     }
 
     span sp[PLAN_MAX_DEVICES];
@@ -767,7 +812,8 @@ char *plan_result_json(const plan_result *p, const plan_model *m, const plan_clu
     json_object_set_new(jm, "max_position_embeddings", json_integer(m->max_pos));
     json_object_set_new(jm, "weight_bytes", json_integer((json_int_t)plan_model_weight_bytes(m)));
     json_object_set_new(jm, "read_bytes_per_token", json_integer((json_int_t)plan_model_read_bytes(m)));
-    json_object_set_new(jm, "kv_bytes_per_token", json_integer((json_int_t)(plan_model_kv_bytes(m, p->kv_elem_bytes) * (uint64_t)m->n_layer)));
+    json_object_set_new(jm, "kv_bytes_per_token",
+                        json_integer((json_int_t)(plan_model_kv_bytes(m, p->kv_elem_bytes) * (uint64_t)m->n_layer)));
     json_object_set_new(jm, "bytes_from", json_string(m->from_headers ? "safetensors headers" : "descriptor"));
     json_object_set_new(root, "model", jm);
     json_object_set_new(root, "cluster", json_string(c->name));
@@ -830,7 +876,7 @@ char *plan_result_json(const plan_result *p, const plan_model *m, const plan_clu
     json_object_set_new(root, "max_context", json_integer(p->max_context));
     json_object_set_new(root, "max_context_is_model_limit", json_boolean(p->max_context_is_model_limit));
     json_object_set_new(root, "search", json_string(p->exact ? "exhaustive" : "heuristic"));
-    char *txt = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    char *txt = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(12));
     json_decref(root);
     return txt;
 }

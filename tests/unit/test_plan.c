@@ -717,6 +717,53 @@ static void test_equal_nodes(void **state) {
     plan_model_free(&pm);
 }
 
+/* Tied embeddings: the lm_head is the embedding. On one stage it is stored once (output = the
+ * norm, 8,192 B); split over two stages the last one holds a copy (8,192 + 262,144,000 B) and
+ * reads it whole every token. */
+static void test_tied_embeddings(void **state) {
+    (void)state;
+    const char *cfg = "{\"model_type\": \"llama\", \"num_hidden_layers\": 32, \"hidden_size\": 4096,"
+                      " \"num_attention_heads\": 32, \"num_key_value_heads\": 8, \"intermediate_size\": 14336,"
+                      " \"vocab_size\": 32000, \"max_position_embeddings\": 8192, \"tie_word_embeddings\": true}";
+    model_desc d;
+    st_err err = {0};
+    plan_model pm;
+    assert_int_equal(model_desc_parse(&d, cfg, strlen(cfg), "tied", &err), 0);
+    assert_int_equal(plan_model_from_desc(&pm, &d, "tied", &err), 0);
+    model_desc_free(&d);
+    assert_int_equal(pm.lm_head_bytes, 0);
+    assert_int_equal(plan_model_weight_bytes(&pm), 32ull * LL_LAYER + LL_HEAD + 8192);
+    plan_cluster c;
+    load_cluster_text(&c, "{\"default_link\": {\"latency\": \"50 us\", \"bandwidth\": \"10 GB/s\"},"
+                          " \"nodes\": [{\"name\": \"a\", \"devices\": [{\"memory\": \"10 GB\", \"bandwidth\": \"100 GB/s\"}]},"
+                          " {\"name\": \"b\", \"devices\": [{\"memory\": \"10 GB\", \"bandwidth\": \"100 GB/s\"}]}]}");
+    plan_request r;
+    plan_request_init(&r);
+    r.context = 4096;
+    r.max_tp = 1;
+    plan_result *p = calloc(1, sizeof *p);
+    int rc = plan_solve(&pm, &c, &r, p, &err);
+    if (rc) fail_msg("%s", err.msg);
+    check_valid(p, &pm, &c, 0.05);
+    assert_int_equal(p->n_stage, 2);
+    assert_int_equal(p->stage[0].member[0].embed, LL_HEAD);
+    assert_int_equal(p->stage[1].member[0].output, 8192 + LL_HEAD);
+    plan_cluster_free(&c);
+    load_cluster_text(&c, "{\"nodes\": [{\"name\": \"a\", \"devices\": [{\"memory\": \"20 GB\", \"bandwidth\": \"100 GB/s\"}]}]}");
+    rc = plan_solve(&pm, &c, &r, p, &err);
+    if (rc) fail_msg("%s", err.msg);
+    check_valid(p, &pm, &c, 0.05);
+    assert_int_equal(p->n_stage, 1);
+    assert_int_equal(p->stage[0].member[0].embed, LL_HEAD);
+    assert_int_equal(p->stage[0].member[0].output, 8192);
+    /* read per token: one embedding row, the layers, the norm and the whole (tied) table */
+    double t = (8192.0 + 32.0 * 436224000.0 + 8192.0 + 262144000.0) / 100e9;
+    assert_true(fabs(p->t_token - t) < 1e-9 * t);
+    free(p);
+    plan_cluster_free(&c);
+    plan_model_free(&pm);
+}
+
 /* A fast (400 GB/s, 10 GB) and a slow (100 GB/s, 16 GB) node: under the latency objective every
  * layer on the fast node saves time, so it gets as many as it can hold. Capacity of the fast
  * node at 8,192 tokens: usable 9,500,000,000 - runtime 1,073,741,824 - scratch ~61.4e6 -
@@ -1017,6 +1064,7 @@ int main(void) {
         cmocka_unit_test(test_context_above_model_max),
         cmocka_unit_test(test_cli),
         cmocka_unit_test(test_equal_nodes),
+        cmocka_unit_test(test_tied_embeddings),
         cmocka_unit_test(test_fast_and_slow),
         cmocka_unit_test(test_throughput_ties_to_latency),
         cmocka_unit_test(test_link_latency_vs_bandwidth),
