@@ -39,6 +39,14 @@ typedef struct cuda_model_opts {
 int cuda_model_init(cuda_model **out, const model *m, const cuda_model_opts *o, st_err *err);
 void cuda_model_free(cuda_model *cm);
 
+/* A model of descriptor d (e.g. synth_preset_desc) whose weights are generated directly in
+ * device memory by a hash of (seed, tensor, element): the layout synth_model would build (MLX
+ * affine at d->q_bits/q_group with bf16 scales, routers at 8 bits group 64; or bf16), zero-mean
+ * values of standard deviation 1/sqrt(fan_in), norms 1 — statistically like the host synth,
+ * not bit-identical. For benchmarks of models larger than host memory. d must outlive *out. */
+int cuda_model_init_synthetic(cuda_model **out, const model_desc *d, const cuda_model_opts *o, uint64_t seed,
+                              st_err *err);
+
 /* Same semantics as model_forward (rows, positions, slots, logits modes); logits_host is host
  * memory ([T, n_vocab] for LOGITS_ALL, [n_vocab] for LOGITS_LAST). */
 int cuda_model_forward(cuda_model *cm, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
@@ -66,6 +74,8 @@ typedef struct cuda_model_info {
     size_t weight_bytes;   /* device bytes of the uploaded weights                          */
     size_t kv_bytes;       /* device bytes of the KV cache                                  */
     size_t act_bytes;      /* activations and scratch                                       */
+    size_t active_bytes;   /* weight bytes one decode step (B = 1) reads: every non-expert
+                              weight, n_expert_used experts per MoE layer, the output layer  */
     size_t mem_total, mem_free;
 } cuda_model_info;
 void cuda_model_get_info(const cuda_model *cm, cuda_model_info *info);
@@ -97,6 +107,12 @@ int cuda_op_swiglu(const float *gate, const float *up, int64_t n, float *out, st
 /* Router: logits[T, E] -> sel[T, K], w[T, K] exactly as forward.c's moe_route. */
 int cuda_op_moe_route(const float *logits, const float *bias, int T, int E, int K, int sigmoid, int norm_topk,
                       int32_t *sel, float *w, st_err *err);
+/* The whole MoE feed-forward of forward.c's moe_forward on x[T, D]: router logits (fp32 for
+ * every T), routing as cuda_op_moe_route, experts exp_*[E] (identical shapes), weighted sum into
+ * out[T, D]; sel_out[T, K] (may be NULL) receives the chosen experts. */
+int cuda_op_moe_ffn(const wt_linear *router, const float *router_bias, const wt_linear *exp_gate,
+                    const wt_linear *exp_up, const wt_linear *exp_down, int E, int K, int sigmoid, int norm_topk,
+                    const float *x, int T, float *out, int32_t *sel_out, st_err *err);
 int cuda_op_argmax(const float *x, int rows, int n, int32_t *out, st_err *err);
 
 #ifdef __cplusplus

@@ -305,6 +305,67 @@ static void check_route(int T, int E, int K, int sigmoid, int norm) {
     free(lg), free(bias), free(w_ref), free(w_got), free(s_ref), free(s_got);
 }
 
+/* The whole MoE feed-forward (router linear + routing + experts + weighted sum) against
+ * forward.c's moe_forward restated on the host with cpu_linear / cpu_swiglu / route_ref, for
+ * T = 1 (decode), 7, 9 (just past the matrix-vector limit of 8), 33 and 200 token rows. The
+ * selection must agree exactly (the router runs in fp32 on both), the output within 1e-4. */
+static void check_moe_ffn(cpu_scratch *cs, int D, int F, int E, int K, int sigmoid, int norm, int bits, int rbits) {
+    wt_linear router, *eg = calloc((size_t)E, sizeof *eg), *eu = calloc((size_t)E, sizeof *eu),
+                      *ed = calloc((size_t)E, sizeof *ed);
+    void *rb[3], **eb = calloc((size_t)E * 9, sizeof *eb);
+    make_weight(&router, rb, E, D, SFT_BF16, rbits, 64, SFT_BF16);
+    for (int e = 0; e < E; e++) {
+        make_weight(&eg[e], eb + 9 * e, F, D, SFT_BF16, bits, 64, SFT_BF16);
+        make_weight(&eu[e], eb + 9 * e + 3, F, D, SFT_BF16, bits, 64, SFT_BF16);
+        make_weight(&ed[e], eb + 9 * e + 6, D, F, SFT_BF16, bits, 64, SFT_BF16);
+    }
+    float *bias = malloc((size_t)E * 4);
+    for (int e = 0; e < E; e++) bias[e] = rnd_f() * 0.1f;
+    const int Ts[] = {1, 7, 9, 33, 200};
+    for (int ti = 0; ti < 5; ti++) {
+        const int T = Ts[ti];
+        float *x = malloc((size_t)T * D * 4), *ref = calloc((size_t)T * D, 4), *got = malloc((size_t)T * D * 4);
+        float *lg = malloc((size_t)T * E * 4), *selw = malloc((size_t)T * K * 4);
+        float *g = malloc((size_t)F * 4), *u = malloc((size_t)F * 4), *y = malloc((size_t)D * 4);
+        int32_t *sel = malloc((size_t)T * K * 4), *sel_got = malloc((size_t)T * K * 4);
+        for (int i = 0; i < T * D; i++) x[i] = rnd_f();
+        cpu_linear(NULL, cs, lg, x, &router, T);
+        for (int t = 0; t < T; t++)
+            route_ref(lg + (size_t)t * E, sigmoid ? bias : NULL, E, K, sigmoid, norm, sel + (size_t)t * K,
+                      selw + (size_t)t * K);
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++) {
+                const int e = sel[(size_t)t * K + k];
+                cpu_linear(NULL, cs, g, x + (size_t)t * D, &eg[e], 1);
+                cpu_linear(NULL, cs, u, x + (size_t)t * D, &eu[e], 1);
+                cpu_swiglu(g, g, u, F);
+                cpu_linear(NULL, cs, y, g, &ed[e], 1);
+                for (int i = 0; i < D; i++) ref[(size_t)t * D + i] += selw[(size_t)t * K + k] * y[i];
+            }
+        st_err err = {0};
+        char what[160], q[24];
+        if (bits) snprintf(q, sizeof q, "q%dg64", bits);
+        else snprintf(q, sizeof q, "bf16");
+        if (cuda_op_moe_ffn(&router, sigmoid ? bias : NULL, eg, eu, ed, E, K, sigmoid, norm, x, T, got, sel_got, &err)) {
+            printf("moe ffn: %s\n", err.msg);
+            g_fail++;
+        } else {
+            int bad = 0;
+            for (int i = 0; i < T * K; i++) bad += sel_got[i] != sel[i];
+            snprintf(what, sizeof what, "moe ffn %s %s D=%d F=%d E=%d K=%d T=%d (selection)", sigmoid ? "sigmoid" : "softmax",
+                     q, D, F, E, K, T);
+            report(what, bad, 0);
+            snprintf(what, sizeof what, "moe ffn %s %s D=%d F=%d E=%d K=%d T=%d (output)", sigmoid ? "sigmoid" : "softmax", q,
+                     D, F, E, K, T);
+            report(what, rel_err(got, ref, (size_t)T * D), 1e-4);
+        }
+        free(x), free(ref), free(got), free(lg), free(selw), free(g), free(u), free(y), free(sel), free(sel_got);
+    }
+    for (int i = 0; i < 3; i++) free(rb[i]);
+    for (int i = 0; i < E * 9; i++) free(eb[i]);
+    free(eb), free(eg), free(eu), free(ed), free(bias);
+}
+
 int cmd_cuda_parity(int argc, char **argv) {
     int quick = 0;
     for (int i = 1; i < argc; i++) {
@@ -343,6 +404,15 @@ int cmd_cuda_parity(int argc, char **argv) {
                     sft_dtype sdt = (bi + gi + si) % 5 == 3 ? SFT_F16 : (bi + gi + si) % 5 == 4 ? SFT_F32 : SFT_BF16;
                     check_linear(&cs, qshapes[si][0], qshapes[si][1], SFT_BF16, bits[bi], groups[gi], sdt, T);
                 }
+    /* wide weights: >= 132 blocks of 16 rows take the 4-rows-per-warp kernels (the shapes above
+     * are small enough to take the 1-row variants); 2118 rows leave a partial last block */
+    for (int bi = 0; bi < 6; bi++)
+        for (int ti = 0; ti < 2; ti++)
+            check_linear(&cs, 2118, 1024, SFT_BF16, bits[bi], bi % 2 ? 32 : 64, bi == 3 ? SFT_F16 : SFT_BF16, ti ? 3 : 1);
+    for (int ti = 0; ti < 2; ti++) {
+        check_linear(&cs, 2118, 1024, SFT_BF16, 0, 0, SFT_BF16, ti ? 3 : 1);
+        check_linear(&cs, 2118, 1024, SFT_F16, 0, 0, SFT_BF16, ti ? 3 : 1);
+    }
     check_rows_ops();
     /* attention: decode rows and causal prefill rows, GQA, head dims 32..256 incl. 48 */
     int at[][5] = {{1, 1, 4, 2, 32}, {300, 1, 32, 8, 128}, {4097, 1, 16, 4, 128}, {77, 5, 4, 2, 48},
@@ -353,6 +423,11 @@ int cmd_cuda_parity(int argc, char **argv) {
     check_route(3, 64, 4, 0, 0);
     check_route(7, 256, 8, 1, 1);
     check_route(4, 8, 2, 1, 1);
+    check_route(64, 128, 8, 0, 1);
+    check_route(33, 256, 8, 1, 1);
+    check_moe_ffn(&cs, 256, 128, 16, 4, 0, 1, 0, 0);  /* qwen3_moe-like: softmax top-k, bf16          */
+    check_moe_ffn(&cs, 256, 128, 32, 8, 1, 1, 4, 8);  /* minimax-like: sigmoid + bias, q4 experts, q8 router */
+    check_moe_ffn(&cs, 128, 64, 128, 8, 0, 1, 5, 0);  /* 128 experts, q5 experts, bf16 router         */
     cpu_scratch_free(&cs);
     printf("cuda-parity: %d cases, %d failed\n", g_cases, g_fail);
     return g_fail ? 1 : 0;

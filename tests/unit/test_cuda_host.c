@@ -4,8 +4,8 @@
  *   - without a usable GPU (CI, this build machine): cuda_model_init on a synthetic tiny model
  *     fails with ST_ERR_UNSUPPORTED, a one-line message and *out == NULL; the single-op entry
  *     points fail the same way; the copy bandwidth probe returns 0; st_gpu_count agrees;
- *   - with a GPU (the device machine): every tiny preset (bf16 and q4g64) runs a 9-token prefill
- *     and 3 decode steps on the GPU whose logits match the CPU reference forward within the bf16
+ *   - with a GPU (the device machine): every tiny preset (bf16 and q4g64) runs a 20-token prefill
+ *     (two chunks of max_batch 16: GEMM / chunked fp32 matvec paths) and 3 decode steps on the GPU whose logits match the CPU reference forward within the bf16
  *     criterion (max|dlogit| <= 3e-2 max|logit|), and the graph-replayed greedy step returns
  *     the argmax of the eager decode logits.
  * Built only when CUDA was found at configure time (otherwise the test is a skip).
@@ -69,22 +69,22 @@ static void run_preset(const char *spec) {
     cuda_model *cm = NULL;
     st_err err = {0};
     assert_int_equal(synth_model(&m, spec, 3, NULL, &err), ST_OK);
-    const int V = m->desc.n_vocab, T = 9;
+    const int V = m->desc.n_vocab, T = 20;
     model_ctx_opts co = {.max_ctx = 32, .n_slots = 2, .max_batch = 16, .n_threads = 2, .exact = 1};
     assert_int_equal(model_ctx_init(&ctx, m, &co, &err), ST_OK);
     cuda_model_opts go = {.max_ctx = 32, .n_slots = 2, .max_batch = 16};
     int rc = cuda_model_init(&cm, m, &go, &err);
     if (rc) fprintf(stderr, "%s: %s\n", spec, err.msg);
     assert_int_equal(rc, ST_OK);
-    int32_t tok[12], pos[12], slot[12];
-    for (int i = 0; i < 12; i++) tok[i] = (i * 37 + 5) % V, pos[i] = i, slot[i] = 1;
+    int32_t tok[23], pos[23], slot[23];
+    for (int i = 0; i < 23; i++) tok[i] = (i * 37 + 5) % V, pos[i] = i, slot[i] = 1;
     float *a = malloc((size_t)T * V * 4), *b = malloc((size_t)T * V * 4);
     assert_int_equal(model_forward(ctx, tok, pos, slot, T, a, LOGITS_ALL, &err), ST_OK);
     assert_int_equal(cuda_model_forward(cm, tok, pos, slot, T, b, LOGITS_ALL, &err), ST_OK);
     double r = rel_diff(b, a, (size_t)T * V);
     printf("%s prefill: rel %.2e\n", spec, r);
     assert_true(r <= 3e-2);
-    for (int t = T; t < 12; t++) {
+    for (int t = T; t < 23; t++) {
         assert_int_equal(model_forward(ctx, &tok[t], &pos[t], &slot[t], 1, a, LOGITS_LAST, &err), ST_OK);
         assert_int_equal(cuda_model_forward(cm, &tok[t], &pos[t], &slot[t], 1, b, LOGITS_LAST, &err), ST_OK);
         r = rel_diff(b, a, (size_t)V);
@@ -95,7 +95,7 @@ static void run_preset(const char *spec) {
     int32_t best = 0, next = -1;
     for (int i = 1; i < V; i++)
         if (b[i] > b[best]) best = i;
-    assert_int_equal(cuda_model_decode_greedy(cm, &tok[11], &pos[11], &slot[11], 1, &next, &err), ST_OK);
+    assert_int_equal(cuda_model_decode_greedy(cm, &tok[22], &pos[22], &slot[22], 1, &next, &err), ST_OK);
     assert_int_equal(next, best);
     free(a);
     free(b);

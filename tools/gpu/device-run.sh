@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # tools/gpu/device-run.sh — runs on the GPU machine from the repo root with .devcarry/ carried
 # (made by tools/gpu/prepare.sh). Phases, each timed and bounded so the whole run stays under
-# 9 minutes: nvidia-smi, test_cuda_host (GPU vs CPU forward on tiny presets), strata
-# cuda-parity, eval-golden --device cuda on every fixture, then benches (qwen3-8b bf16 with a
-# 2048-token prefill, qwen3-8b q4g64, qwen3-30b-a3b q4g64 if time is left). Everything goes
-# under $OUT; a summary table is printed last.
+# 8 minutes: nvidia-smi, test_cuda_host (GPU vs CPU forward on tiny presets), strata
+# cuda-parity (incl. the whole MoE FFN for T = 1..200), eval-golden --device cuda on every
+# fixture, then benches (qwen3-8b bf16 with a 2048-token prefill, qwen3-8b q4g64, qwen3-30b-a3b
+# q4g64, and last, if time is left, minimax-m2.5 q4g64 at a 4096-token context with its ~120 GiB
+# of weights generated on the device). Everything goes under $OUT; a summary table is printed
+# last.
 set -uo pipefail
 OUT=${OUT:-/tmp/strata-gpu-out}
 mkdir -p "$OUT"
 C=.devcarry
 S=$C/bin/strata
 T_START=$(date +%s)
-BUDGET=${BUDGET:-530}
+BUDGET=${BUDGET:-460}
 CUDA_LIBS=/usr/local/cuda/lib64:/usr/local/cuda/lib
 PYCUBLAS=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
 export LD_LIBRARY_PATH="$C/lib:$CUDA_LIBS:${PYCUBLAS:+$PYCUBLAS:}${LD_LIBRARY_PATH:-}"
@@ -65,7 +67,8 @@ phase eval-golden 30 120 bash -c golden_all
 
 phase bench-qwen3-8b-bf16 120 200 "$S" bench --synthetic qwen3-8b:bf16 --device cuda --prompt 2048 --gen 128 --out "$OUT/bench-qwen3-8b-bf16"
 phase bench-qwen3-8b-q4g64 100 170 "$S" bench --synthetic qwen3-8b:q4g64 --device cuda --prompt 512 --gen 128 --out "$OUT/bench-qwen3-8b-q4g64"
-phase bench-qwen3-30b-a3b-q4g64 140 200 "$S" bench --synthetic qwen3-30b-a3b:q4g64 --device cuda --prompt 512 --gen 128 --out "$OUT/bench-qwen3-30b-a3b-q4g64"
+phase bench-qwen3-30b-a3b-q4g64 100 150 "$S" bench --synthetic qwen3-30b-a3b:q4g64 --device cuda --prompt 512 --gen 128 --out "$OUT/bench-qwen3-30b-a3b-q4g64"
+phase bench-minimax-m2.5-q4g64 90 150 "$S" bench --synthetic minimax-m2.5:q4g64 --device cuda --context 4096 --prompt 256 --gen 128 --out "$OUT/bench-minimax-m2.5-q4g64"
 
 echo
 echo "== summary (total $(( $(date +%s) - T_START )) s)"

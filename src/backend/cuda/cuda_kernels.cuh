@@ -343,6 +343,32 @@ __global__ void k_rmsnorm_block(float *out, const float *x, const float *w, int 
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
+// x += y, then out = rmsnorm(x) * w: the residual add fused with the next norm (one block per row)
+__global__ void k_add_rmsnorm(float *out, float *x, const float *y, const float *w, int n, float eps) {
+    __shared__ float red[32];
+    const int64_t r = blockIdx.x;
+    float *xr = x + r * n;
+    const float *yr = y + r * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = xr[i] + yr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(red[0] / (float)n + eps);
+    float *o = out + r * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+}
+
 // rotate-half RoPE of q[T, Hq, hd] and k[T, Hk, hd] (k may be NULL) on the first n_rot dims;
 // angles in double like cpu_rope_table.
 __global__ void k_rope(float *q, int Hq, float *k, int Hk, const int32_t *pos, int hd, int n_rot, const double *inv_freq) {
@@ -609,4 +635,43 @@ __global__ void k_fill_kv(__nv_bfloat16 *kc, __nv_bfloat16 *vc, size_t n, uint64
         kc[i] = __float2bfloat16(r);
         vc[i] = __float2bfloat16(-r);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// synthetic weights generated in device memory (cuda_model_init_synthetic): a counter hash per
+// element, no host copy
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+    x ^= x >> 30, x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27, x *= 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+__device__ __forceinline__ float unif_pm1(uint64_t seed, size_t i) { // [-1, 1)
+    return (float)(mix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40) / 8388608.0f - 1.0f;
+}
+
+__global__ void k_synth_u32(uint32_t *p, size_t n, uint64_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = (uint32_t)mix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull);
+}
+
+// bf16 values center + amp * u, u uniform in [-1, 1)
+__global__ void k_synth_bf16(__nv_bfloat16 *p, size_t n, uint64_t seed, float center, float amp) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = __float2bfloat16(center + amp * unif_pm1(seed, i));
+}
+
+// MLX affine scales s (bf16, s0 * (1 + 0.1 u)) and matching biases -s * qmid (zero-mean weights)
+__global__ void k_synth_scales(__nv_bfloat16 *s, __nv_bfloat16 *b, size_t n, uint64_t seed, float s0, float qmid) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float sc = s0 * (1.0f + 0.1f * unif_pm1(seed, i));
+        s[i] = __float2bfloat16(sc);
+        b[i] = __float2bfloat16(-sc * qmid);
+    }
+}
+
+__global__ void k_synth_f32(float *p, size_t n, uint64_t seed, float center, float amp) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = center + amp * unif_pm1(seed, i);
 }
