@@ -140,15 +140,20 @@ static void table(const bench_result *r, FILE *f) {
     if (r->concurrency > 1)
         fprintf(f, "| **Aggregate TPS** | **%.1f TPS** | %d sequences decoding together |\n", r->aggregate_tok_s,
                 r->concurrency);
-    fprintf(f, "| **CPU Residency** | **%.0f%%** | busy share of %d pool threads during decode |\n", 100 * r->residency_cpu,
-            r->threads);
-    fprintf(f, "| **Max Context (Stable)** | **%lld** of %lld | %s; KV %s; decode there %.2f ms/token |\n",
-            (long long)r->max_ctx_stable, (long long)r->max_ctx_target, r->max_ctx_note,
-            st_fmt_bytes(r->kv_bytes, b1, sizeof b1), r->lat_at_max_ctx_ms);
+    if (r->threads > 0)
+        fprintf(f, "| **CPU Residency** | **%.0f%%** | busy share of %d pool threads during decode |\n", 100 * r->residency_cpu,
+                r->threads);
+    if (r->max_ctx_stable > 0)
+        fprintf(f, "| **Max Context (Stable)** | **%lld** of %lld | %s; KV %s; decode there %.2f ms/token |\n",
+                (long long)r->max_ctx_stable, (long long)r->max_ctx_target, r->max_ctx_note,
+                st_fmt_bytes(r->kv_bytes, b1, sizeof b1), r->lat_at_max_ctx_ms);
+    else
+        fprintf(f, "| **Max Context (Stable)** | - | %s |\n", r->max_ctx_note);
     fprintf(f, "| TTFT | %.1f ms | prompt of %d tokens |\n", 1000 * r->ttft_s, r->prompt_tokens);
     fprintf(f, "| Prefill | %.1f tok/s | |\n", r->prefill_tok_s);
-    fprintf(f, "| MBU | %.2f | %s per token / %.2f ms / %.1f GB/s measured read bandwidth |\n", r->mbu,
-            st_fmt_bytes(r->bytes_per_token, b2, sizeof b2), r->lat_mean_ms, r->mem_bw_gbs);
+    if (r->mem_bw_gbs > 0)
+        fprintf(f, "| MBU | %.2f | %s per token / %.2f ms / %.1f GB/s measured read bandwidth |\n", r->mbu,
+                st_fmt_bytes(r->bytes_per_token, b2, sizeof b2), r->lat_mean_ms, r->mem_bw_gbs);
     if (r->predicted_tok_s > 0)
         fprintf(f, "| Predicted vs achieved | %.1f / %.1f TPS | planner prediction |\n", r->predicted_tok_s, r->decode_tok_s);
     fprintf(f, "\nMachine: %s. Backend: %s. Model: %s (%s, %s weights). Flags: %s.\n", r->machine, r->backend, r->model,

@@ -17,4 +17,15 @@ int cmd_chat_template(int argc, char **argv);
 int cmd_cuda_parity(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 
+/* bench_cluster.c: the bench table on a running cluster (fills r; prints stage/hop table). */
+struct bench_result;
+struct st_err;
+int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen, int conc, int threads,
+                  struct bench_result *r, struct st_err *err);
+
+/* run_cluster.c: strata run --peers (tokenise here, generate on the nodes, stream text). */
+struct smp_params;
+int run_cluster(const char *dir, const char *peers, const char *prompt, const char *system, int raw, int max_tokens,
+                const struct smp_params *sp, int threads);
+
 #endif

@@ -30,6 +30,7 @@ static void usage(void) {
             "  --prompt N        prompt tokens for TTFT/prefill (default 128)\n"
             "  --gen N           decoded tokens for latency figures (default 64)\n"
             "  --concurrency N   sequences decoding together for aggregate TPS (default 1)\n"
+            "  --peers A:P,...   run on a cluster of `strata node` processes (MODEL_DIR on every node)\n"
             "  --context N       target context for the max-stable-context test (default: the model's max)\n"
             "  --no-max-context  skip the max-context test\n"
             "  --threads N       CPU threads (default: all)\n"
@@ -180,14 +181,115 @@ out:
 }
 #endif
 
+#ifdef STRATA_HAVE_CUDA
+/* --synthetic SPEC --device cuda for presets larger than host memory: the weights are generated
+ * in device memory (cuda_model_init_synthetic); prefill of `prompt` tokens, then with ctx > 0 the
+ * KV cache is filled and `gen` greedy steps decode at the end of a ctx-token context. */
+static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, int gen, int64_t ctx, const char *out_dir) {
+    st_err err = {0};
+    model_desc d;
+    memset(&d, 0, sizeof d);
+    if (synth_preset_desc(spec, &d, &err)) return die(&err);
+    cuda_model *cm = NULL;
+    const int V = d.n_vocab;
+    int rc = 1;
+    if (ctx < prompt + gen + 8) ctx = prompt + gen + 8;
+    const int pos0 = (int)ctx - gen - 8; /* decode from here (KV filled before it) */
+    float *logits = malloc((size_t)V * 4), *step = malloc((size_t)gen * sizeof(float));
+    int32_t *toks = malloc((size_t)prompt * 4), *pos = malloc((size_t)prompt * 4), *slot = calloc((size_t)prompt, 4),
+            *outt = malloc((size_t)gen * 4);
+    double *lat = malloc((size_t)gen * sizeof(double));
+    cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = 1, .max_batch = prompt < 512 ? prompt : 512};
+    if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    fprintf(stderr, "strata: generating %s on the device (weights never on the host) ...\n", spec);
+    uint64_t g0 = st_time_ns();
+    if (cuda_model_init_synthetic(&cm, &d, &o, 1, &err)) {
+        die(&err);
+        goto out;
+    }
+    cuda_model_info info;
+    cuda_model_get_info(cm, &info);
+    fprintf(stderr, "strata: weights %.2f GB generated on the device in %.1f s, KV %.2f GB, activations %.2f GB\n",
+            info.weight_bytes / 1e9, (double)(st_time_ns() - g0) * 1e-9, info.kv_bytes / 1e9, info.act_bytes / 1e9);
+    snprintf(r->backend, sizeof r->backend, "CUDA %s", info.device);
+    snprintf(r->model, sizeof r->model, "synthetic %s (random weights generated on the device)", spec);
+    if (d.q_bits) snprintf(r->quant, sizeof r->quant, "MLX affine %d-bit g%d", d.q_bits, d.q_group);
+    else snprintf(r->quant, sizeof r->quant, "bf16");
+    r->weight_bytes = (double)info.weight_bytes;
+    r->mem_bw_gbs = cuda_measure_copy_bandwidth(0, (size_t)2 << 30, 5) / 1e9;
+    uint64_t rng = 0x1234567;
+    for (int i = 0; i < prompt; i++) {
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        toks[i] = (int32_t)(rng % (uint64_t)V);
+        pos[i] = i;
+    }
+    uint64_t t0 = 0;
+    for (int rep = 0; rep < 2; rep++) {
+        t0 = st_time_ns();
+        if (cuda_model_forward(cm, toks, pos, slot, prompt, logits, LOGITS_LAST, &err)) {
+            die(&err);
+            goto out;
+        }
+    }
+    r->ttft_s = (double)(st_time_ns() - t0) * 1e-9;
+    r->prefill_tok_s = prompt / r->ttft_s;
+    int32_t next = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[next]) next = i;
+    if (pos0 > prompt && cuda_model_kv_fill_synthetic(cm, 0, pos0, &err)) {
+        die(&err);
+        goto out;
+    }
+    const int p0 = pos0 > prompt ? pos0 : prompt;
+    if (cuda_model_generate_greedy(cm, next, p0, 0, 4, outt, NULL, &err) ||
+        cuda_model_generate_greedy(cm, next, p0, 0, gen, outt, step, &err)) {
+        die(&err);
+        goto out;
+    }
+    double sum = 0;
+    for (int i = 0; i < gen; i++) lat[i] = step[i], sum += step[i];
+    r->lat_mean_ms = sum / gen;
+    r->decode_tok_s = 1000.0 / r->lat_mean_ms;
+    r->aggregate_tok_s = r->decode_tok_s;
+    r->lat_p50_ms = bench_percentile(lat, (size_t)gen, 50);
+    r->lat_p90_ms = bench_percentile(lat, (size_t)gen, 90);
+    r->lat_p99_ms = bench_percentile(lat, (size_t)gen, 99);
+    r->bytes_per_token = (double)info.active_bytes + (double)model_desc_kv_bytes_per_token(&d, 2) * d.n_layer * (p0 + gen / 2);
+    r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
+    r->max_ctx_target = d.max_pos;
+    r->max_ctx_stable = ctx;
+    r->kv_bytes = (double)info.kv_bytes;
+    snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "decode from position %d (KV filled synthetically); CUDA events per graph replay", p0);
+    bench_print_table(r, stdout);
+    printf("\ncuda: weights on device %.2f GB, bytes/token %.2f GB (weights %.2f GB), %.1f tok/s, MBU %.3f (copy bw %.0f GB/s)\n",
+           info.weight_bytes / 1e9, r->bytes_per_token / 1e9, info.active_bytes / 1e9, r->decode_tok_s, r->mbu,
+           r->mem_bw_gbs);
+    if (cuda_model_profile_step(cm, p0, stdout, &err)) fprintf(stderr, "strata: profile: %s\n", err.msg);
+    char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
+    if (pm && pj && !st_mkdir_p(out_dir, &err) && !bench_write_md(r, pm, &err) && !bench_write_json(r, pj, &err))
+        fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
+    else
+        fprintf(stderr, "strata: %s\n", err.msg);
+    free(pm);
+    free(pj);
+    rc = 0;
+out:
+    cuda_model_free(cm);
+    model_desc_free(&d);
+    free(logits), free(step), free(toks), free(pos), free(slot), free(outt), free(lat);
+    return rc;
+}
+#endif
+
 int cmd_bench(int argc, char **argv) {
-    const char *dir = NULL, *synthetic = NULL, *out_dir = ".", *compare = NULL;
+    const char *dir = NULL, *synthetic = NULL, *out_dir = ".", *compare = NULL, *peers = NULL;
     int prompt = 128, gen = 64, conc = 1, threads = 0, exact = 0, do_max = 1, cuda = 0;
     int64_t ctx_target = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int more = i + 1 < argc;
         if (!strcmp(a, "--synthetic") && more) synthetic = argv[++i];
+        else if (!strcmp(a, "--peers") && more) peers = argv[++i];
         else if (!strcmp(a, "--prompt") && more) prompt = atoi(argv[++i]);
         else if (!strcmp(a, "--gen") && more) gen = atoi(argv[++i]);
         else if (!strcmp(a, "--concurrency") && more) conc = atoi(argv[++i]);
@@ -212,6 +314,31 @@ int cmd_bench(int argc, char **argv) {
         usage();
         return 2;
     }
+    if (peers) { /* the cluster path: the nodes hold the weights */
+        if (!dir) {
+            fprintf(stderr, "strata bench: --peers needs a MODEL_DIR present on every node\n");
+            return 2;
+        }
+        bench_result cr;
+        memset(&cr, 0, sizeof cr);
+        machine_desc(cr.machine, sizeof cr.machine);
+        snprintf(cr.model, sizeof cr.model, "%s", dir);
+        snprintf(cr.flags, sizeof cr.flags, "--peers %s --prompt %d --gen %d --concurrency %d", peers, prompt, gen, conc);
+        snprintf(cr.max_ctx_note, sizeof cr.max_ctx_note, "not measured on a cluster here (see strata plan)");
+        cr.prompt_tokens = prompt, cr.gen_tokens = gen, cr.concurrency = conc;
+        st_err cerr = {0};
+        if (bench_cluster(dir, peers, prompt, gen, conc, threads, &cr, &cerr)) {
+            fprintf(stderr, "strata: %s\n", cerr.msg);
+            return 1;
+        }
+        bench_print_table(&cr, stdout);
+        char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
+        if (pm && pj && !st_mkdir_p(out_dir, &cerr) && !bench_write_md(&cr, pm, &cerr) && !bench_write_json(&cr, pj, &cerr))
+            fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
+        free(pm);
+        free(pj);
+        return 0;
+    }
     (void)exact;
     st_err err = {0};
     model *m = NULL;
@@ -224,6 +351,16 @@ int cmd_bench(int argc, char **argv) {
     memset(&r, 0, sizeof r);
     machine_desc(r.machine, sizeof r.machine);
     snprintf(r.flags, sizeof r.flags, "--prompt %d --gen %d --concurrency %d%s", prompt, gen, conc, exact ? " --exact" : "");
+#ifdef STRATA_HAVE_CUDA
+    if (synthetic && cuda) { /* presets beyond host memory: weights generated on the GPU */
+        uint64_t np = 0, nb = 0;
+        if (!synth_preset_size(synthetic, &np, &nb, &err) && (nb > ((uint64_t)48 << 30) || getenv("STRATA_CUDA_DEVICE_SYNTH"))) {
+            machine_desc(r.machine, sizeof r.machine);
+            r.prompt_tokens = prompt, r.gen_tokens = gen, r.concurrency = 1, r.params = (int64_t)np;
+            return bench_cuda_devsynth(synthetic, &r, prompt, gen, ctx_target, out_dir);
+        }
+    }
+#endif
     if (synthetic) {
         if (synth_model(&m, synthetic, 1, NULL, &err)) return die(&err);
         snprintf(r.model, sizeof r.model, "synthetic %s (random weights)", synthetic);

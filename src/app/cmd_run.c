@@ -32,7 +32,8 @@ static void usage(void) {
             "  --stop STR            stop string (repeatable)\n"
             "  --no-think            enable_thinking=false for templates that support it\n"
             "  --ctx N               context length (default min(model max, 4096))\n"
-            "  --threads N  --offline\n");
+            "  --threads N  --offline\n"
+            "  --peers A:P,...       generate on a cluster of `strata node` processes (MODEL_DIR on every node)\n");
 }
 
 static int on_text(void *user, const char *text, size_t len) {
@@ -93,7 +94,7 @@ static char *read_line(const char *prompt) {
 }
 
 int cmd_run(int argc, char **argv) {
-    const char *model_spec = NULL, *prompt = NULL, *system = NULL;
+    const char *model_spec = NULL, *prompt = NULL, *system = NULL, *peers = NULL;
     const char *stops[RUN_MAX_STOP];
     int n_stop = 0, raw = 0, max_tokens = 256, no_think = 0;
     engine_opts eo = {0};
@@ -108,6 +109,7 @@ int cmd_run(int argc, char **argv) {
         else if (!strcmp(a, "--tokenizer") && more) eo.tokenizer_dir = argv[++i];
         else if (!strcmp(a, "--synthetic") && more) eo.synthetic = argv[++i];
         else if (!strcmp(a, "--system") && more) system = argv[++i];
+        else if (!strcmp(a, "--peers") && more) peers = argv[++i];
         else if (!strcmp(a, "--max-tokens") && more) max_tokens = atoi(argv[++i]);
         else if (!strcmp(a, "--temperature") && more) sp.temperature = (float)atof(argv[++i]);
         else if (!strcmp(a, "--top-k") && more) sp.top_k = atoi(argv[++i]);
@@ -142,6 +144,13 @@ int cmd_run(int argc, char **argv) {
     if (!model_spec && !eo.synthetic) {
         usage();
         return 2;
+    }
+    if (peers) {
+        if (!model_spec || !prompt) {
+            fprintf(stderr, "strata run: --peers needs MODEL_DIR and a PROMPT\n");
+            return 2;
+        }
+        return run_cluster(model_spec, peers, prompt, system, raw, max_tokens, &sp, eo.n_threads);
     }
     st_err err = {0};
     engine *e = NULL;
