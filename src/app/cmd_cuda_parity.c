@@ -409,6 +409,13 @@ int cmd_cuda_parity(int argc, char **argv) {
     for (int bi = 0; bi < 6; bi++)
         for (int ti = 0; ti < 2; ti++)
             check_linear(&cs, 2118, 1024, SFT_BF16, bits[bi], bi % 2 ? 32 : 64, bi == 3 ? SFT_F16 : SFT_BF16, ti ? 3 : 1);
+    /* split-K matrix-vector (T = 1, cols >= 1024, fewer than 1056 blocks): 4 and 1 rows per warp */
+    for (int bi = 0; bi < 6; bi++) {
+        check_linear(&cs, 2118, 4096, SFT_BF16, bits[bi], bi % 2 ? 32 : 64, bi == 3 ? SFT_F16 : SFT_BF16, 1);
+        check_linear(&cs, 600, 2048, SFT_BF16, bits[bi], 64, SFT_BF16, 1);
+    }
+    check_linear(&cs, 600, 2048, SFT_BF16, 0, 0, SFT_BF16, 1);
+    check_linear(&cs, 600, 2048, SFT_F16, 0, 0, SFT_BF16, 1);
     for (int ti = 0; ti < 2; ti++) {
         check_linear(&cs, 2118, 1024, SFT_BF16, 0, 0, SFT_BF16, ti ? 3 : 1);
         check_linear(&cs, 2118, 1024, SFT_F16, 0, 0, SFT_BF16, ti ? 3 : 1);

@@ -92,12 +92,14 @@ struct mv_args {
 };
 
 // segment of this block, its first row, the job's x / y / expert
-#define MV_PROLOGUE(R)                                                                                              \
+#define MV_PROLOGUE(R, KS)                                                                                            \
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;                                                     \
     int sg = 0;                                                                                                     \
     _Pragma("unroll") for (int i_ = 1; i_ < MV_SEGS; i_++) if (i_ < a.nseg && (int)blockIdx.x >= a.blk0[i_]) sg = i_; \
     const dlin &w = a.w[sg];                                                                                        \
-    const int64_t r0 = ((int64_t)((int)blockIdx.x - a.blk0[sg]) * MV_WARPS + warp) * (R);                           \
+    const int64_t r0 = ((int64_t)((int)blockIdx.x - a.blk0[sg]) * (MV_WARPS / (KS)) + warp / (KS)) * (R);           \
+    const int cw = warp % (KS); /* this warp's share of the columns (KS > 1: split-K in the block) */             \
+    (void)cw;                                                                                                       \
     if (r0 >= w.rows) return;                                                                                       \
     const int j = blockIdx.y;                                                                                       \
     const int e = a.eid ? a.eid[j] : 0;                                                                             \
@@ -105,9 +107,30 @@ struct mv_args {
     const int64_t ldy = a.ldy[sg];                                                                                  \
     float *y = a.y[sg] + (int64_t)j * ldy;
 
-template <int R, int NT>
+template <int R, int NT, int KS = 1>
 __device__ __forceinline__ void mv_store(const mv_args &a, float (&acc)[R][NT], float *y, int64_t ldy, int64_t r0,
                                          int64_t rows, int lane) {
+    if constexpr (KS > 1) { // the block's KS warps share rows r0..r0+R: sum their partial dots
+        static_assert(KS == MV_WARPS, "split-K spans the whole block");
+        __shared__ float red[KS][R * NT];
+        const int warp = threadIdx.x >> 5;
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                const float v = warp_sum(acc[r][t]);
+                if (lane == 0) red[warp][r * NT + t] = v;
+            }
+        __syncthreads();
+        if (warp == 0 && lane < R * NT) {
+            const int r = lane / NT, t = lane % NT;
+            float v = red[0][lane];
+#pragma unroll
+            for (int k = 1; k < KS; k++) v += red[k][lane];
+            if ((NT == 1 || t < a.nt) && r0 + r < rows) y[(int64_t)t * ldy + r0 + r] = v;
+        }
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < R; r++) {
 #pragma unroll
@@ -121,9 +144,9 @@ __device__ __forceinline__ void mv_store(const mv_args &a, float (&acc)[R][NT], 
 }
 
 // dense bf16 / f16 rows with cols % 8 == 0: 16-byte loads
-template <int DT, int R, int NT>
+template <int DT, int R, int NT, int KS = 1>
 __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_dense16(mv_args a) {
-    MV_PROLOGUE(R)
+    MV_PROLOGUE(R, KS)
     const uint4 *rowp[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -137,7 +160,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_dense16(mv_args a) {
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
 #pragma unroll 2
-    for (int64_t c = lane; c < n8; c += 32) {
+    for (int64_t c = lane + 32 * cw; c < n8; c += 32 * KS) {
         uint4 v[R];
 #pragma unroll
         for (int r = 0; r < R; r++) v[r] = __ldg(rowp[r] + c);
@@ -169,12 +192,12 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_dense16(mv_args a) {
             }
         }
     }
-    mv_store<R, NT>(a, acc, y, ldy, r0, w.rows, lane);
+    mv_store<R, NT, KS>(a, acc, y, ldy, r0, w.rows, lane);
 }
 
 // any dense or quantized row, element by element (odd shapes; the reference on the device)
 __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_generic(mv_args a) {
-    MV_PROLOGUE(1)
+    MV_PROLOGUE(1, 1)
     float acc[1][MV_MAXT];
 #pragma unroll
     for (int t = 0; t < MV_MAXT; t++) acc[0][t] = 0.f;
@@ -222,9 +245,9 @@ __device__ __forceinline__ float q_unit(const uint32_t (&wv)[BITS], const int v)
     return __uint_as_float((u & (((1u << BITS) - 1u) << P)) | 0x3F800000u);
 }
 
-template <int BITS, int R, int NT>
+template <int BITS, int R, int NT, int KS = 1>
 __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_q(mv_args a) {
-    MV_PROLOGUE(R)
+    MV_PROLOGUE(R, KS)
     const uint32_t *rowp[R];
     size_t sb[R];
 #pragma unroll
@@ -241,7 +264,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_q(mv_args a) {
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
-    for (int64_t c = lane; c < nch; c += 32) {
+    for (int64_t c = lane + 32 * cw; c < nch; c += 32 * KS) {
         uint32_t wv[R][BITS];
 #pragma unroll
         for (int r = 0; r < R; r++) load_words<BITS>(rowp[r] + c * BITS, wv[r]);
@@ -279,7 +302,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_q(mv_args a) {
             }
         }
     }
-    mv_store<R, NT>(a, acc, y, ldy, r0, w.rows, lane);
+    mv_store<R, NT, KS>(a, acc, y, ldy, r0, w.rows, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,6 +392,112 @@ __global__ void k_add_rmsnorm(float *out, float *x, const float *y, const float 
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
+// Vectorised (add +) RMSNorm: one block of up to NORM_THREADS threads per row, each thread keeps
+// up to NORM_VEC float4 of the row in registers (one read of x / y, one write of x and out).
+// Needs n % 4 == 0, 16-byte aligned rows and n <= 4 * NORM_VEC * NORM_THREADS. ADD: x += y
+// first (the residual add fused with the next norm). out may alias x (per-thread elements).
+#define NORM_THREADS 1024
+#define NORM_VEC 4
+template <bool ADD>
+__global__ void __launch_bounds__(NORM_THREADS) k_add_rmsnorm_v(float *out, float *x, const float *y, const float *w, int n,
+                                                               float eps) {
+    __shared__ float red[32];
+    const int64_t r = blockIdx.x;
+    const int n4 = n >> 2;
+    float4 *xr = (float4 *)(x + r * n);
+    float4 v[NORM_VEC];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < n4) {
+            v[k] = xr[i];
+            if (ADD) {
+                const float4 u = __ldg((const float4 *)(y + r * n) + i);
+                v[k].x += u.x, v[k].y += u.y, v[k].z += u.z, v[k].w += u.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < n4) {
+            if (ADD) xr[i] = v[k];
+            ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+        }
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < (blockDim.x + 31) / 32 ? red[threadIdx.x] : 0.f;
+        t = warp_sum(t);
+        if (threadIdx.x == 0) red[0] = t;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(red[0] / (float)n + eps);
+    float4 *o = (float4 *)(out + r * n);
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < n4) {
+            const float4 g = __ldg((const float4 *)w + i);
+            o[i] = make_float4(v[k].x * inv * g.x, v[k].y * inv * g.y, v[k].z * inv * g.z, v[k].w * inv * g.w);
+        }
+    }
+}
+
+// Per-head QK-norm (optional), RoPE and the K/V store of one step in one launch, one warp per
+// head row: rows [0, Hq) of token t are q heads, [Hq, Hq+Hk) k heads, [Hq+Hk, Hq+2Hk) v heads
+// (only when kc is given). The arithmetic is exactly k_rmsnorm_warp's, k_rope's and
+// k_kv_store's (same order of operations, same rounding).
+__global__ void k_qk_rope_kv(float *q, int Hq, float *k, int Hk, const float *v, const float *qn_w, const float *kn_w,
+                             float eps, const int32_t *pos, int hd, int n_rot, const double *inv_freq, __nv_bfloat16 *kc,
+                             __nv_bfloat16 *vc, const int32_t *slot, size_t slot_stride, int T) {
+    const int nh = Hq + (kc ? 2 * Hk : Hk);
+    const int64_t gw = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (gw >= (int64_t)T * nh) return;
+    const int t = (int)(gw / nh), h = (int)(gw % nh);
+    const int kvd = Hk * hd;
+    if (h >= Hq + Hk) { // v head: store only
+        const int hv = h - Hq - Hk;
+        const size_t base = (size_t)slot[t] * slot_stride + (size_t)pos[t] * kvd + (size_t)hv * hd;
+        const float *vr = v + (int64_t)t * kvd + (int64_t)hv * hd;
+        for (int i = lane; i < hd; i += 32) vc[base + i] = __float2bfloat16(vr[i]);
+        return;
+    }
+    float *row;
+    const float *nw;
+    if (h < Hq) row = q + ((int64_t)t * Hq + h) * hd, nw = qn_w;
+    else row = k + ((int64_t)t * Hk + (h - Hq)) * hd, nw = kn_w;
+    if (nw) {
+        float ss = 0.f;
+        for (int i = lane; i < hd; i += 32) ss += row[i] * row[i];
+        ss = warp_sum(ss);
+        const float inv = rsqrtf(ss / (float)hd + eps);
+        for (int i = lane; i < hd; i += 32) row[i] = row[i] * inv * nw[i];
+        __syncwarp();
+    }
+    if (n_rot > 0) {
+        const int half = n_rot / 2;
+        const double p = (double)pos[t];
+        for (int f = lane; f < half; f += 32) {
+            double ang = p * inv_freq[f];
+            float co = (float)cos(ang), si = (float)sin(ang);
+            float x1 = row[f], x2 = row[f + half];
+            row[f] = x1 * co - x2 * si;
+            row[f + half] = x2 * co + x1 * si;
+        }
+        __syncwarp();
+    }
+    if (kc && h >= Hq) {
+        const int hk = h - Hq;
+        const size_t base = (size_t)slot[t] * slot_stride + (size_t)pos[t] * kvd + (size_t)hk * hd;
+        for (int i = lane; i < hd; i += 32) kc[base + i] = __float2bfloat16(row[i]);
+    }
+}
+
 // rotate-half RoPE of q[T, Hq, hd] and k[T, Hk, hd] (k may be NULL) on the first n_rot dims;
 // angles in double like cpu_rope_table.
 __global__ void k_rope(float *q, int Hq, float *k, int Hk, const int32_t *pos, int hd, int n_rot, const double *inv_freq) {
@@ -416,6 +545,7 @@ __global__ void k_add(float *x, const float *y, int64_t n) {
 
 #define ATT_WARPS 4
 #define ATT_MAXJ 8 // hd <= 256
+#define ATT_U 4    // positions in flight per warp
 
 __global__ void __launch_bounds__(ATT_WARPS * 32)
     k_attn_split(float *part, const float *q, const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, const int32_t *pos,
@@ -441,21 +571,46 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
     const __nv_bfloat16 *kb = kc + (size_t)slot[t] * slot_stride + (size_t)kvh * hd;
     const __nv_bfloat16 *vb = vc + (size_t)slot[t] * slot_stride + (size_t)kvh * hd;
     float m = -INFINITY, l = 0.f;
-    for (int p = p0 + warp; p < p1; p += ATT_WARPS) {
-        const __nv_bfloat16 *kr = kb + (size_t)p * kvd, *vr = vb + (size_t)p * kvd;
-        float d = 0.f;
+    // ATT_U positions per warp at a time: their K and V loads are all issued before the first
+    // use, the U dot-product reductions interleave, one rescale per group
+    for (int p = p0 + warp; p < p1; p += ATT_WARPS * ATT_U) {
+        float d[ATT_U], vv[ATT_U][ATT_MAXJ];
 #pragma unroll
-        for (int jj = 0; jj < ATT_MAXJ; jj++) {
-            int i = lane + 32 * jj;
-            if (i < hd) d += qr[jj] * __bfloat162float(kr[i]);
+        for (int u = 0; u < ATT_U; u++) {
+            const int pu = p + u * ATT_WARPS;
+            const bool ok = pu < p1;
+            const __nv_bfloat16 *kr = kb + (size_t)(ok ? pu : p) * kvd, *vr = vb + (size_t)(ok ? pu : p) * kvd;
+            float s = 0.f;
+#pragma unroll
+            for (int jj = 0; jj < ATT_MAXJ; jj++) {
+                int i = lane + 32 * jj;
+                if (i < hd) {
+                    s += qr[jj] * __bfloat162float(kr[i]);
+                    vv[u][jj] = __bfloat162float(vr[i]);
+                } else vv[u][jj] = 0.f;
+            }
+            d[u] = s;
         }
-        d = warp_sum(d);
-        float mn = fmaxf(m, d), corr = __expf(m - mn), pe = __expf(d - mn);
-        l = l * corr + pe;
+#pragma unroll
+        for (int u = 0; u < ATT_U; u++) d[u] = warp_sum(d[u]);
+        float mx = d[0];
+#pragma unroll
+        for (int u = 1; u < ATT_U; u++)
+            if (p + u * ATT_WARPS < p1) mx = fmaxf(mx, d[u]);
+        const float mn = fmaxf(m, mx), corr = __expf(m - mn);
+        float pe[ATT_U];
+        l *= corr;
+#pragma unroll
+        for (int u = 0; u < ATT_U; u++) {
+            pe[u] = p + u * ATT_WARPS < p1 ? __expf(d[u] - mn) : 0.f;
+            l += pe[u];
+        }
 #pragma unroll
         for (int jj = 0; jj < ATT_MAXJ; jj++) {
-            int i = lane + 32 * jj;
-            if (i < hd) o[jj] = o[jj] * corr + pe * __bfloat162float(vr[i]);
+            float a = o[jj] * corr;
+#pragma unroll
+            for (int u = 0; u < ATT_U; u++) a += pe[u] * vv[u][jj];
+            o[jj] = a;
         }
         m = mn;
     }
@@ -479,22 +634,38 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
     }
 }
 
+// Merges the splits of one row: warp 0 reduces (m, l) over the splits with lanes over splits and
+// leaves each split's weight exp(m_s - M) in shared memory; then every thread sums its output
+// dims over the splits with independent loads (was: three serial passes over the splits).
+#define ATT_MAXSPLIT 64
 __global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit) {
+    __shared__ float sw[ATT_MAXSPLIT];
+    __shared__ float sinv;
     const int row = blockIdx.x;
     const float *p = part + (size_t)row * nsplit * (hd + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, p[(size_t)s * (hd + 2) + hd]);
-    float L = 0.f;
-    for (int s = 0; s < nsplit; s++) {
-        float ms = p[(size_t)s * (hd + 2) + hd];
-        if (ms != -INFINITY) L += p[(size_t)s * (hd + 2) + hd + 1] * __expf(ms - M);
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        float M = -INFINITY;
+        for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, p[(size_t)s * (hd + 2) + hd]);
+        M = warp_max(M);
+        float L = 0.f;
+        for (int s = lane; s < nsplit; s += 32) {
+            const float ms = p[(size_t)s * (hd + 2) + hd];
+            const float e = ms != -INFINITY ? __expf(ms - M) : 0.f;
+            sw[s] = ms != -INFINITY ? e : -1.f; // -1: empty split (its o was never written)
+            L += ms != -INFINITY ? p[(size_t)s * (hd + 2) + hd + 1] * e : 0.f;
+        }
+        L = warp_sum(L);
+        if (lane == 0) sinv = 1.0f / L;
     }
-    const float inv = 1.0f / L;
+    __syncthreads();
+    const float inv = sinv;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float acc = 0.f;
+#pragma unroll 8
         for (int s = 0; s < nsplit; s++) {
-            float ms = p[(size_t)s * (hd + 2) + hd];
-            if (ms != -INFINITY) acc += p[(size_t)s * (hd + 2) + i] * __expf(ms - M);
+            const float e = sw[s];
+            if (e >= 0.f) acc += p[(size_t)s * (hd + 2) + i] * e;
         }
         out[(size_t)row * hd + i] = acc * inv;
     }

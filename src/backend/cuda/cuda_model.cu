@@ -89,17 +89,17 @@ static int mv_kind(const dlin &w, bool xal, int force_generic) {
 
 #define MV_R 4 // rows per warp of the wide kernels
 
-template <int R, int NT> static void mv_fire(gctx *g, int kind, dim3 grid, const mv_args &a) {
+template <int R, int NT, int KS = 1> static void mv_fire(gctx *g, int kind, dim3 grid, const mv_args &a) {
     dim3 block(MV_WARPS * 32);
     switch (kind) {
-    case MVK_BF16: k_mv_dense16<SFT_BF16, R, NT><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_F16: k_mv_dense16<SFT_F16, R, NT><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 2: k_mv_q<2, R, NT><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 3: k_mv_q<3, R, NT><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 4: k_mv_q<4, R, NT><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 5: k_mv_q<5, R, NT><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 6: k_mv_q<6, R, NT><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 8: k_mv_q<8, R, NT><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_BF16: k_mv_dense16<SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_F16: k_mv_dense16<SFT_F16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 2: k_mv_q<2, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 3: k_mv_q<3, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 4: k_mv_q<4, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 5: k_mv_q<5, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 6: k_mv_q<6, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_Q + 8: k_mv_q<8, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
     default: k_mv_generic<<<grid, block, 0, g->st>>>(a); return;
     }
 }
@@ -132,18 +132,26 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
         // (small weights: routers, a single k or v)
         int R = kind == MVK_GENERIC ? 1 : MV_R;
         if (R > 1 && (rows / (MV_WARPS * MV_R)) * jobs < 132) R = 1;
+        // split-K inside the block (its MV_WARPS warps share R rows, each a quarter of the
+        // columns) when the plain grid would not fill the GPU with one wave of resident warps
+        // (~132 SMs x 8 blocks): down / o / qkv projections and MoE experts at B = 1
+        int64_t blocks1 = 0;
+        for (int s = 0; s < a.nseg; s++) blocks1 += (a.w[s].rows + MV_WARPS * R - 1) / (MV_WARPS * R);
+        const bool split = kind != MVK_GENERIC && nt == 1 && blocks1 * jobs < 132 * 8 && a.w[0].cols >= 1024 &&
+                           !getenv("STRATA_CUDA_NO_SPLITK");
+        const int rpb = split ? R : MV_WARPS * R; // rows per block
         int b = 0;
         for (int s = 0; s < a.nseg; s++) {
             a.blk0[s] = b;
-            b += (int)((a.w[s].rows + MV_WARPS * R - 1) / (MV_WARPS * R));
+            b += (int)((a.w[s].rows + rpb - 1) / rpb);
         }
         a.blk0[a.nseg] = b;
         dim3 grid((unsigned)b, (unsigned)jobs);
         if (R == 1) {
-            if (nt == 1) mv_fire<1, 1>(g, kind, grid, a);
+            if (nt == 1) split ? mv_fire<1, 1, MV_WARPS>(g, kind, grid, a) : mv_fire<1, 1>(g, kind, grid, a);
             else mv_fire<1, MV_MAXT>(g, kind, grid, a);
         } else {
-            if (nt == 1) mv_fire<MV_R, 1>(g, kind, grid, a);
+            if (nt == 1) split ? mv_fire<MV_R, 1, MV_WARPS>(g, kind, grid, a) : mv_fire<MV_R, 1>(g, kind, grid, a);
             else mv_fire<MV_R, MV_MAXT>(g, kind, grid, a);
         }
     }
@@ -211,9 +219,28 @@ static void linear_n(gctx *g, int n, const dlin *const *ws, float *const *ys, co
     }
 }
 
+// threads for the vectorised norm of n-wide rows (0: the vectorised kernel does not apply)
+static int norm_v_threads(int n, const void *out, const void *x, const void *y, const void *w) {
+    if (n % 4 || n > 4 * NORM_VEC * NORM_THREADS ||
+        (((uintptr_t)out | (uintptr_t)x | (uintptr_t)y | (uintptr_t)w) & 15))
+        return 0;
+    int n4 = n / 4, th = (n4 + NORM_VEC - 1) / NORM_VEC;
+    th = std::min(NORM_THREADS, std::max(th, std::min(n4, NORM_THREADS)));
+    return (th + 31) / 32 * 32;
+}
+
 static void rmsnorm(gctx *g, float *out, const float *x, const float *w, int64_t rows, int n, float eps) {
-    if (n >= 512) k_rmsnorm_block<<<(unsigned)rows, 256, 0, g->st>>>(out, x, w, n, eps);
-    else k_rmsnorm_warp<<<(unsigned)((rows + 7) / 8), 256, 0, g->st>>>(out, x, w, rows, n, eps);
+    if (n >= 512) {
+        if (int th = norm_v_threads(n, out, x, nullptr, w))
+            k_add_rmsnorm_v<false><<<(unsigned)rows, th, 0, g->st>>>(out, (float *)x, nullptr, w, n, eps);
+        else k_rmsnorm_block<<<(unsigned)rows, 256, 0, g->st>>>(out, x, w, n, eps);
+    } else k_rmsnorm_warp<<<(unsigned)((rows + 7) / 8), 256, 0, g->st>>>(out, x, w, rows, n, eps);
+}
+
+// x += y; out = rmsnorm(x) * w over T rows of n
+static void add_rmsnorm(gctx *g, float *out, float *x, const float *y, const float *w, int T, int n, float eps) {
+    if (int th = norm_v_threads(n, out, x, y, w)) k_add_rmsnorm_v<true><<<(unsigned)T, th, 0, g->st>>>(out, x, y, w, n, eps);
+    else k_add_rmsnorm<<<(unsigned)T, 256, 0, g->st>>>(out, x, y, w, n, eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -630,7 +657,7 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     TRY(dalloc(c, &c->logits, B * V, A, err));
     // split-K attention: chunks of >= 32 positions, up to 64 splits (8 positions per warp and
     // split; the old 128-position chunks left a decode step at pos 512 with 4 busy splits per head)
-    c->att_nsplit = std::min(64, std::max(1, (o.max_ctx + 31) / 32));
+    c->att_nsplit = std::min(ATT_MAXSPLIT, std::max(1, (o.max_ctx + 31) / 32));
     c->att_chunk = (o.max_ctx + c->att_nsplit - 1) / c->att_nsplit;
     TRY(dalloc(c, &c->part, B * H * (size_t)c->att_nsplit * (hd + 2), A, err));
     c->g.xb_elems = B * std::max(max_cols, (size_t)D);
@@ -690,24 +717,26 @@ static void enqueue(cuda_model *c, int T, int outm) {
             linear_n(g, 3, ws, ys, ld, c->xn, T);
         }
         mark(g, "qk-norm + rope + kv store");
-        if (d->qk_norm == QK_NORM_HEAD) {
-            rmsnorm(g, c->q, c->q, L.q_norm, (int64_t)T * H, hd, eps);
-            rmsnorm(g, c->k, c->k, L.k_norm, (int64_t)T * Hkv, hd, eps);
-        } else if (d->qk_norm == QK_NORM_FULL) {
+        if (d->qk_norm == QK_NORM_FULL) {
             rmsnorm(g, c->q, c->q, L.q_norm, T, qd, eps);
             rmsnorm(g, c->k, c->k, L.k_norm, T, kvd, eps);
         }
-        if (d->n_rot > 0) k_rope<<<T, 128, 0, st>>>(c->q, H, c->k, Hkv, pos, hd, d->n_rot, c->inv_freq);
         __nv_bfloat16 *kl = c->kc + (size_t)l * c->kv_layer_stride, *vl = c->vc + (size_t)l * c->kv_layer_stride;
-        k_kv_store<<<T, 128, 0, st>>>(kl, vl, c->k, c->v, pos, slot, kvd, c->kv_slot_stride);
+        {   // per-head QK-norm + RoPE + K/V store: one warp per q / k / v head row
+            const bool hn = d->qk_norm == QK_NORM_HEAD;
+            const int64_t warps = (int64_t)T * (H + 2 * Hkv);
+            k_qk_rope_kv<<<(unsigned)((warps + 3) / 4), 128, 0, st>>>(c->q, H, c->k, Hkv, c->v, hn ? L.q_norm : nullptr,
+                                                                      hn ? L.k_norm : nullptr, eps, pos, hd, d->n_rot,
+                                                                      c->inv_freq, kl, vl, slot, c->kv_slot_stride, T);
+        }
         mark(g, "attention");
         k_attn_split<<<dim3((unsigned)(T * H), (unsigned)c->att_nsplit), ATT_WARPS * 32, 0, st>>>(
             c->part, c->q, kl, vl, pos, slot, H, Hkv, hd, scale, c->kv_slot_stride, c->att_chunk, c->att_nsplit);
-        k_attn_combine<<<T * H, 64, 0, st>>>(c->att, c->part, hd, c->att_nsplit);
+        k_attn_combine<<<T * H, 128, 0, st>>>(c->att, c->part, hd, c->att_nsplit);
         mark(g, "linear o");
         linear(g, c->tmp, D, c->att, L.wo, T);
         mark(g, "add + rmsnorm");
-        k_add_rmsnorm<<<T, 256, 0, st>>>(c->xn, c->x, c->tmp, L.ffn_norm, D, eps);
+        add_rmsnorm(g, c->xn, c->x, c->tmp, L.ffn_norm, T, D, eps);
         if (L.moe) {
             moe_w mw = {L.router, L.eg, L.eu, L.ed, L.router_bias, d->n_expert, d->n_expert_used, d->n_ff_expert, D,
                         d->router == ROUTER_SIGMOID_BIAS, d->norm_topk_prob};
@@ -728,7 +757,7 @@ static void enqueue(cuda_model *c, int T, int outm) {
         }
         if (l + 1 < d->n_layer) {
             mark(g, "add + rmsnorm");
-            k_add_rmsnorm<<<T, 256, 0, st>>>(c->xn, c->x, c->tmp, c->L[(size_t)l + 1].attn_norm, D, eps);
+            add_rmsnorm(g, c->xn, c->x, c->tmp, c->L[(size_t)l + 1].attn_norm, T, D, eps);
         } else {
             mark(g, "add");
             k_add<<<grid_for((int64_t)T * D, 256), 256, 0, st>>>(c->x, c->tmp, (int64_t)T * D);
@@ -1055,7 +1084,10 @@ extern "C" int cuda_op_rope(float *x, const int32_t *pos, int T, int n_heads, in
     float *dx = oc.put(x, (size_t)T * n_heads * hd);
     const int32_t *dp = oc.put(pos, (size_t)T);
     const double *di = oc.put(inv_freq, (size_t)std::max(1, n_rot / 2));
-    k_rope<<<T, 128, 0, oc.g.st>>>(dx, n_heads, nullptr, 0, dp, hd, n_rot, di);
+    // the decode path's fused kernel (no norm, no K/V store)
+    const int64_t warps = (int64_t)T * n_heads;
+    k_qk_rope_kv<<<(unsigned)((warps + 3) / 4), 128, 0, oc.g.st>>>(dx, n_heads, nullptr, 0, nullptr, nullptr, nullptr, 0.f,
+                                                                   dp, hd, n_rot, di, nullptr, nullptr, nullptr, 0, T);
     return op_end(oc, x, dx, (size_t)T * n_heads * hd * 4, err);
 }
 
@@ -1071,12 +1103,13 @@ extern "C" int cuda_op_attention(const float *q, const float *k, const float *v,
     const int32_t *dp = oc.put(pos, (size_t)T);
     std::vector<int32_t> zs((size_t)T, 0);
     const int32_t *ds = oc.put(zs.data(), (size_t)T);
-    int nsplit = std::min(32, std::max(1, (n_ctx + 127) / 128)), chunk = (n_ctx + nsplit - 1) / nsplit;
+    // the model's split rule (chunks of >= 32 positions, up to ATT_MAXSPLIT splits)
+    int nsplit = std::min(ATT_MAXSPLIT, std::max(1, (n_ctx + 31) / 32)), chunk = (n_ctx + nsplit - 1) / nsplit;
     float *part = oc.put<float>(nullptr, (size_t)T * H * nsplit * (hd + 2));
     float *dy = oc.put<float>(nullptr, (size_t)T * H * hd);
     k_attn_split<<<dim3((unsigned)(T * H), (unsigned)nsplit), ATT_WARPS * 32, 0, oc.g.st>>>(part, dq, dk, dv, dp, ds, H, Hkv,
                                                                                           hd, scale, kvn, chunk, nsplit);
-    k_attn_combine<<<T * H, 64, 0, oc.g.st>>>(dy, part, hd, nsplit);
+    k_attn_combine<<<T * H, 128, 0, oc.g.st>>>(dy, part, hd, nsplit);
     return op_end(oc, out, dy, (size_t)T * H * hd * 4, err);
 }
 
