@@ -91,6 +91,10 @@ void model_desc_free(model_desc *d);
  * exists (bits 0 = not quantized), else 0. */
 int model_desc_quant_override(const model_desc *d, const char *path, int *bits, int *group);
 
+/* RoPE inverse frequencies inv[n_rot/2] as transformers computes them (base frequencies in
+ * float32, then llama3 / linear scaling in double). Every backend uses this one function. */
+void model_desc_rope_inv_freq(const model_desc *d, double *inv);
+
 /* KV cache bytes per token per layer for a given element size. */
 size_t model_desc_kv_bytes_per_token(const model_desc *d, size_t elem_size);
 

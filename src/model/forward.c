@@ -61,9 +61,7 @@ static void *xalloc(size_t n, size_t elem, int *fail) {
     return p;
 }
 
-/* HF rope inverse frequencies incl. llama3 / linear scaling (computed like transformers:
- * base frequencies in float32, then scaled). */
-static void rope_freqs(const model_desc *d, double *inv) {
+void model_desc_rope_inv_freq(const model_desc *d, double *inv) {
     int half = d->n_rot / 2;
     for (int i = 0; i < half; i++) {
         float f = (float)(1.0 / pow(d->rope_theta, (double)(2 * i) / (double)d->n_rot));
@@ -152,7 +150,7 @@ int model_ctx_init(model_ctx **out, const model *m, const model_ctx_opts *opts, 
         model_ctx_free(c);
         return rc;
     }
-    rope_freqs(d, c->inv_freq);
+    model_desc_rope_inv_freq(d, c->inv_freq);
     *out = c;
     return ST_OK;
 }

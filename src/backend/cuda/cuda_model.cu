@@ -390,28 +390,6 @@ static int upload_lin(cuda_model *c, const wt_linear *w, int E, dlin *d, st_err 
     return ST_OK;
 }
 
-// HF rope inverse frequencies incl. llama3 / linear scaling: the computation of forward.c.
-static void rope_freqs(const model_desc *d, double *inv) {
-    int half = d->n_rot / 2;
-    for (int i = 0; i < half; i++) {
-        float f = (float)(1.0 / pow(d->rope_theta, (double)(2 * i) / (double)d->n_rot));
-        double fr = f;
-        if (d->rope_scaling == ROPE_SCALING_LINEAR) fr = fr / d->rope_factor;
-        if (d->rope_scaling == ROPE_SCALING_LLAMA3) {
-            double orig = (double)d->rope_orig_max_pos;
-            double low_wl = orig / d->rope_low_freq, high_wl = orig / d->rope_high_freq;
-            double wl = 2.0 * M_PI / fr;
-            double scaled = wl > low_wl ? fr / d->rope_factor : fr;
-            if (!(wl < high_wl) && !(wl > low_wl)) {
-                double sm = (orig / wl - d->rope_low_freq) / (d->rope_high_freq - d->rope_low_freq);
-                scaled = (1.0 - sm) * scaled / d->rope_factor + sm * scaled;
-            }
-            fr = scaled;
-        }
-        inv[i] = fr;
-    }
-}
-
 static int device_ok(int dev, char *name, size_t cap, st_err *err) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
@@ -632,7 +610,7 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     if (c->output.qbits || c->output.dtype != SFT_BF16) max_w = std::max(max_w, (size_t)(c->output.rows * c->output.cols));
     {
         std::vector<double> inv((size_t)std::max(1, d->n_rot / 2));
-        rope_freqs(d, inv.data());
+        model_desc_rope_inv_freq(d, inv.data());
         const char *p = nullptr;
         TRY(upload(c, inv.data(), inv.size() * sizeof(double), &p, err));
         c->inv_freq = (double *)p;
