@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Prints the command's usage to f. */
 static void chat_template_usage(FILE *f) {
     fprintf(f,
             "usage: strata chat-template TOKENIZER_CONFIG_JSON MESSAGES_JSON [--add-generation-prompt] [--kwargs JSON]\n"
@@ -40,6 +41,7 @@ static json_t *load_json_arg(const char *arg) {
     return j;
 }
 
+/* The subcommand (see app.h): 0 printed, 1 failed, 2 usage error. */
 int cmd_chat_template(int argc, char **argv) {
     const char *cfg = NULL, *msgs_arg = NULL, *kwargs_arg = NULL;
     int agp = 0;

@@ -17,10 +17,22 @@
  *   public API         jinja_* and chat_template_*
  *
  * Anything outside the subset raises an error with the template's line:column; the rule is
- * "error, never different output". Memory: everything a parse or a render allocates lives in its
+ * "error, never different output". Not implemented (errors): {% include / extends / block /
+ * import / from / call / autoescape %}, recursive loops, *args / **kwargs in calls, the filters
+ * batch center filesizeformat forceescape groupby pprint random slice striptags truncate
+ * urlencode urlize wordcount wordwrap xmlattr, the tests filter / test, sameas on non-singletons,
+ * str.format specs, %-formatting of Markup, a few str methods (center, zfill, ...), integers
+ * beyond 64 bits, full Unicode case mapping of the few characters whose upper/lower case is
+ * several characters (except the common ß and ligatures), and printing objects whose Python
+ * text is a memory address (generators). Known divergence: slicing an expression built only
+ * from literals with a non-sequence / bad bound ("{{ 5[1:] }}") errors, where Jinja2's
+ * compile-time constant folding prints "". Memory: everything a parse or a render allocates lives in its
  * arena, so unwinding an error with longjmp leaks nothing; the only malloc that outlives a render
  * is its result string.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* memmem, strncasecmp, localtime_r, strdup */
+#endif
 #include "strata/jinja.h"
 
 #include "strata/base.h"
@@ -152,6 +164,7 @@ typedef struct jstr {
     size_t n;
 } jstr;
 
+/* A string view of p[0, n). */
 static jstr js(const char *p, size_t n) {
     jstr s = {p, n};
     return s;
@@ -168,6 +181,7 @@ typedef struct sbuf {
     size_t n, cap;
 } sbuf;
 
+/* An empty buffer whose storage comes from ar. */
 static void sb_init(sbuf *b, arena *ar) {
     b->ar = ar;
     b->p = NULL;
@@ -185,6 +199,7 @@ static void sb_reserve(sbuf *b, size_t k) {
     b->cap = cap;
 }
 
+/* Appends s[0, n). */
 static void sb_put(sbuf *b, const char *s, size_t n) {
     if (!n) return;
     sb_reserve(b, n);
@@ -200,6 +215,7 @@ static void sb_putj(sbuf *b, jstr s) { sb_put(b, s.p, s.n); }
 
 static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Appends printf-style text. */
 static void sb_printf(sbuf *b, const char *fmt, ...) {
     char tmp[128];
     va_list ap;
@@ -398,6 +414,7 @@ struct jns { /* namespace(): mutable attributes */
 static const jv V_UNDEF = {.t = JT_UNDEF};
 static const jv V_NONE = {.t = JT_NONE};
 
+/* Value constructors (no allocation). */
 static jv v_bool(bool b) {
     jv v = {.t = JT_BOOL};
     v.u.i = b;
@@ -436,6 +453,7 @@ static jv v_dict(jdict *d) {
     return v;
 }
 
+/* An Undefined whose erroring uses report msg. */
 static jv v_undef_msg(jstr msg) {
     jv v = {.t = JT_UNDEF};
     v.u.s = msg;
@@ -482,6 +500,7 @@ static jlist *list_new(arena *a, size_t n) {
     return l;
 }
 
+/* An empty dict with room for cap entries, in the arena. */
 static jdict *dict_new(arena *a, size_t cap) {
     jdict *d = ar_zalloc(a, sizeof *d);
     d->cap = cap ? cap : 4;
@@ -860,6 +879,7 @@ static size_t scan_digits(const char *s, size_t n, size_t j) {
     }
 }
 
+/* Value of a digit in bases up to 36; 99 for a non-digit. */
 static int digit_value(char c) {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'z') return c - 'a' + 10;
@@ -1150,6 +1170,7 @@ typedef struct nvec {
     uint32_t n, cap;
 } nvec;
 
+/* Appends x to a node vector (grows in the arena). */
 static void nv_push(arena *a, nvec *v, jnode *x) {
     if (v->n == v->cap) {
         uint32_t cap = v->cap ? v->cap * 2 : 4;
@@ -1165,6 +1186,7 @@ static jtok *cur(jparser *p) { return &p->toks[p->i]; }
 
 static jtok *look(jparser *p) { return &p->toks[p->i + 1 < p->ntok ? p->i + 1 : p->i]; }
 
+/* Consumes and returns the current token (EOF stays current). */
 static jtok *adv(jparser *p) {
     jtok *t = &p->toks[p->i];
     if (t->t != TK_EOF) p->i++;
@@ -1192,6 +1214,7 @@ static const char *tok_desc(const jtok *t, char *buf, size_t cap) {
     }
 }
 
+/* Raises "expected X, got Y" / "unexpected Y" at token t. */
 static _Noreturn void perr_unexpected(jparser *p, const jtok *t, const char *expected) {
     char buf[64];
     if (expected)
@@ -1199,6 +1222,7 @@ static _Noreturn void perr_unexpected(jparser *p, const jtok *t, const char *exp
     jthrow(p->f, ST_ERR_FORMAT, t->pos, "unexpected %s", tok_desc(t, buf, sizeof buf));
 }
 
+/* Consumes an operator token op or raises. */
 static jtok *expect_op(jparser *p, int op) {
     if (!tk_op(cur(p), op)) {
         char want[16];
@@ -1208,11 +1232,13 @@ static jtok *expect_op(jparser *p, int op) {
     return adv(p);
 }
 
+/* Consumes a token of the given type or raises ("what" names it). */
 static jtok *expect_tok(jparser *p, int type, const char *what) {
     if (cur(p)->t != type) perr_unexpected(p, cur(p), what);
     return adv(p);
 }
 
+/* Consumes the keyword kw or raises. */
 static void expect_kw(jparser *p, const char *kw) {
     if (!tk_name(cur(p), kw)) {
         char want[32];
@@ -1222,6 +1248,7 @@ static void expect_kw(jparser *p, const char *kw) {
     adv(p);
 }
 
+/* A zeroed AST node of kind k at source offset pos. */
 static jnode *mknode(jparser *p, int k, size_t pos) {
     jnode *n = ar_zalloc(p->ar, sizeof *n);
     n->k = (uint8_t)k;
@@ -1229,6 +1256,8 @@ static jnode *mknode(jparser *p, int k, size_t pos) {
     return n;
 }
 
+/* Counts one more level of parse recursion; raises past J_MAX_DEPTH (the caller
+ * decrements p->depth when it returns). */
 static void enter(jparser *p) {
     if (++p->depth > J_MAX_DEPTH)
         jthrow(p->f, ST_ERR_LIMIT, cur(p)->pos, "template nested too deeply");
@@ -1306,6 +1335,7 @@ static jnode *parse_tuple(jparser *p, bool simplified, bool condexpr, const char
     return n;
 }
 
+/* [a, b, ...] (a trailing comma is allowed). */
 static jnode *parse_list(jparser *p) {
     jnode *n = mknode(p, N_LIST, expect_op(p, OP_LBRACKET)->pos);
     nvec items = {0};
@@ -1320,6 +1350,7 @@ static jnode *parse_list(jparser *p) {
     return n;
 }
 
+/* {k: v, ...} (a trailing comma is allowed). */
 static jnode *parse_dict(jparser *p) {
     jnode *n = mknode(p, N_DICT, expect_op(p, OP_LBRACE)->pos);
     nvec keys = {0}, vals = {0};
@@ -1338,6 +1369,7 @@ static jnode *parse_dict(jparser *p) {
     return n;
 }
 
+/* A literal, name, (tuple), [list] or {dict}. */
 static jnode *parse_primary(jparser *p) {
     enter(p);
     jtok *t = cur(p);
@@ -1453,6 +1485,7 @@ static jnode *parse_subscript(jparser *p, jnode *n) {
     return r;
 }
 
+/* n(args...). */
 static jnode *parse_call(jparser *p, jnode *n) {
     jnode *c = mknode(p, N_CALL, n->pos); /* errors point at the callee */
     c->a = n;
@@ -1460,6 +1493,7 @@ static jnode *parse_call(jparser *p, jnode *n) {
     return c;
 }
 
+/* Attribute, item and call suffixes after n. */
 static jnode *parse_postfix(jparser *p, jnode *n) {
     for (;;) {
         if (tk_op(cur(p), OP_DOT) || tk_op(cur(p), OP_LBRACKET)) n = parse_subscript(p, n);
@@ -1525,6 +1559,7 @@ static jnode *parse_test(jparser *p, jnode *n) {
     return nn;
 }
 
+/* Filters, tests and calls after a unary expression. */
 static jnode *parse_filter_expr(jparser *p, jnode *n) {
     for (;;) {
         if (tk_op(cur(p), OP_PIPE)) n = parse_filter(p, n, false);
@@ -1534,6 +1569,8 @@ static jnode *parse_filter_expr(jparser *p, jnode *n) {
     }
 }
 
+/* -x / +x / primary with postfixes; with_filter: also | filters and is tests
+ * (the operand of - binds tighter than its filters: -1|abs is abs(-1)). */
 static jnode *parse_unary(jparser *p, bool with_filter) {
     enter(p);
     jtok *t = cur(p);
@@ -1551,6 +1588,7 @@ static jnode *parse_unary(jparser *p, bool with_filter) {
     return n;
 }
 
+/* A binary node of kind k (N_BIN with op, N_AND, N_OR). */
 static jnode *mkbin(jparser *p, int k, int op, size_t pos, jnode *a, jnode *b) {
     jnode *n = mknode(p, k, pos);
     n->op = (uint8_t)op;
@@ -1559,6 +1597,7 @@ static jnode *mkbin(jparser *p, int k, int op, size_t pos, jnode *a, jnode *b) {
     return n;
 }
 
+/* a ** b (left-associative, as in Jinja). */
 static jnode *parse_pow(jparser *p) {
     jnode *l = parse_unary(p, true);
     while (tk_op(cur(p), OP_POW)) {
@@ -1568,6 +1607,7 @@ static jnode *parse_pow(jparser *p) {
     return l;
 }
 
+/* a * b, a / b, a // b, a % b. */
 static jnode *parse_math2(jparser *p) {
     jnode *l = parse_pow(p);
     while (tk_op(cur(p), OP_MUL) || tk_op(cur(p), OP_DIV) || tk_op(cur(p), OP_FLOORDIV) ||
@@ -1578,6 +1618,7 @@ static jnode *parse_math2(jparser *p) {
     return l;
 }
 
+/* a ~ b ~ ... */
 static jnode *parse_concat(jparser *p) {
     size_t pos = cur(p)->pos;
     jnode *first = parse_math2(p);
@@ -1594,6 +1635,7 @@ static jnode *parse_concat(jparser *p) {
     return n;
 }
 
+/* a + b, a - b (below ~ in precedence, as in Jinja). */
 static jnode *parse_math1(jparser *p) {
     jnode *l = parse_concat(p);
     while (tk_op(cur(p), OP_ADD) || tk_op(cur(p), OP_SUB)) {
@@ -1603,6 +1645,7 @@ static jnode *parse_math1(jparser *p) {
     return l;
 }
 
+/* a == b < c in d not in e ... (chained). */
 static jnode *parse_compare(jparser *p) {
     size_t pos = cur(p)->pos;
     jnode *e = parse_math1(p);
@@ -1637,6 +1680,7 @@ static jnode *parse_compare(jparser *p) {
     return n;
 }
 
+/* not a. */
 static jnode *parse_not(jparser *p) {
     if (tk_name(cur(p), "not")) {
         enter(p);
@@ -1648,6 +1692,7 @@ static jnode *parse_not(jparser *p) {
     return parse_compare(p);
 }
 
+/* a and b. */
 static jnode *parse_and(jparser *p) {
     jnode *l = parse_not(p);
     while (tk_name(cur(p), "and")) {
@@ -1657,6 +1702,7 @@ static jnode *parse_and(jparser *p) {
     return l;
 }
 
+/* a or b. */
 static jnode *parse_or(jparser *p) {
     jnode *l = parse_and(p);
     while (tk_name(cur(p), "or")) {
@@ -1666,6 +1712,7 @@ static jnode *parse_or(jparser *p) {
     return l;
 }
 
+/* a if c [else b]. */
 static jnode *parse_condexpr(jparser *p) {
     jnode *e1 = parse_or(p);
     while (tk_name(cur(p), "if")) {
@@ -1683,6 +1730,7 @@ static jnode *parse_condexpr(jparser *p) {
     return e1;
 }
 
+/* An expression; condexpr: allow the inline if (not in for / if headers). */
 static jnode *parse_expression(jparser *p, bool condexpr) {
     enter(p);
     jnode *n = condexpr ? parse_condexpr(p) : parse_or(p);
@@ -1694,6 +1742,7 @@ static jnode *parse_expression(jparser *p, bool condexpr) {
 
 static nvec subparse(jparser *p, const char *const *ends);
 
+/* Whether token t is one of the NULL-terminated end tag names. */
 static bool is_end(const jtok *t, const char *const *ends) {
     if (!ends) return false;
     for (; *ends; ends++)
@@ -1748,16 +1797,19 @@ static jnode *parse_assign_target(jparser *p, const char *extra_end, bool with_n
     return n;
 }
 
+/* Stores a statement list as n->xs. */
 static void set_body(jnode *n, nvec v) {
     n->xs = v.v;
     n->nx = v.n;
 }
 
+/* Stores a statement list as n->ys. */
 static void set_else(jnode *n, nvec v) {
     n->ys = v.v;
     n->ny = v.n;
 }
 
+/* {% for target in iter [if cond] %} body [{% else %} ...] {% endfor %} */
 static jnode *parse_for(jparser *p) {
     jnode *n = mknode(p, N_FOR, adv(p)->pos);
     n->a = parse_assign_target(p, "in", false);
@@ -1778,6 +1830,7 @@ static jnode *parse_for(jparser *p) {
     return n;
 }
 
+/* {% if %} ... {% elif %} ... {% else %} ... {% endif %}; elifs nest as else branches. */
 static jnode *parse_if(jparser *p) {
     static const char *const ends[] = {"elif", "else", "endif", NULL};
     static const char *const end_if[] = {"endif", NULL};
@@ -1799,6 +1852,7 @@ static jnode *parse_if(jparser *p) {
     }
 }
 
+/* {% set target = value %} or {% set target [| filters] %}body{% endset %}. */
 static jnode *parse_set(jparser *p) {
     size_t pos = adv(p)->pos;
     jnode *target = parse_assign_target(p, NULL, true);
@@ -1817,6 +1871,7 @@ static jnode *parse_set(jparser *p) {
     return n;
 }
 
+/* {% macro name(a, b=default) %}body{% endmacro %}. */
 static jnode *parse_macro(jparser *p) {
     jnode *n = mknode(p, N_MACRO, adv(p)->pos);
     n->s = parse_bind_name(p)->s;
@@ -1853,6 +1908,7 @@ static jnode *parse_macro(jparser *p) {
     return n;
 }
 
+/* {% with a = x, b = y %}body{% endwith %}. */
 static jnode *parse_with(jparser *p) {
     jnode *n = mknode(p, N_WITH, adv(p)->pos);
     nvec sets = {0};
@@ -1870,6 +1926,7 @@ static jnode *parse_with(jparser *p) {
     return n;
 }
 
+/* One {% tag %} (the cursor is on its name); the caller consumes the closing %}. */
 static jnode *parse_statement(jparser *p) {
     jtok *t = cur(p);
     if (t->t != TK_NAME) perr_unexpected(p, t, "a tag name");
@@ -1955,6 +2012,7 @@ static nvec subparse(jparser *p, const char *const *ends) {
  * raises the compile-time errors; eval raises the others. */
 static void check_names(jparser *p, const jnode *n, bool soft);
 
+/* check_names over a statement or expression list. */
 static void check_list(jparser *p, jnode *const *xs, uint32_t n, bool soft) {
     for (uint32_t i = 0; i < n; i++) check_names(p, xs[i], soft);
 }
@@ -2083,10 +2141,12 @@ static _Noreturn void undef_fail(jrender *r, jv u, size_t pos) {
     RFAIL(r, pos, "undefined value");
 }
 
+/* Counts one unit of work; raises ST_ERR_LIMIT past J_MAX_STEPS. */
 static void tick(jrender *r, size_t pos) {
     if (++r->steps > J_MAX_STEPS) jthrow(&r->f, ST_ERR_LIMIT, pos, "render does too much work");
 }
 
+/* A new empty scope whose lookups continue in up. */
 static scope *scope_new(jrender *r, scope *up) {
     scope *s = ar_zalloc(&r->ar, sizeof *s);
     s->up = up;
@@ -2436,6 +2496,7 @@ static void json_put_str(sbuf *b, jstr s, bool ascii) {
     sb_putc(b, '"');
 }
 
+/* A newline plus the indent for nesting level (json.dumps with indent). */
 static void json_newline(sbuf *b, const jdump *o, int level) {
     sb_putc(b, '\n');
     for (int i = 0; i < level; i++) sb_putj(b, o->indent);
@@ -2654,6 +2715,7 @@ typedef struct vvec {
     size_t n, cap;
 } vvec;
 
+/* Appends x to a value vector (grows in the arena). */
 static void vv_push(arena *a, vvec *v, jv x) {
     if (v->n == v->cap) {
         size_t cap = v->cap ? v->cap * 2 : 8;
@@ -2665,6 +2727,7 @@ static void vv_push(arena *a, vvec *v, jv x) {
     v->v[v->n++] = x;
 }
 
+/* The vector as a list value of the given flavour (no copy). */
 static jv vv_list(jrender *r, vvec *v, int flavour) {
     jlist *l = ar_zalloc(&r->ar, sizeof *l);
     l->n = v->n;
@@ -2828,6 +2891,7 @@ static void put_case(jrender *r, sbuf *b, int32_t c, int mode, size_t pos) {
     sb_put(b, u, u8_put(m, u));
 }
 
+/* Whether c is a cased letter (Lu, Ll, Lt), for str.title(). */
 static bool cp_cased(int32_t c) {
     utf8proc_category_t k = utf8proc_category(c);
     return k == UTF8PROC_CATEGORY_LU || k == UTF8PROC_CATEGORY_LL || k == UTF8PROC_CATEGORY_LT;
@@ -3161,18 +3225,21 @@ static const char *const k_num_unsupported[] = {
     "to_bytes", "from_bytes", "as_integer_ratio", "is_integer", "hex", "fromhex", NULL,
 };
 
+/* The method id of name in table t, or -1. */
 static int mname_find(const mname *t, jstr name) {
     for (; t->name; t++)
         if (js_eqc(name, t->name)) return t->id;
     return -1;
 }
 
+/* Whether name is in the NULL-terminated table t. */
 static bool name_in(const char *const *t, jstr name) {
     for (; *t; t++)
         if (js_eqc(name, *t)) return true;
     return false;
 }
 
+/* A bound method value: self.id(...). */
 static jv mk_method(jrender *r, jv self, int id) {
     jmeth *m = ar_alloc(&r->ar, sizeof *m);
     m->self = self;
@@ -3281,6 +3348,7 @@ static bool py_getitem(jrender *r, jv obj, jv key, jv *out, size_t pos) {
         size_t off = u8_offset(s, (size_t)i), end = off;
         u8_next(s.p, s.n, &end);
         *out = v_str(js(s.p + off, end - off));
+        out->sub = obj.sub;
         return true;
     }
     default:
@@ -3328,6 +3396,8 @@ static void slice_indices(int64_t n, int64_t step, bool has_start, int64_t start
 }
 
 static jv eval(jrender *r, const jnode *n);
+static jv eval_str_slice(jrender *r, jstr s, int64_t step, const bool *has, const int64_t *val);
+static jv eval_list_slice(jrender *r, jv obj, int64_t step, const bool *has, const int64_t *val);
 
 /* obj[a:b:c]. Jinja compiles slices to plain Python subscripts (no environment.getitem), so
  * slicing something that is not a sequence, or with non-integer bounds, is a TypeError. */
@@ -3354,27 +3424,38 @@ static jv eval_slice(jrender *r, jv obj, const jnode *sl, size_t pos) {
     if (step == 0) RFAIL(r, pos, "slice step cannot be zero");
     if (step == INT64_MIN) RUNSUP(r, pos, "slice step out of range");
     if (obj.t == JT_STR) {
-        jstr s = obj.u.s;
-        bool ascii = is_ascii(s);
-        int64_t n = ascii ? (int64_t)s.n : (int64_t)u8_len(s), a, b;
-        slice_indices(n, step, has[0], val[0], has[1], val[1], &a, &b);
-        if (step == 1) {
-            if (b <= a) return v_str(js("", 0));
-            size_t lo = ascii ? (size_t)a : u8_offset(s, (size_t)a);
-            size_t hi = ascii ? (size_t)b : lo + u8_offset(js(s.p + lo, s.n - lo), (size_t)(b - a));
-            return v_str(js(s.p + lo, hi - lo));
-        }
-        size_t *offs = ar_array(&r->ar, (size_t)n + 1, sizeof(size_t));
-        for (size_t i = 0, k = 0; k <= (size_t)n; k++) {
-            offs[k] = i;
-            if (i < s.n) u8_next(s.p, s.n, &i);
-        }
-        sbuf out;
-        sb_init(&out, &r->ar);
-        for (int64_t i = a; step > 0 ? i < b : i > b; i += step)
-            sb_put(&out, s.p + offs[i], offs[i + 1] - offs[i]);
-        return v_str(sb_jstr(&out));
+        jv res = eval_str_slice(r, obj.u.s, step, has, val);
+        res.sub = obj.sub;
+        return res;
     }
+    return eval_list_slice(r, obj, step, has, val);
+}
+
+/* Slices a string by code points. */
+static jv eval_str_slice(jrender *r, jstr s, int64_t step, const bool *has, const int64_t *val) {
+    bool ascii = is_ascii(s);
+    int64_t n = ascii ? (int64_t)s.n : (int64_t)u8_len(s), a, b;
+    slice_indices(n, step, has[0], val[0], has[1], val[1], &a, &b);
+    if (step == 1) {
+        if (b <= a) return v_str(js("", 0));
+        size_t lo = ascii ? (size_t)a : u8_offset(s, (size_t)a);
+        size_t hi = ascii ? (size_t)b : lo + u8_offset(js(s.p + lo, s.n - lo), (size_t)(b - a));
+        return v_str(js(s.p + lo, hi - lo));
+    }
+    size_t *offs = ar_array(&r->ar, (size_t)n + 1, sizeof(size_t));
+    for (size_t i = 0, k = 0; k <= (size_t)n; k++) {
+        offs[k] = i;
+        if (i < s.n) u8_next(s.p, s.n, &i);
+    }
+    sbuf out;
+    sb_init(&out, &r->ar);
+    for (int64_t i = a; step > 0 ? i < b : i > b; i += step)
+        sb_put(&out, s.p + offs[i], offs[i + 1] - offs[i]);
+    return v_str(sb_jstr(&out));
+}
+
+/* Slices a list, tuple or range (a range's start/stop/step follow, for its repr). */
+static jv eval_list_slice(jrender *r, jv obj, int64_t step, const bool *has, const int64_t *val) {
     const jlist *l = obj.u.l;
     int64_t a, b;
     slice_indices((int64_t)l->n, step, has[0], val[0], has[1], val[1], &a, &b);
@@ -3415,6 +3496,8 @@ static void float_divmod(double vx, double wx, double *fdiv, double *fmod_) {
     *fmod_ = mod;
 }
 
+/* Python arithmetic on two numbers (bool counts as int); int overflow beyond 64 bits
+ * is unsupported rather than wrapped. */
 static jv num_binop(jrender *r, int op, jv a, jv b, size_t pos) {
     if (a.t != JT_FLOAT && b.t != JT_FLOAT) {
         int64_t x = a.u.i, y = b.u.i, z;
@@ -3529,6 +3612,7 @@ static jv binop(jrender *r, int op, jv a, jv b, size_t pos) {
         break;
     }
     case OP_MOD:
+        if (a.t == JT_STR && a.sub) RUNSUP(r, pos, "%% formatting of a Markup (safe) string is not supported");
         if (a.t == JT_STR) return v_str(py_percent(r, a.u.s, b, pos));
         break;
     default:
@@ -3547,6 +3631,7 @@ typedef struct sortctx {
     size_t pos;
 } sortctx;
 
+/* Compares the keys of items a and b (negated when reversing). */
 static int sort_cmp(const sortctx *c, size_t a, size_t b) {
     int k = py_cmp(c->r, c->keys[a], c->keys[b], c->pos, "<");
     if (k == 3) k = 0;
@@ -3566,12 +3651,14 @@ static void msort(const sortctx *c, size_t *idx, size_t *tmp, size_t n) {
     memcpy(idx, tmp, n * sizeof(size_t));
 }
 
+/* Sorts idx by keys[idx[i]], stable; reverse as Python's sorted(reverse=True). */
 static void sort_by(jrender *r, const jv *keys, size_t *idx, size_t n, bool reverse, size_t pos) {
     sortctx c = {r, keys, reverse, pos};
     size_t *tmp = ar_array(&r->ar, n, sizeof(size_t));
     msort(&c, idx, tmp, n);
 }
 
+/* Ascending stable sort of idx by keys (json.dumps sort_keys). */
 static void sort_indices(jrender *r, const jv *keys, size_t *idx, size_t n, size_t pos) {
     sort_by(r, keys, idx, n, false, pos);
 }
@@ -3595,12 +3682,14 @@ static void bind_args(jrender *r, const jargs *a, const char *const *names, int 
 
 static bool arg_bool(jv v, bool dflt) { return is_absent(v) ? dflt : truthy(v); }
 
+/* An optional int argument (absent or None: dflt); other types raise. */
 static int64_t arg_int(jrender *r, jv v, int64_t dflt, size_t pos, const char *what) {
     if (is_absent(v) || v.t == JT_NONE) return dflt;
     if (v.t != JT_INT && v.t != JT_BOOL) RFAIL(r, pos, "%s must be an integer, not %s", what, tname(v));
     return v.u.i;
 }
 
+/* An optional str argument (absent: dflt); other types raise. */
 static jstr arg_str(jrender *r, jv v, const char *dflt, size_t pos, const char *what) {
     if (is_absent(v)) return js(dflt, strlen(dflt));
     if (v.t != JT_STR) RFAIL(r, pos, "%s must be a string, not %s", what, tname(v));
@@ -3614,6 +3703,7 @@ typedef struct attrget {
     jv dflt; /* JT_UNDEF/absent: none */
 } attrget;
 
+/* Splits an attribute spec ("a.b.0" or an int) into the item lookups to apply. */
 static void attr_prepare(jrender *r, jv attribute, attrget *g, size_t pos) {
     g->n = 0;
     g->dflt = (jv){.t = JT_UNDEF, .sub = JU_ABSENT};
@@ -3639,6 +3729,8 @@ static void attr_prepare(jrender *r, jv attribute, attrget *g, size_t pos) {
     }
 }
 
+/* Applies the lookups to item (each environment.getitem); the default replaces an
+ * Undefined result. */
 static jv attr_apply(jrender *r, const attrget *g, jv item, size_t pos) {
     for (int i = 0; i < g->n; i++) {
         item = get_item(r, item, g->parts[i], pos);
@@ -3895,6 +3987,7 @@ static jv filter_minmax(jrender *r, jv v, const jargs *a, bool want_max, size_t 
     return items[best];
 }
 
+/* sort(reverse=False, case_sensitive=False, attribute=None): a new list. */
 static jv filter_sort(jrender *r, jv v, const jargs *a, size_t pos) {
     static const char *const names[] = {"reverse", "case_sensitive", "attribute"};
     jv p[3];
@@ -3928,6 +4021,8 @@ static jv filter_sort(jrender *r, jv v, const jargs *a, size_t pos) {
     return v_list(l, JL_LIST);
 }
 
+/* transformers' tojson(ensure_ascii=False, indent=None, separators=None, sort_keys=False),
+ * i.e. json.dumps with those arguments. */
 static jv filter_tojson(jrender *r, jv v, const jargs *a, size_t pos) {
     static const char *const names[] = {"ensure_ascii", "indent", "separators", "sort_keys"};
     jv p[4];
@@ -3965,6 +4060,7 @@ static jv filter_tojson(jrender *r, jv v, const jargs *a, size_t pos) {
     return v_str(sb_jstr(&b));
 }
 
+/* indent(width=4, first=False, blank=False): s must be a str (Jinja appends "\n"). */
 static jv filter_indent(jrender *r, jv v, const jargs *a, size_t pos) {
     static const char *const names[] = {"width", "first", "blank"};
     jv p[3];
@@ -4012,6 +4108,12 @@ static jv filter_indent(jrender *r, jv v, const jargs *a, size_t pos) {
     return out;
 }
 
+/* Filters that call a str method on soft_str(v) return Markup for Markup input. */
+static jv keep_markup(jv in, jv out) {
+    out.sub = in.t == JT_STR ? in.sub : 0;
+    return out;
+}
+
 /* Reads filter parameters, one filter per case. Jinja's signatures (non-autoescape). */
 static jv filter_run(jrender *r, int id, jv v, const jargs *a, size_t pos) {
     jv p[4];
@@ -4037,7 +4139,7 @@ static jv filter_run(jrender *r, int id, jv v, const jargs *a, size_t pos) {
     }
     case FL_CAPITALIZE:
         bind_args(r, a, NULL, 0, p, pos, "capitalize");
-        return v_str(str_case(r, str_of(r, v, pos), SC_CAPITALIZE, pos));
+        return keep_markup(v, v_str(str_case(r, str_of(r, v, pos), SC_CAPITALIZE, pos)));
     case FL_DEFAULT: {
         static const char *const names[] = {"default_value", "boolean"};
         bind_args(r, a, names, 2, p, pos, "default");
@@ -4185,7 +4287,7 @@ static jv filter_run(jrender *r, int id, jv v, const jargs *a, size_t pos) {
         return to_list(r, v, pos);
     case FL_LOWER: case FL_UPPER:
         bind_args(r, a, NULL, 0, p, pos, id == FL_LOWER ? "lower" : "upper");
-        return v_str(str_case(r, str_of(r, v, pos), id == FL_LOWER ? SC_LOWER : SC_UPPER, pos));
+        return keep_markup(v, v_str(str_case(r, str_of(r, v, pos), id == FL_LOWER ? SC_LOWER : SC_UPPER, pos)));
     case FL_MAP: return filter_map(r, v, a, pos);
     case FL_MAX: case FL_MIN: return filter_minmax(r, v, a, id == FL_MAX, pos);
     case FL_SELECT: return filter_select(r, v, a, false, true, pos);
@@ -4264,12 +4366,12 @@ static jv filter_run(jrender *r, int id, jv v, const jargs *a, size_t pos) {
     }
     case FL_TITLE:
         bind_args(r, a, NULL, 0, p, pos, "title");
-        return v_str(str_case(r, str_of(r, v, pos), SC_JTITLE, pos));
+        return keep_markup(v, v_str(str_case(r, str_of(r, v, pos), SC_JTITLE, pos)));
     case FL_TOJSON: return filter_tojson(r, v, a, pos);
     case FL_TRIM: {
         static const char *const names[] = {"chars"};
         bind_args(r, a, names, 1, p, pos, "trim");
-        return v_str(str_strip(r, str_of(r, v, pos), p[0], 3, pos));
+        return keep_markup(v, v_str(str_strip(r, str_of(r, v, pos), p[0], 3, pos)));
     }
     case FL_UNIQUE: {
         static const char *const names[] = {"case_sensitive", "attribute"};
@@ -4361,7 +4463,33 @@ static jv dict_view(jrender *r, const jdict *d, int which) {
     return v_list(l, JL_VIEW);
 }
 
+static jv call_method_run(jrender *r, jv m, const jargs *a, size_t pos);
+
+/* Marks strings (and strings in a list) as Markup: Markup's methods return Markup. */
+static jv as_markup(jv v) {
+    if (v.t == JT_STR) v.sub = 1;
+    if (v.t == JT_LIST && v.sub != JL_GEN)
+        for (size_t i = 0; i < v.u.l->n; i++)
+            if (v.u.l->v[i].t == JT_STR) v.u.l->v[i].sub = 1;
+    return v;
+}
+
+/* Calls a bound method. On a Markup string, methods that escape their arguments are not
+ * implemented; the others return Markup. */
 static jv call_method(jrender *r, jv m, const jargs *a, size_t pos) {
+    jv self = m.u.me->self;
+    if (self.t != JT_STR || !self.sub) return call_method_run(r, m, a, pos);
+    if (m.id == M_JOIN || m.id == M_REPLACE || m.id == M_FORMAT || m.id == M_PARTITION || m.id == M_RPARTITION)
+        RUNSUP(r, pos, "this method of a Markup (safe) string is not supported");
+    jv v = call_method_run(r, m, a, pos);
+    return (m.id >= M_FIND && m.id <= M_COUNT_S) || (m.id >= M_ISDIGIT && m.id <= M_ISUPPER) ||
+                   m.id == M_STARTSWITH || m.id == M_ENDSWITH
+               ? v
+               : as_markup(v);
+}
+
+/* Runs a bound method of a str, dict, list / tuple / range or loop. */
+static jv call_method_run(jrender *r, jv m, const jargs *a, size_t pos) {
     jv self = m.u.me->self, p[3];
     jstr s = self.t == JT_STR ? self.u.s : js("", 0);
     switch (m.id) {
@@ -4713,6 +4841,7 @@ static jv call_macro(jrender *r, jv mv, const jargs *a, size_t pos) {
     return v_str(sb_jstr(&buf));
 }
 
+/* Calls a macro, global function or bound method; anything else raises. */
 static jv call_value(jrender *r, jv f, const jargs *a, size_t pos) {
     switch (f.t) {
     case JT_MACRO: return call_macro(r, f, a, pos);
@@ -4733,6 +4862,7 @@ static jv apply_filter_node(jrender *r, const jnode *n, jv hole) {
     return call_filter(r, n->id, v, &a, n->pos);
 }
 
+/* Evaluates an expression node to a value (errors unwind). */
 static jv eval(jrender *r, const jnode *n) {
     switch (n->k) {
     case N_CONST: return n->v;
@@ -4899,6 +5029,9 @@ static jv capture(jrender *r, jnode *const *xs, uint32_t n) {
     return v_str(sb_jstr(&buf));
 }
 
+/* A for loop: a fresh scope per iteration holding the target and `loop`; the
+ * optional `if` filters items first (loop.length counts the kept ones); else runs when
+ * nothing was iterated. */
 static void exec_for(jrender *r, const jnode *n) {
     scope *outer = r->sc;
     size_t cnt;
@@ -4946,6 +5079,7 @@ static void exec_for(jrender *r, const jnode *n) {
     }
 }
 
+/* Executes one statement, writing output to r->out. */
 static void exec_node(jrender *r, const jnode *n) {
     tick(r, n->pos);
     switch (n->k) {
@@ -4999,6 +5133,7 @@ static void exec_node(jrender *r, const jnode *n) {
     }
 }
 
+/* Executes statements until the end or a pending break / continue. */
 static void exec_body(jrender *r, jnode *const *xs, uint32_t n) {
     for (uint32_t i = 0; i < n && r->ctl == CTL_NONE; i++) exec_node(r, xs[i]);
 }
@@ -5056,6 +5191,7 @@ static int parse_guarded(jinja_template *t, jfail *f, const char *src, size_t le
     return ST_OK;
 }
 
+/* See jinja.h. */
 int jinja_template_parse(jinja_template **out, const char *src, size_t len, st_err *err) {
     st_err local;
     st_err *e = err ? err : &local;
@@ -5082,6 +5218,7 @@ int jinja_template_parse(jinja_template **out, const char *src, size_t len, st_e
     return ST_OK;
 }
 
+/* See jinja.h. */
 void jinja_template_free(jinja_template *t) {
     if (!t) return;
     arena_release(&t->ar);
@@ -5127,6 +5264,7 @@ static int render_guarded(jrender *r, const jinja_template *t, const json_t *var
     return ST_OK;
 }
 
+/* See jinja.h. */
 int jinja_render_ex(const jinja_template *t, const json_t *vars, const jinja_render_opts *opts,
                     char **out, size_t *out_len, st_err *err) {
     st_err local;
@@ -5148,6 +5286,7 @@ int jinja_render_ex(const jinja_template *t, const json_t *vars, const jinja_ren
     return rc;
 }
 
+/* See jinja.h. */
 int jinja_render(const jinja_template *t, const json_t *vars, char **out, size_t *out_len, st_err *err) {
     return jinja_render_ex(t, vars, NULL, out, out_len, err);
 }
@@ -5161,6 +5300,7 @@ struct chat_template {
     json_t *tokens;           /* special tokens as template variables ({"bos_token": ...})   */
 };
 
+/* See jinja.h. */
 void chat_template_free(chat_template *ct) {
     if (!ct) return;
     jinja_template_free(ct->def);
@@ -5186,6 +5326,7 @@ static int load_one(jinja_template **out, const char *src, size_t len, const cha
     return rc;
 }
 
+/* See jinja.h. */
 int chat_template_load(chat_template **out, const char *path, st_err *err) {
     st_err local;
     st_err *e = err ? err : &local;
@@ -5279,6 +5420,7 @@ done:
     return ST_OK;
 }
 
+/* See jinja.h. */
 int chat_template_render(const chat_template *ct, const json_t *messages, int add_generation_prompt,
                          const json_t *extra_kwargs, const jinja_render_opts *opts, char **out,
                          st_err *err) {
@@ -5305,6 +5447,7 @@ int chat_template_render(const chat_template *ct, const json_t *messages, int ad
     return rc;
 }
 
+/* See jinja.h. */
 int chat_template_render_config(const char *tokenizer_config_json_path, const json_t *messages,
                                 int add_generation_prompt, const json_t *extra_kwargs, char **out,
                                 st_err *err) {
