@@ -339,7 +339,6 @@ int cmd_bench(int argc, char **argv) {
         free(pj);
         return 0;
     }
-    (void)exact;
     st_err err = {0};
     model *m = NULL;
     model_ctx *ctx = NULL;
@@ -389,7 +388,7 @@ int cmd_bench(int argc, char **argv) {
         fprintf(stderr, "strata: prompt + gen (%d) exceeds the model's context %lld\n", need_ctx, (long long)d->max_pos);
         goto out;
     }
-    model_ctx_opts o = {.max_ctx = need_ctx, .n_slots = conc, .max_batch = prompt < 256 ? prompt : 256,
+    model_ctx_opts o = {.max_ctx = need_ctx, .n_slots = conc, .max_batch = prompt < 256 ? prompt : 256, .exact = exact,
                         .n_threads = threads};
     if (model_ctx_init(&ctx, m, &o, &err)) {
         die(&err);
@@ -515,7 +514,7 @@ int cmd_bench(int argc, char **argv) {
                      (long long)r.max_ctx_target, st_fmt_bytes(per_tok * (double)r.max_ctx_target, b1, sizeof b1),
                      st_fmt_bytes(avail, b2, sizeof b2));
         }
-        model_ctx_opts mo = {.max_ctx = (int)c, .n_slots = 1, .max_batch = 8, .n_threads = threads};
+        model_ctx_opts mo = {.max_ctx = (int)c, .n_slots = 1, .max_batch = 8, .n_threads = threads, .exact = exact};
         fprintf(stderr, "strata: allocating the KV cache for %lld tokens and decoding at its end ...\n", (long long)c);
         if (model_ctx_init(&ctx, m, &mo, &err)) {
             die(&err);

@@ -92,7 +92,7 @@ int engine_open(engine **out, const char *spec, const engine_opts *opts, st_err 
                         (long long)d->max_pos);
         goto fail;
     }
-    model_ctx_opts co = {.max_ctx = e->max_ctx, .n_slots = e->n_slots, .max_batch = 256, .n_threads = o.n_threads};
+    model_ctx_opts co = {.max_ctx = e->max_ctx, .n_slots = e->n_slots, .max_batch = 256, .n_threads = o.n_threads, .exact = o.exact};
     if ((rc = model_ctx_init(&e->ctx, e->m, &co, err))) goto fail;
     st_backend_announce(st_pool_threads(model_ctx_pool(e->ctx)));
     e->slot_tokens = calloc((size_t)e->n_slots * (size_t)e->max_ctx, sizeof(int32_t));
