@@ -81,6 +81,20 @@ static int32_t argmax(const float *x, int n) {
     return b;
 }
 
+/* Writes OUT_DIR/report.md and report.json for r and, with compare, prints ratios against an
+ * earlier report.json. Failures are reported on stderr; the benchmark itself stands. */
+static void write_reports(const bench_result *r, const char *out_dir, const char *compare) {
+    st_err err = {0};
+    char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
+    if (pm && pj && !st_mkdir_p(out_dir, &err) && !bench_write_md(r, pm, &err) && !bench_write_json(r, pj, &err))
+        fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
+    else
+        fprintf(stderr, "strata: %s\n", err.msg[0] ? err.msg : "out of memory");
+    free(pm);
+    free(pj);
+    if (compare && bench_compare(r, compare, stdout, &err)) fprintf(stderr, "strata: %s\n", err.msg);
+}
+
 static int die(const st_err *e) {
     fprintf(stderr, "strata: %s\n", e->msg);
     return 1;
@@ -165,14 +179,7 @@ static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char
     printf("\ncuda: weights on device %.2f GB, bytes/token %.2f GB, %.1f tok/s, MBU %.3f (copy bw %.0f GB/s)\n",
            info.weight_bytes / 1e9, r->bytes_per_token / 1e9, r->decode_tok_s, r->mbu, r->mem_bw_gbs);
     if (cuda_model_profile_step(cm, prompt, stdout, &err)) fprintf(stderr, "strata: profile: %s\n", err.msg);
-    char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
-    if (pm && pj && !st_mkdir_p(out_dir, &err) && !bench_write_md(r, pm, &err) && !bench_write_json(r, pj, &err))
-        fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
-    else
-        fprintf(stderr, "strata: %s\n", err.msg);
-    free(pm);
-    free(pj);
-    if (compare && bench_compare(r, compare, stdout, &err)) fprintf(stderr, "strata: %s\n", err.msg);
+    write_reports(r, out_dir, compare);
     rc = 0;
 out:
     cuda_model_free(cm);
@@ -265,13 +272,7 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
            info.weight_bytes / 1e9, r->bytes_per_token / 1e9, info.active_bytes / 1e9, r->decode_tok_s, r->mbu,
            r->mem_bw_gbs);
     if (cuda_model_profile_step(cm, p0, stdout, &err)) fprintf(stderr, "strata: profile: %s\n", err.msg);
-    char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
-    if (pm && pj && !st_mkdir_p(out_dir, &err) && !bench_write_md(r, pm, &err) && !bench_write_json(r, pj, &err))
-        fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
-    else
-        fprintf(stderr, "strata: %s\n", err.msg);
-    free(pm);
-    free(pj);
+    write_reports(r, out_dir, NULL);
     rc = 0;
 out:
     cuda_model_free(cm);
@@ -332,11 +333,7 @@ int cmd_bench(int argc, char **argv) {
             return 1;
         }
         bench_print_table(&cr, stdout);
-        char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
-        if (pm && pj && !st_mkdir_p(out_dir, &cerr) && !bench_write_md(&cr, pm, &cerr) && !bench_write_json(&cr, pj, &cerr))
-            fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
-        free(pm);
-        free(pj);
+        write_reports(&cr, out_dir, compare);
         return 0;
     }
     st_err err = {0};
@@ -546,14 +543,7 @@ int cmd_bench(int argc, char **argv) {
         snprintf(r.max_ctx_note, sizeof r.max_ctx_note, "not measured (--no-max-context)");
     }
     bench_print_table(&r, stdout);
-    char *pm = st_path_join(out_dir, "report.md"), *pj = st_path_join(out_dir, "report.json");
-    if (pm && pj && !st_mkdir_p(out_dir, &err) && !bench_write_md(&r, pm, &err) && !bench_write_json(&r, pj, &err))
-        fprintf(stderr, "strata: wrote %s and %s\n", pm, pj);
-    else
-        fprintf(stderr, "strata: %s\n", err.msg);
-    free(pm);
-    free(pj);
-    if (compare && bench_compare(&r, compare, stdout, &err)) fprintf(stderr, "strata: %s\n", err.msg);
+    write_reports(&r, out_dir, compare);
     rc = 0;
 out:
     free(logits);
