@@ -7,9 +7,11 @@
  *           decode order (T = 1) and as a prefill chunk (T = 256, lm_head excluded), for the
  *           reference (exact) and fast paths: per-shape microseconds, GB/s and GFLOP/s, and the
  *           per-token total as tok/s and model-bandwidth utilisation (MBU);
+ *   attention  one layer's attention for a 256-token prefill chunk at 256..511 and a decode
+ *           token at 512;
  *   model   a synthetic qwen3-0.6b (random weights, built in memory) through model_forward:
  *           decode tok/s + MBU, and a 512-token prefill.
- * usage: bench_cpu_kernels [bw|linear|model|all] [--fmt q4g64|bf16|both] [--threads N]
+ * usage: bench_cpu_kernels [bw|linear|attention|model|all] [--fmt q4g64|bf16|both] [--threads N]
  *                          [--iters N] [--gen N] [--no-exact] [--cpu-time]
  * --cpu-time (with --threads 1) times the linear part with the thread's CPU clock: per-core
  * kernel throughput that stays meaningful while other processes load the machine.
@@ -263,6 +265,53 @@ static void bench_linear(const fmt_spec *f, int threads, int iters, int do_exact
 }
 
 // ----------------------------------------------------------------------------
+// attention
+
+/* qwen3-0.6b attention: one layer's prefill chunk of 256 tokens at positions 256..511 (the
+ * second chunk of a 512-token prompt), and a decode token at position 512 through 28 layers'
+ * distinct K/V (the cache does not fit L3, as in the model), both paths. */
+static void bench_attention(int threads, int do_exact) {
+    const int T = 256, ctx = 1024, kvw = Q_HKV * Q_HD;
+    float *q = st_alloc_aligned((size_t)T * Q_H * Q_HD * 4), *o = st_alloc_aligned((size_t)T * Q_H * Q_HD * 4);
+    /* 28 layers' K/V like the model (121 MB at 1024 positions): decode streams it from DRAM */
+    float *kc = st_alloc_aligned((size_t)Q_LAYERS * ctx * kvw * 4), *vc = st_alloc_aligned((size_t)Q_LAYERS * ctx * kvw * 4);
+    for (size_t i = 0; i < (size_t)T * Q_H * Q_HD; i++) q[i] = rng_f();
+    for (size_t i = 0; i < (size_t)Q_LAYERS * ctx * kvw; i++) kc[i] = rng_f(), vc[i] = rng_f();
+    const float *kp[256], *vp[256];
+    int32_t pos[256];
+    for (int t = 0; t < T; t++) kp[t] = kc, vp[t] = vc, pos[t] = 256 + t;
+    st_pool *pool = st_pool_init(threads);
+    printf("\n== attention (16 heads, 8 KV heads, hd 128), %d threads\n", st_pool_threads(pool));
+    for (int exact = do_exact ? 1 : 0; exact >= 0; exact--) {
+        cpu_scratch sc;
+        if (cpu_scratch_init(&sc, st_pool_threads(pool), ctx, T, exact)) exit(1);
+        double bp = 1e30, bd = 1e30;
+        for (int it = 0; it < 5; it++) {
+            uint64_t a0 = now_ns();
+            cpu_attention(pool, &sc, o, q, kp, vp, pos, T, Q_H, Q_HKV, Q_HD, 0.088f);
+            uint64_t a1 = now_ns();
+            int32_t p1 = 512;
+            for (int l = 0; l < Q_LAYERS; l++) {
+                const float *kl = kc + (size_t)l * ctx * kvw, *vl = vc + (size_t)l * ctx * kvw;
+                cpu_attention(pool, &sc, o, q, &kl, &vl, &p1, 1, Q_H, Q_HKV, Q_HD, 0.088f);
+            }
+            uint64_t a2 = now_ns();
+            if ((double)(a1 - a0) < bp) bp = (double)(a1 - a0);
+            if ((double)(a2 - a1) / Q_LAYERS < bd) bd = (double)(a2 - a1) / Q_LAYERS;
+        }
+        printf("-- %s path: prefill chunk 256 @ 256..511: %.2f ms/layer (%.1f GFLOP/s) -> x 28 layers: %.0f ms; decode @ 512 (28 layers' K/V, from DRAM): %.1f us/layer (%.1f GB/s)\n",
+               exact ? "exact" : "fast", bp / 1e6, 4.0 * Q_H * Q_HD * (256.0 * 256 + 256.0 * 257 / 2) / bp, bp * 28 / 1e6,
+               bd / 1e3, 2.0 * 513 * kvw * 4 / bd);
+        cpu_scratch_free(&sc);
+    }
+    st_pool_free(pool);
+    st_free_aligned(q);
+    st_free_aligned(o);
+    st_free_aligned(kc);
+    st_free_aligned(vc);
+}
+
+// ----------------------------------------------------------------------------
 // synthetic model
 
 /* Appends tensor (name, dtype, shape) at offset *off of the data block; returns its index. */
@@ -344,9 +393,9 @@ static model *synth_qwen3(const fmt_spec *f) {
     }
     char *buf = NULL;
     if (posix_memalign((void **)&buf, 64, l.off)) return NULL;
+    for (size_t i = 0; i < l.n; i++) l.t[i].data = buf + l.t[i].begin;
     for (size_t i = 0; i < l.n; i++) {
         sft_tensor *t = &l.t[i];
-        t->data = buf + t->begin;
         size_t nl = strlen(t->name);
         if (t->ndim == 1) { /* norms: 1.0 */
             uint16_t *h = (uint16_t *)t->data;
@@ -387,6 +436,7 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int do_exact) {
     float *logits = malloc((size_t)V * sizeof(float));
     int32_t *toks = malloc((size_t)(P + gen + 1) * sizeof(int32_t));
     for (int i = 0; i < P + gen + 1; i++) toks[i] = (int32_t)(rng_u64() % (uint64_t)V);
+    float *ref_logits = malloc((size_t)V * sizeof(float));
     for (int exact = do_exact ? 1 : 0; exact >= 0; exact--) {
         model_ctx_opts o = {.max_ctx = 1024, .n_slots = 1, .max_batch = 256, .n_threads = threads, .exact = exact};
         model_ctx *c = NULL;
@@ -396,16 +446,19 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int do_exact) {
             exit(1);
         }
         /* prefill 512 (exact: skipped, minutes) */
-        double pre = 0;
+        double pre = 0, pre_pool = 0, pre_busy = 0;
         if (!exact)
-            for (int rep = 0; rep < 2; rep++) {
+            for (int rep = 0; rep < 3; rep++) {
+                st_pool_stats_reset(model_ctx_pool(c));
                 double a = st_time_s();
                 if (model_forward_seq(c, toks, P, 0, logits, LOGITS_LAST, &err)) {
                     fprintf(stderr, "%s\n", err.msg);
                     exit(1);
                 }
                 double d = st_time_s() - a;
-                if (rep == 0 || d < pre) pre = d;
+                uint64_t busy, wall;
+                st_pool_stats(model_ctx_pool(c), &busy, &wall);
+                if (rep == 0 || d < pre) pre = d, pre_pool = wall / 1e9, pre_busy = busy / 1e9;
             }
         /* decode: 16-token prompt, then gen steps; per-step times */
         const int g = exact ? 4 : gen, start = 16;
@@ -417,6 +470,23 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int do_exact) {
             st[i] = st_time_s() - a;
             sum += st[i];
         }
+        /* the same 16 + 4 tokens' final logits through both paths: fast vs exact */
+        if (exact || do_exact) {
+            if (g != 4) {
+                for (int i = 0; i < 4; i++) model_forward_seq(c, &toks[start + i], 1, start + i, logits, LOGITS_LAST, &err);
+            }
+            if (exact) memcpy(ref_logits, logits, (size_t)V * sizeof(float));
+            else {
+                double md = 0, mr = 0;
+                for (int i = 0; i < V; i++) {
+                    double d = fabs((double)logits[i] - ref_logits[i]);
+                    md = d > md || d != d ? d : md;
+                    mr = fabs(ref_logits[i]) > mr ? fabs(ref_logits[i]) : mr;
+                }
+                printf("   fast vs exact logits after %d tokens: max|dlogit| %.3g, max|logit| %.3g, ratio %.2e\n", start + 4, md, mr,
+                       md / mr);
+            }
+        }
         qsort(st, (size_t)g, sizeof(double), cmp_double);
         double p50 = st[g / 2], mean = sum / g;
         /* KV read at the median position: 2 * layers * pos * kv_dim * 4 bytes */
@@ -427,11 +497,15 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int do_exact) {
             printf(", MBU %.2f weights-only / %.2f with KV (of %.1f GB/s)", m->weight_bytes / p50 / 1e9 / g_bw,
                    (m->weight_bytes + kv) / p50 / 1e9 / g_bw, g_bw);
         printf("\n");
-        if (!exact) printf("   prefill %d tokens (max_batch 256, LOGITS_LAST): %.2f s -> %.1f tok/s\n", P, pre, P / pre);
+        if (!exact)
+            printf("   prefill %d tokens (max_batch 256, LOGITS_LAST): %.2f s -> %.1f tok/s; %.2f s inside pool regions "
+                   "(threads busy %.2f s), %.2f s serial\n",
+                   P, pre, P / pre, pre_pool, pre_busy, pre - pre_pool);
         free(st);
         model_ctx_free(c);
     }
     free(logits);
+    free(ref_logits);
     free(toks);
     model_free(m);
 }
@@ -451,7 +525,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--cpu-time")) g_cpu_time = 1;
         else if (argv[i][0] != '-') what = argv[i];
         else {
-            fprintf(stderr, "usage: bench_cpu_kernels [bw|linear|model|all] [--fmt q4g64|bf16|both] [--threads N] "
+            fprintf(stderr, "usage: bench_cpu_kernels [bw|linear|attention|model|all] [--fmt q4g64|bf16|both] [--threads N] "
                             "[--iters N] [--gen N] [--no-exact] [--cpu-time]\n");
             return 2;
         }
@@ -472,5 +546,6 @@ int main(int argc, char **argv) {
         if (!strcmp(what, "linear") || !strcmp(what, "all")) bench_linear(&fmts[k], threads, iters, do_exact);
         if (!strcmp(what, "model") || !strcmp(what, "all")) bench_model(&fmts[k], threads, gen, do_exact);
     }
+    if (!strcmp(what, "attention") || !strcmp(what, "all")) bench_attention(threads, do_exact);
     return 0;
 }

@@ -104,7 +104,7 @@ static void on_tok(void *ud, int seq, int32_t id, const float *logits, int V) {
 
 /* Single-node reference: the whole model in this process, same sampler. */
 static int run_local(const char *dir, const int32_t *prompt, int n_prompt, const smp_params *sp, int max_tokens,
-                     int no_eos, int threads, int32_t *out, int *n_out, gen_out *g, st_err *err) {
+                     int no_eos, int threads, int chunk, int32_t *out, int *n_out, gen_out *g, st_err *err) {
     model *m = NULL;
     model_ctx *ctx = NULL;
     smp_sampler *smp = NULL;
@@ -112,7 +112,7 @@ static int run_local(const char *dir, const int32_t *prompt, int n_prompt, const
     int rc = model_load(&m, dir, NULL, err);
     if (rc) return rc;
     int V = m->desc.n_vocab;
-    model_ctx_opts co = {.max_ctx = n_prompt + max_tokens + 1, .n_slots = 1, .max_batch = 64, .n_threads = threads};
+    model_ctx_opts co = {.max_ctx = n_prompt + max_tokens + 1, .n_slots = 1, .max_batch = chunk > 0 ? chunk : 64, .n_threads = threads};
     if ((rc = model_ctx_init(&ctx, m, &co, err))) goto out;
     lg = malloc((size_t)V * 4), lg2 = malloc((size_t)V * 4);
     if (!lg || !lg2 || !(smp = smp_init(sp, V, 0, err))) {
@@ -256,7 +256,7 @@ int cmd_cluster_gen(int argc, char **argv) {
             model_desc_free(&d);
         }
         uint64_t t0 = st_time_ns();
-        if (run_local(dir, prompt, n_prompt, &sp, max_tokens, no_eos, o.n_threads, out, &n_out, &g, &err)) {
+        if (run_local(dir, prompt, n_prompt, &sp, max_tokens, no_eos, o.n_threads, o.max_batch, out, &n_out, &g, &err)) {
             fprintf(stderr, "strata: %s\n", err.msg);
             goto out;
         }

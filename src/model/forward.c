@@ -242,7 +242,7 @@ static void moe_forward(model_ctx *c, const layer_weights *L, float *out, const 
         for (int i = 0; i < n; i++) memcpy(c->xe + (size_t)i * D, xn + (size_t)rows[i] * D, (size_t)D * sizeof(float));
         cpu_linear(c->pool, &c->scratch, c->ff_gate, c->xe, &L->exp_gate[e], n);
         cpu_linear(c->pool, &c->scratch, c->ff_up, c->xe, &L->exp_up[e], n);
-        cpu_swiglu(c->ff_gate, c->ff_gate, c->ff_up, (int64_t)n * F);
+        cpu_swiglu_s(&c->scratch, c->ff_gate, c->ff_gate, c->ff_up, (int64_t)n * F);
         cpu_linear(c->pool, &c->scratch, c->ye, c->ff_gate, &L->exp_down[e], n);
         for (int i = 0; i < n; i++) {
             float w = c->e_w[(size_t)e * B + i];
@@ -303,7 +303,7 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const float *hidd
         } else {
             cpu_linear(P, S, c->ff_gate, c->xn, &L->w_gate, T);
             cpu_linear(P, S, c->ff_up, c->xn, &L->w_up, T);
-            cpu_swiglu(c->ff_gate, c->ff_gate, c->ff_up, (int64_t)T * d->n_ff);
+            cpu_swiglu_s(S, c->ff_gate, c->ff_gate, c->ff_up, (int64_t)T * d->n_ff);
             cpu_linear(P, S, c->tmp, c->ff_gate, &L->w_down, T);
         }
         cpu_add(c->x, c->tmp, (int64_t)T * D);

@@ -4,7 +4,11 @@
  *   1. the float32 reference (exact = 1) against a naive double-precision computation that
  *      dequantizes every weight with cpu_mlx_q_get: |ref - naive| <= 1e-6 * sum|w x|;
  *   2. the SIMD fast path (exact = 0; every ISA the CPU has: AVX2 and, where present, AVX-512)
- *      against the reference: |fast - ref| <= 1e-5 * sum|w x|.
+ *      against the reference: |fast - ref| <= 1e-5 * sum|w x| for the float kernels; the
+ *      int16-activation decode kernels (2/4/8-bit weights, T <= 4) may add their quantization
+ *      error, bounded by sum_i |w_i| * d_i / 2 (d_i = max|x| / 32767 of x_i's 32-block), which
+ *      the test computes itself, and must match an emulation of their documented rounding
+ *      within 1e-5; every case also runs with quantized activations off.
  * sum|w x| (per output, in double) is the scale float32 rounding errors of a dot product are
  * proportional to, so the bounds hold for outputs that cancel to ~0 and still catch a single
  * wrong weight (which moves the result by ~1/cols of that scale, >= 1e-3 here).
@@ -26,6 +30,8 @@
 #include "backend/cpu/cpu_simd.h"
 #include "strata/base.h"
 #include "strata/pool.h"
+
+#include <math.h>
 
 // ----------------------------------------------------------------------------
 // helpers
@@ -158,6 +164,72 @@ static double rel_err(const float *a, const double *b, const double *mag, size_t
     return worst;
 }
 
+/* Max over outputs of |a - b| / bound (fails above 1); prints the worst one when it fails. */
+static double bound_err(const float *a, const double *b, const double *bound, size_t n, const char *what) {
+    double worst = 0;
+    size_t wi = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - b[i]) / bound[i];
+        if (!(e <= worst)) worst = e, wi = i;
+    }
+    if (!(worst <= 1.0)) printf("  %s: output %zu: got %.9g want %.9g: error %.3g > bound %.3g\n", what, wi, (double)a[wi],
+                                b[wi], fabs((double)a[wi] - b[wi]), bound[wi]);
+    return worst;
+}
+
+/* The int16-activation error bound of output (t, r): sum_i |w_ri| * d_ti / 2 with
+ * d_ti = max|x_t| / 32767 over the 32-value block holding i (the kernel rounds x_i / d to the
+ * nearest integer), in qb[T, rows]. */
+static void actq_bound(const wt_linear *w, const float *x, int T, double *qb) {
+    for (int t = 0; t < T; t++)
+        for (int64_t r = 0; r < w->rows; r++) {
+            double e = 0;
+            for (int64_t b = 0; b < w->cols / 32; b++) {
+                double amax = 0, sw = 0;
+                for (int i = 0; i < 32; i++) {
+                    double xv = fabs(x[(size_t)t * w->cols + b * 32 + i]);
+                    amax = xv > amax ? xv : amax;
+                    sw += fabs(weight_at(w, r, b * 32 + i));
+                }
+                e += sw * amax / 32767 / 2;
+            }
+            qb[(size_t)t * w->rows + r] = e;
+        }
+}
+
+/* The int16-activation kernels' result in double: s*q of each weight in a full unit of U
+ * values (U = 128, 64, 32 for 2-, 4-, 8-bit weights) multiplies x quantized per 32-block
+ * exactly as documented in cpu_simd.c (float amax, q = lrintf(x * (32767f / amax)),
+ * x^ = q * (amax / 32767f)); the bias term b * sum(x) and values past the last full unit use
+ * x itself. */
+static void actq_emulate(const wt_linear *w, const float *x, int T, double *yq) {
+    const int U = w->qbits == 2 ? 128 : w->qbits == 4 ? 64 : 32;
+    const int64_t full = w->cols / U * U;
+    double *xh = malloc((size_t)w->cols * sizeof(double));
+    assert_non_null(xh);
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * w->cols;
+        for (int64_t i = 0; i < w->cols; i++) xh[i] = xt[i];
+        for (int64_t b = 0; b < full / 32; b++) {
+            float amax = 0;
+            for (int i = 0; i < 32; i++) amax = fabsf(xt[b * 32 + i]) > amax ? fabsf(xt[b * 32 + i]) : amax;
+            const float id = amax > 0 ? 32767.0f / amax : 0.0f, d = amax / 32767.0f;
+            for (int i = 0; i < 32; i++) xh[b * 32 + i] = (double)lrintf(xt[b * 32 + i] * id) * d;
+        }
+        for (int64_t r = 0; r < w->rows; r++) { /* s*q times x^, the bias times x itself */
+            double acc = 0;
+            const uint32_t *row = (const uint32_t *)(const void *)((const char *)w->w + (size_t)r * w->row_bytes);
+            for (int64_t i = 0; i < w->cols; i++) {
+                size_t gi = (size_t)r * w->srow_elems + (size_t)(i / w->group);
+                acc += get_float(w->scales, gi, w->sdtype) * cpu_mlx_q_get(row, w->qbits, (size_t)i) * xh[i] +
+                       get_float(w->biases, gi, w->sdtype) * xt[i];
+            }
+            yq[(size_t)t * w->rows + r] = acc;
+        }
+    }
+    free(xh);
+}
+
 static float *rand_vec(size_t n, double lo, double hi) {
     float *v = malloc(n * sizeof(float));
     assert_non_null(v);
@@ -208,21 +280,54 @@ static int check_linear(const wt_linear *w, const int *ts, int nts, const char *
         char what[160];
         snprintf(what, sizeof what, "%s T=%d reference vs naive", label, T);
         fails += !(rel_err(ref, y, mag, n, 1e-6, what) <= 1e-6);
-        double *refd = malloc(n * sizeof(double));
-        assert_non_null(refd);
+        double *refd = malloc(n * sizeof(double)), *qb = malloc(n * sizeof(double)), *bound = malloc(n * sizeof(double));
+        assert_true(refd && qb && bound);
         for (size_t i = 0; i < n; i++) refd[i] = ref[i];
+        actq_bound(w, x, T, qb);
+        double *yq = NULL;
+        if (cpu_simd_actq(w, 1)) {
+            yq = malloc(n * sizeof(double));
+            assert_non_null(yq);
+            actq_emulate(w, x, T, yq);
+        }
         for (int l = 0; l < nlv; l++)
-            for (int mb = 0; mb < 2; mb++) {
-                cpu_scratch sf;
-                assert_int_equal(cpu_scratch_init(&sf, 2, cap, mb ? 8 : 256, 0), ST_OK);
-                sf.simd = lv[l];
-                for (size_t i = 0; i < n; i++) fast[i] = NAN;
-                cpu_linear(mb ? NULL : g_pool, &sf, fast, x, w, T);
-                cpu_scratch_free(&sf);
-                snprintf(what, sizeof what, "%s T=%d fast (%s, max_batch %d) vs reference", label, T,
-                         lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256);
-                fails += !(rel_err(fast, refd, mag, n, 1e-5, what) <= 1e-5);
-            }
+            for (int mb = 0; mb < 2; mb++)
+                for (int a8 = 1; a8 >= 0; a8--) {
+                    cpu_scratch sf;
+                    assert_int_equal(cpu_scratch_init(&sf, 2, cap, mb ? 8 : 256, 0), ST_OK);
+                    sf.simd = lv[l];
+                    sf.actq = a8;
+                    for (size_t i = 0; i < n; i++) fast[i] = NAN;
+                    cpu_linear(mb ? NULL : g_pool, &sf, fast, x, w, T);
+                    /* which tokens went through the int16 kernels: T <= 4 directly, else the
+                     * last chunk of T % max_batch tokens when that is <= 4 */
+                    const int maxb = sf.max_batch;
+                    for (int t = 0; t < T; t++) {
+                        int chunk = T <= 4 ? T : (t / maxb + 1) * maxb <= T ? maxb : T % maxb;
+                        int q8 = a8 && cpu_simd_actq(w, chunk);
+                        for (int64_t r = 0; r < w->rows; r++) {
+                            size_t i = (size_t)t * w->rows + r;
+                            bound[i] = 1e-5 * mag[i] + (q8 ? qb[i] : 0.0);
+                        }
+                    }
+                    cpu_scratch_free(&sf);
+                    snprintf(what, sizeof what, "%s T=%d fast (%s, max_batch %d%s) vs reference", label, T,
+                             lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256, a8 ? ", int16 activations" : "");
+                    fails += !(bound_err(fast, refd, bound, n, what) <= 1.0);
+                    if (yq) { /* the int16 tokens also against the emulation, at float tolerance */
+                        for (int t = 0; t < T; t++) {
+                            int chunk = T <= 4 ? T : (t / maxb + 1) * maxb <= T ? maxb : T % maxb;
+                            if (!(a8 && cpu_simd_actq(w, chunk))) continue;
+                            snprintf(what, sizeof what, "%s T=%d token %d fast (%s, max_batch %d) vs int16 emulation", label, T,
+                                     t, lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256);
+                            size_t o = (size_t)t * w->rows;
+                            fails += !(rel_err(fast + o, yq + o, mag + o, (size_t)w->rows, 1e-5, what) <= 1e-5);
+                        }
+                    }
+                }
+        free(qb);
+        free(bound);
+        free(yq);
         free(refd);
         free(x);
         free(y);
@@ -346,11 +451,12 @@ static void attention_naive(const float *q, const float *const *kp, const float 
         }
 }
 
-/* Reference and fast attention against the double computation: GQA ratios 1, 2, 6 (the fast
- * kernel takes query heads 4 at a time), head dims 8/64/128, contexts 1..75, two slots. */
+/* Reference and fast attention against the double computation: GQA ratios 1, 2, 3, 6, 7 (the
+ * fast kernel takes query heads up to 4 at a time: 6 = 4 + 2, 7 = 4 + 3), head dims 8..128
+ * (48 and 40 leave 8-wide remainders after the 16/32-wide output chunks), contexts 1..76. */
 static void test_attention(void **state) {
     (void)state;
-    const int cfg[][3] = {{4, 4, 8}, {4, 2, 64}, {12, 2, 128}, {16, 8, 128}}; /* H, Hkv, hd */
+    const int cfg[][3] = {{4, 4, 8}, {4, 2, 64}, {12, 2, 128}, {16, 8, 128}, {6, 2, 48}, {7, 1, 40}}; /* H, Hkv, hd */
     const int lens[] = {1, 2, 5, 17};
     int lv[2], nlv = simd_levels(lv), fails = 0;
     for (size_t ci = 0; ci < sizeof cfg / sizeof cfg[0]; ci++)
@@ -394,7 +500,8 @@ static void test_attention(void **state) {
     assert_int_equal(fails, 0);
 }
 
-/* Vectorised SwiGLU against the reference op, relative 1e-5 (absolute 1e-30 near 0). */
+/* Vectorised SwiGLU against the reference op, relative 1e-5 (absolute 1e-30 near 0), and
+ * cpu_swiglu_s choosing between them by the scratch's exact flag. */
 static void test_swiglu(void **state) {
     (void)state;
     if (cpu_simd_level() < CPU_SIMD_AVX2) skip();
@@ -409,6 +516,17 @@ static void test_swiglu(void **state) {
         double e = fabs((double)a[i] - b[i]);
         if (!(e <= 1e-5 * fabs(a[i]) + 1e-30)) fail_msg("swiglu(%g, %g): fast %.9g, reference %.9g", g[i], u[i], b[i], a[i]);
     }
+    /* the scratch-dispatched op: bit-identical to the reference when exact, to the fast one otherwise */
+    float *c = malloc((size_t)n * sizeof(float));
+    assert_non_null(c);
+    for (int exact = 0; exact < 2; exact++) {
+        cpu_scratch s;
+        assert_int_equal(cpu_scratch_init(&s, 1, 64, 8, exact), ST_OK);
+        cpu_swiglu_s(&s, c, g, u, n);
+        assert_memory_equal(c, exact ? a : b, (size_t)n * sizeof(float));
+        cpu_scratch_free(&s);
+    }
+    free(c);
     free(g);
     free(u);
     free(a);

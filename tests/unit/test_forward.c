@@ -109,6 +109,7 @@ static void test_batched_slots(void **state) {
             assert_int_equal(model_forward(cb, next, pos, slot, S, got, LOGITS_ALL, &err), 0);
             for (int s = 0; s < S; s++) {
                 float d = max_abs_diff(got + (size_t)s * V, ref + ((size_t)s * G + g) * V, (size_t)V);
+                if (!(d <= 1e-5f)) fprintf(stderr, "model %s step %d seq %d: max diff %g\n", g_models[mi], g, s, d);
                 assert_true(d <= 1e-5f);
             }
         }

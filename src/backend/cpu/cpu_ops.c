@@ -20,6 +20,7 @@ int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap, int max_batc
     s->exact = exact ? 1 : 0;
     s->max_batch = max_batch < 8 ? 8 : max_batch;
     s->simd = exact ? CPU_SIMD_NONE : cpu_simd_level();
+    s->actq = !exact && !getenv("STRATA_NO_ACTQ");
     s->buf = st_alloc_aligned((size_t)n_threads * s->row_cap * sizeof(float));
     if (!s->buf) return ST_ERR_NOMEM;
     if (s->simd >= CPU_SIMD_AVX2) {
@@ -237,6 +238,11 @@ void cpu_swiglu(float *out, const float *gate, const float *up, int64_t n) {
         float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
     }
+}
+
+void cpu_swiglu_s(const cpu_scratch *s, float *out, const float *gate, const float *up, int64_t n) {
+    if (!s->exact && s->simd >= CPU_SIMD_AVX2) cpu_swiglu_fast(out, gate, up, n);
+    else cpu_swiglu(out, gate, up, n);
 }
 
 void cpu_add(float *x, const float *y, int64_t n) {

@@ -1,19 +1,30 @@
-/* cpu_simd.c — the CPU fast path: SIMD linear (decode + prefill) and attention kernels.
+/* cpu_simd.c — the CPU fast path: SIMD linear (decode + prefill), attention and SwiGLU.
  *
  * Every kernel here has a float32 reference in cpu_ops.c; tests/unit/test_cpu_ops.c checks each
- * bits x group x dtype x token-count combination against it. Functions are compiled for their
- * ISA with target attributes and chosen at run time (cpu_simd_level), so the library still
- * runs on CPUs without AVX2.
+ * bits x group x dtype x token-count combination against it (and the int16-activation kernels
+ * against an emulation of their rounding). Functions are compiled for their ISA with target
+ * attributes and chosen at run time (cpu_simd_level), so the library still runs without AVX2.
  *
- * Linear, T <= MV_MAX_T tokens (decode): one pass over the weights, each row decoded in
- * registers and dotted with the T activation rows (permuted once per call into the "xp
- * layout" of the weight format, see perm_x), quantized rows via the group trick of
- * cpu_simd.h. Rows are split over the pool in tasks of a few dozen to a few hundred rows.
+ * Linear, T <= MV_MAX_T tokens (decode): one pass over the weights, rows split over the pool
+ * in tasks of 16..256 rows, each row decoded in registers and dotted with the T activation
+ * rows, which are prepared once per call:
+ *   - 2/4/8-bit MLX weights: activations quantized to int16 per 32-value block, weight bytes
+ *     widened to 16-bit lanes, vpmaddwd into int32 (q16_prep / mv8_unit): ~17 instructions
+ *     per 64 4-bit weights against ~46 for a float decode, and errors ~1.5e-5 of the block
+ *     maximum, well inside the fp32 golden tolerance (routing decisions included);
+ *   - 3/5/6-bit weights: float kernels, whole packs per 32-bit lane, the group trick of
+ *     cpu_simd.h, activations permuted to match (the "xp layout", perm_x);
+ *   - bf16/f16/f32 rows converted in registers (bf16: even/odd halves of each dword).
  *
  * Linear, T > MV_MAX_T (prefill): the activations are packed into panels of 6 tokens
- * ([k][6]); each pool task dequantizes a tile of 16 weight rows once into f32 ([k][16],
- * through 8x8 register transposes), then runs a 6x16 register-blocked FMA kernel over every
- * panel, blocked over k so the tile's slice stays in L1. Weights are read once per chunk.
+ * ([k][6]); each pool task dequantizes GM_TILES tiles of 16 weight rows once into f32
+ * ([k][16], through 8x8 register transposes), then runs a 6x16 register-blocked FMA kernel
+ * over every panel, blocked over k so a tile's slice stays in L1. Weights are read once per
+ * chunk of max_batch tokens.
+ *
+ * Attention: up to 8 (token, query head) rows that share a KV head per task, one per vector
+ * lane: scores 4 rows x 2 positions per register block, lane-wise softmax, P V with up to 8
+ * output vectors in registers over all positions.
  */
 #include "cpu_simd.h"
 
@@ -31,7 +42,7 @@
 #define MV_MAX_T 4     /* token rows handled by the fused matrix-vector kernels          */
 #define GM_ROWS 16     /* weight rows per GEMM tile (two ymm of outputs)                 */
 #ifndef GM_TILES
-#define GM_TILES 4     /* tiles per pool task: each activation block is reused 4x from L1 */
+#define GM_TILES 2     /* 16-row tiles per pool task (activation k-block reused from L2)  */
 #endif
 #define GM_TOK 6       /* tokens per GEMM panel (six broadcasts per k)                   */
 #ifndef GM_KC
@@ -96,18 +107,21 @@ static void perm_x(float *xp, const float *x, int64_t cols, int P, int L) {
     for (int64_t i = nb * B; i < cols; i++) xp[i] = x[i];
 }
 
-/* xs[gi] = sum of x over group gi (ng groups of g), zero-padded by 16 entries. */
-static void group_sums(float *xs, const float *x, int64_t ng, int g) {
+/* xs[gi] = sum of x over group gi (ng groups of g, a multiple of 32), zero-padded by 16. */
+static AVX2_FN void group_sums(float *xs, const float *x, int64_t ng, int g) {
     for (int64_t gi = 0; gi < ng; gi++) {
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         const float *xg = x + gi * g;
-        for (int i = 0; i < g; i += 4) {
-            s0 += xg[i];
-            s1 += xg[i + 1];
-            s2 += xg[i + 2];
-            s3 += xg[i + 3];
+        __m256 a = _mm256_add_ps(_mm256_loadu_ps(xg), _mm256_loadu_ps(xg + 8));
+        __m256 b = _mm256_add_ps(_mm256_loadu_ps(xg + 16), _mm256_loadu_ps(xg + 24));
+        for (int i = 32; i < g; i += 32) {
+            a = _mm256_add_ps(a, _mm256_add_ps(_mm256_loadu_ps(xg + i), _mm256_loadu_ps(xg + i + 8)));
+            b = _mm256_add_ps(b, _mm256_add_ps(_mm256_loadu_ps(xg + i + 16), _mm256_loadu_ps(xg + i + 24)));
         }
-        xs[gi] = (s0 + s1) + (s2 + s3);
+        a = _mm256_add_ps(a, b);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        xs[gi] = _mm_cvtss_f32(h);
     }
     memset(xs + ng, 0, 16 * sizeof(float));
 }
@@ -160,6 +174,39 @@ AVX2_INL float dot_short(const float *a, const float *b, int64_t n) {
     float r = hsum8(acc);
     for (; i < n; i++) r += a[i] * b[i];
     return r;
+}
+
+/* sum over gi < n of b[off + gi] * xs[gi] with b of dtype dt (bf16 / f16 / f32), as a vector
+ * of partial sums plus a scalar tail *rest (the bias term of a quantized row, no staging). */
+AVX2_INL __m256 bias_dot(const void *b, size_t off, int64_t n, sft_dtype dt, const float *xs, float *rest) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    float r = 0;
+    if (dt == SFT_BF16) {
+        const uint16_t *h = (const uint16_t *)b + off;
+        for (; i + 8 <= n; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i))), 16)),
+                                  _mm256_loadu_ps(xs + i), acc);
+    } else if (dt == SFT_F16) {
+        const uint16_t *h = (const uint16_t *)b + off;
+        for (; i + 8 <= n; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), _mm256_loadu_ps(xs + i), acc);
+    } else {
+        const float *f = (const float *)b + off;
+        for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(f + i), _mm256_loadu_ps(xs + i), acc);
+    }
+    for (; i < n; i++) {
+        uint16_t h;
+        float v;
+        if (dt == SFT_F32) memcpy(&v, (const float *)b + off + i, 4);
+        else {
+            memcpy(&h, (const uint16_t *)b + off + i, 2);
+            v = dt == SFT_BF16 ? st_bf16_to_f32(h) : st_f16_to_f32(h);
+        }
+        r += v * xs[i];
+    }
+    *rest = r;
+    return acc;
 }
 
 /* exp(x) for 8 floats: Cephes expf (range reduction by ln2 in two parts, degree-5
@@ -240,17 +287,27 @@ typedef struct mv_job {
     int64_t rows_per_task;
     cpu_scratch *s;
     void (*fn)(const struct mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi);
+    /* int16-activation kernels (2/4/8-bit weights) */
+    const float *x;        /* [T, cols] the float activations (tails past the last unit)      */
+    const int16_t *xq;     /* [T, xqstride] quantized activations in the unit layout          */
+    size_t xqstride;
+    const float *dl;       /* [T, dlstride] activation scale of each lane of each unit         */
+    size_t dlstride;
 } mv_job;
 
 typedef void (*mv_fn)(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi);
 
 /* Rows [r0, r1) of a quantized weight against TT activation rows, 8 lanes: per block of
- * 8*P values, value s of all 8 packs is converted once and multiplied into the TT token
- * accumulators; the block's partial dot is scaled by its group scale(s); the bias term comes
- * from the per-group sums. sc/bi: thread-local row scale/bias buffers (ng + 16 floats). */
+ * 8*P values, value s of all 8 packs is converted once, multiplied by its group scale(s) and
+ * accumulated into the TT token accumulators; the bias term comes from the per-group sums.
+ * Accumulators are split M ways by s so every dependency chain is short (one FMA per block)
+ * and successive blocks overlap. sc/bi: thread-local row scale/bias buffers (ng + 16 floats). */
 AVX2_INL void mvq_rows_avx2(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi, const int bits, const int TT) {
     const wt_linear *w = j->w;
     const int P = bits == 6 || bits == 8 ? 4 : 8, BV = 8 * P, BB = QBLOCK_BYTES(bits);
+    /* accumulators per token: fixed, not a function of TT, so a row gives the same bits whether
+     * it is decoded alone or batched with others (batch invariance; test_forward checks it) */
+    const int M = 4 < P ? 4 : P;
     const int64_t cols = w->cols, rows = w->rows, nblk = cols / BV, g = w->group, ng = cols / g;
     const int split = g < BV; /* 2-5 bits at group 32: lanes 0-3 and 4-7 have their own scale */
     const int gsh = split ? 0 : __builtin_ctz((unsigned)(g / BV));
@@ -262,28 +319,31 @@ AVX2_INL void mvq_rows_avx2(const mv_job *j, int64_t r0, int64_t r1, float *sc, 
         const size_t so = (size_t)r * w->srow_elems;
         cvt_f32(sc, w->scales, so, ng, w->sdtype);
         cvt_f32(bi, w->biases, so, ng, w->sdtype);
-        __m256 acc[MV_MAX_T];
-        for (int t = 0; t < TT; t++) acc[t] = _mm256_setzero_ps();
+        __m256 acc[MV_MAX_T][8];
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++)
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) acc[t][m] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nblk; b++) {
             __m256i va, vb = _mm256_setzero_si256();
             q_load8(q + b * BB, bits, &va, &vb);
             const float *xb = xp + b * BV;
-            __m256 d0[MV_MAX_T], d1[MV_MAX_T];
-#pragma GCC unroll 8
-            for (int s = 0; s < P; s++) {
-                const __m256 f = _mm256_cvtepi32_ps(q_val8(va, vb, bits, s));
-#pragma GCC unroll 4
-                for (int t = 0; t < TT; t++) {
-                    const __m256 xv = _mm256_loadu_ps(xb + (size_t)t * xst + 8 * s);
-                    if (s == 0) d0[t] = _mm256_mul_ps(f, xv);
-                    else if (s == 1) d1[t] = _mm256_mul_ps(f, xv);
-                    else if (s & 1) d1[t] = _mm256_fmadd_ps(f, xv, d1[t]);
-                    else d0[t] = _mm256_fmadd_ps(f, xv, d0[t]);
-                }
-            }
             const __m256 sv = split ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 2 * b), sidx)
                                     : _mm256_broadcast_ss(sc + (b >> gsh));
-            for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0[t], d1[t]), acc[t]);
+#pragma GCC unroll 8
+            for (int s = 0; s < P; s++) {
+                const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(q_val8(va, vb, bits, s)), sv);
+#pragma GCC unroll 4
+                for (int t = 0; t < TT; t++)
+                    acc[t][s % M] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xb + (size_t)t * xst + 8 * s), acc[t][s % M]);
+            }
+        }
+        __m256 accs[MV_MAX_T];
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) {
+            accs[t] = acc[t][0];
+#pragma GCC unroll 8
+            for (int m = 1; m < M; m++) accs[t] = _mm256_add_ps(accs[t], acc[t][m]);
         }
         float tail[MV_MAX_T] = {0};
         for (int64_t i = nblk * BV; i < cols; i++) { /* only 2-5 bits, group 32, odd group count */
@@ -292,7 +352,7 @@ AVX2_INL void mvq_rows_avx2(const mv_job *j, int64_t r0, int64_t r1, float *sc, 
         }
         for (int t = 0; t < TT; t++)
             j->out[(size_t)t * rows + r] =
-                hsum8(acc[t]) + tail[t] + dot_short(bi, j->xs + (size_t)t * j->xsstride, ng);
+                hsum8(accs[t]) + tail[t] + dot_short(bi, j->xs + (size_t)t * j->xsstride, ng);
     }
 }
 
@@ -370,6 +430,7 @@ AVX512_INL void mvq_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, float *
                                 const int TT) {
     const wt_linear *w = j->w;
     const int P = bits == 6 || bits == 8 ? 4 : 8, BV = 16 * P, BB = 2 * QBLOCK_BYTES(bits);
+    const int M = 4 < P ? 4 : P; /* fixed for batch invariance, as above */
     const int64_t cols = w->cols, rows = w->rows, nblk = cols / BV, g = w->group, ng = cols / g;
     const int split = g < BV;
     const int gsh = split ? 0 : __builtin_ctz((unsigned)(g / BV));
@@ -383,8 +444,11 @@ AVX512_INL void mvq_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, float *
         const size_t so = (size_t)r * w->srow_elems;
         cvt_f32(sc, w->scales, so, ng, w->sdtype);
         cvt_f32(bi, w->biases, so, ng, w->sdtype);
-        __m512 acc[MV_MAX_T];
-        for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
+        __m512 acc[MV_MAX_T][8];
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++)
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) acc[t][m] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; b++) {
             __m256i a0, b0 = _mm256_setzero_si256(), a1, b1 = _mm256_setzero_si256();
             q_load8(q + b * BB, bits, &a0, &b0);
@@ -392,22 +456,22 @@ AVX512_INL void mvq_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, float *
             const __m512i va = _mm512_inserti64x4(_mm512_castsi256_si512(a0), a1, 1);
             const __m512i vb = _mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1);
             const float *xb = xp + b * BV;
-            __m512 d0[MV_MAX_T], d1[MV_MAX_T];
-#pragma GCC unroll 8
-            for (int s = 0; s < P; s++) {
-                const __m512 f = _mm512_cvtepi32_ps(q_val16(va, vb, bits, s));
-#pragma GCC unroll 4
-                for (int t = 0; t < TT; t++) {
-                    const __m512 xv = _mm512_loadu_ps(xb + (size_t)t * xst + 16 * s);
-                    if (s == 0) d0[t] = _mm512_mul_ps(f, xv);
-                    else if (s == 1) d1[t] = _mm512_mul_ps(f, xv);
-                    else if (s & 1) d1[t] = _mm512_fmadd_ps(f, xv, d1[t]);
-                    else d0[t] = _mm512_fmadd_ps(f, xv, d0[t]);
-                }
-            }
             const __m512 sv = split ? _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sc + (b * BV) / g))
                                     : _mm512_set1_ps(sc[b >> gsh]);
-            for (int t = 0; t < TT; t++) acc[t] = _mm512_fmadd_ps(sv, _mm512_add_ps(d0[t], d1[t]), acc[t]);
+#pragma GCC unroll 8
+            for (int s = 0; s < P; s++) {
+                const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(q_val16(va, vb, bits, s)), sv);
+#pragma GCC unroll 4
+                for (int t = 0; t < TT; t++)
+                    acc[t][s % M] = _mm512_fmadd_ps(f, _mm512_loadu_ps(xb + (size_t)t * xst + 16 * s), acc[t][s % M]);
+            }
+        }
+        __m512 accs[MV_MAX_T];
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) {
+            accs[t] = acc[t][0];
+#pragma GCC unroll 8
+            for (int m = 1; m < M; m++) accs[t] = _mm512_add_ps(accs[t], acc[t][m]);
         }
         float tail[MV_MAX_T] = {0};
         for (int64_t i = nblk * BV; i < cols; i++) {
@@ -416,7 +480,7 @@ AVX512_INL void mvq_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, float *
         }
         for (int t = 0; t < TT; t++)
             j->out[(size_t)t * rows + r] =
-                hsum16(acc[t]) + tail[t] + dot_short(bi, j->xs + (size_t)t * j->xsstride, ng);
+                hsum16(accs[t]) + tail[t] + dot_short(bi, j->xs + (size_t)t * j->xsstride, ng);
     }
 }
 
@@ -466,6 +530,205 @@ AVX512_INL void mvd_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, const i
     }
 }
 
+/* int16-activation decode for 2-, 4- and 8-bit weights. The activations of each token are
+ * quantized per block of 32 values (d = max|x| / 32767, q = round(x / d), |q| <= 32767), so a
+ * dot product is exact in int32 except for the rounding of x: |y - y_float| <= sum |w_i| d/2,
+ * about 1.5e-5 of the block maximum per element. Weight bytes are widened to 16-bit lanes by
+ * unpacking with zero, nibbles (crumbs) split off with shifts/masks, and multiplied with
+ * vpmaddwd (no overflow: at most 8 products of 255 x 32767 per int32 lane). A unit is 32
+ * weight bytes (4-bit: 64 values, 2-bit: 128, 8-bit: 32); its int32 lanes are converted once
+ * and scaled by group scale x activation scale. The bias term uses the exact float group
+ * sums. Within a 128-bit half, unpacklo takes bytes 0..7 and unpackhi bytes 8..15, so the
+ * activations are laid out per unit as: ja(i) = i < 8 ? i : 8 + i (bytes of unpacklo, i < 16),
+ * jb(i) = ja(i) + 8 (unpackhi):
+ *   4-bit: X0[i] = x[2 ja(i)], X1[i] = x[2 ja(i) + 1], X2[i] = x[2 jb(i)], X3[i] = x[2 jb(i) + 1]
+ *   8-bit: X0[i] = x[ja(i)], X1[i] = x[jb(i)]
+ *   2-bit: Xa_s[i] = x[4 ja(i) + s], Xb_s[i] = x[4 jb(i) + s], s = 0..3 (a: values 0..31 and
+ *          64..95 of the unit, b: 32..63 and 96..127, kept apart: different 32-blocks) */
+#define Q8_UNIT(bits) ((bits) == 2 ? 128 : (bits) == 4 ? 64 : 32)
+
+int cpu_simd_actq(const wt_linear *w, int T) {
+    return T >= 1 && T <= MV_MAX_T && (w->qbits == 2 || w->qbits == 4 || w->qbits == 8);
+}
+
+/* 32 values of x as int16 in natural order (lo: 0..15, hi: 16..31): q = round-to-nearest-even(
+ * x * (32767 / amax)) (what lrintf gives in the default rounding mode); *d = amax / 32767. */
+AVX2_INL void q16_block32(const float *x, float *d, __m256i *lo, __m256i *hi) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    *d = amax / 32767.0f;
+    const __m256 id = _mm256_set1_ps(amax > 0 ? 32767.0f / amax : 0.0f);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+    *lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+    *hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);
+}
+
+/* Quantizes one token's x[cols] for `bits` into xq (int16, the unit layout above, full units
+ * only) and dl (per unit: 8 lane scales; 16 for 2-bit, a then b). */
+static AVX2_FN void q16_prep(const float *x, int64_t cols, int bits, int16_t *xq, float *dl) {
+    const int U = Q8_UNIT(bits);
+    const int64_t nu = cols / U;
+    /* per 128-bit lane: 4 even int16 then 4 odd int16 */
+    const __m256i eo = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2,
+                                        3, 6, 7, 10, 11, 14, 15);
+    for (int64_t u = 0; u < nu; u++) {
+        const float *xu = x + u * U;
+        __m256i *o = (__m256i *)(xq + u * U);
+        if (bits == 8) { /* N0 = x0..15, N1 = x16..31: X0 = [N0 lane 0 | N1 lane 0], X1 = lanes 1 */
+            float d;
+            __m256i n0, n1;
+            q16_block32(xu, &d, &n0, &n1);
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256(n0, n1, 0x20));
+            _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(n0, n1, 0x31));
+            _mm256_storeu_ps(dl + u * 8, _mm256_set1_ps(d));
+        } else if (bits == 4) { /* N' = [evens | odds] of 16 values; X0 = ev(N0) ev(N2), X1 = od(N0) od(N2), ... */
+            float d0, d1;
+            __m256i n[4];
+            q16_block32(xu, &d0, &n[0], &n[1]);
+            q16_block32(xu + 32, &d1, &n[2], &n[3]);
+            for (int k = 0; k < 4; k++) n[k] = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(n[k], eo), 0xD8);
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256(n[0], n[2], 0x20));
+            _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(n[0], n[2], 0x31));
+            _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(n[1], n[3], 0x20));
+            _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(n[1], n[3], 0x31));
+            _mm256_storeu_ps(dl + u * 8, _mm256_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1));
+        } else { /* 2-bit: quantize naturally, then gather (not a hot format) */
+            float d[4];
+            int16_t q[128];
+            for (int k = 0; k < 4; k++) {
+                __m256i lo, hi;
+                q16_block32(xu + 32 * k, &d[k], &lo, &hi);
+                _mm256_storeu_si256((__m256i *)(q + 32 * k), lo);
+                _mm256_storeu_si256((__m256i *)(q + 32 * k + 16), hi);
+            }
+            int16_t *oq = xq + u * U;
+            for (int sh = 0; sh < 4; sh++)
+                for (int i = 0; i < 16; i++) {
+                    const int ja = i < 8 ? i : 8 + i, jb = ja + 8;
+                    oq[16 * sh + i] = q[4 * ja + sh];
+                    oq[64 + 16 * sh + i] = q[4 * jb + sh];
+                }
+            _mm256_storeu_ps(dl + u * 16, _mm256_setr_ps(d[0], d[0], d[0], d[0], d[2], d[2], d[2], d[2]));
+            _mm256_storeu_ps(dl + u * 16 + 8, _mm256_setr_ps(d[1], d[1], d[1], d[1], d[3], d[3], d[3], d[3]));
+        }
+    }
+}
+
+/* One unit u (32 weight bytes) of a 2/4/8-bit row q into acc[t][par] for TT tokens. sv / svb:
+ * per-lane group scales (svb: 2-bit b half). par is a constant so the accumulators stay in
+ * registers. */
+AVX2_INL void mv8_unit(const mv_job *j, const uint8_t *q, int64_t u, __m256 sv, __m256 svb, __m256 (*acc)[2],
+                       const int par, const int bits, const int TT) {
+    const __m256i z = _mm256_setzero_si256(), m4 = _mm256_set1_epi16(0x0F), m2 = _mm256_set1_epi16(3);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(q + u * 32));
+    const __m256i a = _mm256_unpacklo_epi8(v, z), b = _mm256_unpackhi_epi8(v, z);
+    __m256i p[MV_MAX_T], pb[MV_MAX_T];
+    if (bits == 4) {
+        const __m256i al = _mm256_and_si256(a, m4), ah = _mm256_srli_epi16(a, 4);
+        const __m256i bl = _mm256_and_si256(b, m4), bh = _mm256_srli_epi16(b, 4);
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) {
+            const __m256i *xb = (const __m256i *)(j->xq + (size_t)t * j->xqstride) + u * 4;
+            p[t] = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(al, _mm256_loadu_si256(xb)),
+                                                     _mm256_madd_epi16(ah, _mm256_loadu_si256(xb + 1))),
+                                    _mm256_add_epi32(_mm256_madd_epi16(bl, _mm256_loadu_si256(xb + 2)),
+                                                     _mm256_madd_epi16(bh, _mm256_loadu_si256(xb + 3))));
+        }
+    } else if (bits == 8) {
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) {
+            const __m256i *xb = (const __m256i *)(j->xq + (size_t)t * j->xqstride) + u * 2;
+            p[t] = _mm256_add_epi32(_mm256_madd_epi16(a, _mm256_loadu_si256(xb)), _mm256_madd_epi16(b, _mm256_loadu_si256(xb + 1)));
+        }
+    } else { /* 2 */
+        const __m256i a0 = _mm256_and_si256(a, m2), a1 = _mm256_and_si256(_mm256_srli_epi16(a, 2), m2);
+        const __m256i a2 = _mm256_and_si256(_mm256_srli_epi16(a, 4), m2), a3 = _mm256_srli_epi16(a, 6);
+        const __m256i b0 = _mm256_and_si256(b, m2), b1 = _mm256_and_si256(_mm256_srli_epi16(b, 2), m2);
+        const __m256i b2 = _mm256_and_si256(_mm256_srli_epi16(b, 4), m2), b3 = _mm256_srli_epi16(b, 6);
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) {
+            const __m256i *xb = (const __m256i *)(j->xq + (size_t)t * j->xqstride) + u * 8;
+            p[t] = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256(xb)),
+                                                     _mm256_madd_epi16(a1, _mm256_loadu_si256(xb + 1))),
+                                    _mm256_add_epi32(_mm256_madd_epi16(a2, _mm256_loadu_si256(xb + 2)),
+                                                     _mm256_madd_epi16(a3, _mm256_loadu_si256(xb + 3))));
+            pb[t] = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(b0, _mm256_loadu_si256(xb + 4)),
+                                                      _mm256_madd_epi16(b1, _mm256_loadu_si256(xb + 5))),
+                                     _mm256_add_epi32(_mm256_madd_epi16(b2, _mm256_loadu_si256(xb + 6)),
+                                                      _mm256_madd_epi16(b3, _mm256_loadu_si256(xb + 7))));
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; t++) {
+        const float *dl = j->dl + (size_t)t * j->dlstride + u * (bits == 2 ? 16 : 8);
+        acc[t][par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[t]), _mm256_mul_ps(sv, _mm256_loadu_ps(dl)), acc[t][par]);
+        if (bits == 2)
+            acc[t][par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb[t]), _mm256_mul_ps(svb, _mm256_loadu_ps(dl + 8)), acc[t][par]);
+    }
+}
+
+/* Rows [r0, r1) of a 2/4/8-bit weight against TT int16 activation rows (see above); units in
+ * pairs with two accumulators per token. */
+AVX2_INL void mv8_rows_avx2(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi, const int bits, const int TT) {
+    (void)bi;
+    const wt_linear *w = j->w;
+    const int U = Q8_UNIT(bits);
+    const int64_t cols = w->cols, rows = w->rows, nu = cols / U, g = w->group, ng = cols / g;
+    const int split = g < U;
+    const int gsh = split ? 0 : __builtin_ctz((unsigned)(g / U));
+    /* group of lane k: lanes 0-3 hold values from the unit's first 32 (4-bit), 16 (8-bit) or
+     * 32 (2-bit a) / 32..63 (2-bit b); lanes 4-7 from 32.., 16.., 64.. / 96.. (layout above) */
+    int32_t ia[8], ib[8];
+    for (int k = 0; k < 8; k++) {
+        const int va = k < 4 ? 0 : bits == 2 ? 64 : bits == 4 ? 32 : 16;
+        ia[k] = (int32_t)(va / g);
+        ib[k] = (int32_t)((va + 32) / g);
+    }
+    const __m256i sia = _mm256_loadu_si256((const __m256i *)ia), sib = _mm256_loadu_si256((const __m256i *)ib);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *q = (const uint8_t *)w->w + (size_t)r * w->row_bytes;
+        const size_t so = (size_t)r * w->srow_elems;
+        cvt_f32(sc, w->scales, so, ng, w->sdtype);
+        __m256 acc[MV_MAX_T][2];
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        int64_t u = 0;
+#define SVA(uu) (split ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + ((uu) * U) / g), sia) : _mm256_broadcast_ss(sc + ((uu) >> gsh)))
+#define SVB(uu) (split ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + ((uu) * U) / g), sib) : _mm256_broadcast_ss(sc + ((uu) >> gsh)))
+        for (; u + 2 <= nu; u += 2) {
+            mv8_unit(j, q, u, SVA(u), SVB(u), acc, 0, bits, TT);
+            mv8_unit(j, q, u + 1, SVA(u + 1), SVB(u + 1), acc, 1, bits, TT);
+        }
+        if (u < nu) mv8_unit(j, q, u, SVA(u), SVB(u), acc, 0, bits, TT);
+#undef SVA
+#undef SVB
+        float tail[MV_MAX_T] = {0};
+        for (int64_t i = nu * U; i < cols; i++) { /* past the last full unit: float */
+            const float qs = sc[i / g] * (float)cpu_mlx_q_get((const uint32_t *)q, bits, (size_t)i);
+            for (int t = 0; t < TT; t++) tail[t] += qs * j->x[(size_t)t * cols + i];
+        }
+        for (int t = 0; t < TT; t++) {
+            float rest;
+            const __m256 bd = bias_dot(w->biases, so, ng, w->sdtype, j->xs + (size_t)t * j->xsstride, &rest);
+            j->out[(size_t)t * rows + r] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), bd)) + tail[t] + rest;
+        }
+    }
+}
+
+#define MV8(B, TT) \
+    static AVX2_FN void mv8_##B##_##TT(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi) { mv8_rows_avx2(j, r0, r1, sc, bi, B, TT); }
+#define MV8_T(B) MV8(B, 1) MV8(B, 2) MV8(B, 3) MV8(B, 4)
+MV8_T(2)
+MV8_T(4)
+MV8_T(8)
+
 /* One specialised function per (ISA, format, token count) so every shift is an immediate. */
 #define MVQ(ISA, ATTR, B, TT)                                                                     \
     static ATTR void mvq_##ISA##_##B##_##TT(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi) { \
@@ -498,6 +761,9 @@ static const mv_fn mvq_tab[2][9][MV_MAX_T] = {
     {[2] = ROW4(avx512, mvq, 2), [3] = ROW4(avx512, mvq, 3), [4] = ROW4(avx512, mvq, 4), [5] = ROW4(avx512, mvq, 5),
      [6] = ROW4(avx512, mvq, 6), [8] = ROW4(avx512, mvq, 8)},
 };
+static const mv_fn mv8_tab[9][MV_MAX_T] = {[2] = {mv8_2_1, mv8_2_2, mv8_2_3, mv8_2_4},
+                                           [4] = {mv8_4_1, mv8_4_2, mv8_4_3, mv8_4_4},
+                                           [8] = {mv8_8_1, mv8_8_2, mv8_8_3, mv8_8_4}};
 static const mv_fn mvd_tab[2][3][MV_MAX_T] = {
     {ROW4(avx2, mvd, bf16), ROW4(avx2, mvd, f16), ROW4(avx2, mvd, f32)},
     {ROW4(avx512, mvd, bf16), ROW4(avx512, mvd, f16), ROW4(avx512, mvd, f32)},
@@ -519,22 +785,33 @@ static void mv_task(void *ctx, int task, int n_tasks, int thread) {
 static void linear_mv(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T) {
     const int isa = s->simd >= CPU_SIMD_AVX512, L = isa ? 16 : 8, P = lane_values(w);
     const int64_t cols = w->cols, rows = w->rows;
-    mv_job j = {.w = w, .out = out, .T = T, .s = s};
-    if (P == 1) {
-        j.xp = x;
-        j.xstride = (size_t)cols;
-    } else {
-        for (int t = 0; t < T; t++) perm_x(s->xp + (size_t)t * s->row_cap, x + (size_t)t * cols, cols, P, L);
-        j.xp = s->xp;
-        j.xstride = s->row_cap;
-    }
+    mv_job j = {.w = w, .out = out, .T = T, .s = s, .x = x};
     if (w->qbits) {
         j.xsstride = ng_cap(s->row_cap);
         for (int t = 0; t < T; t++) group_sums(s->xs + (size_t)t * j.xsstride, x + (size_t)t * cols, cols / w->group, w->group);
         j.xs = s->xs;
-        j.fn = mvq_tab[isa][w->qbits][T - 1];
+    }
+    if (s->actq && cpu_simd_actq(w, T)) {
+        /* xp region: [0, 2R) floats hold T <= 4 rows of R int16, [2R, 3R) the lane scales */
+        j.xq = (const int16_t *)(const void *)s->xp;
+        j.xqstride = s->row_cap;
+        j.dl = s->xp + 2 * s->row_cap;
+        j.dlstride = s->row_cap / 4;
+        for (int t = 0; t < T; t++)
+            q16_prep(x + (size_t)t * cols, cols, w->qbits, (int16_t *)(void *)s->xp + (size_t)t * j.xqstride,
+                     s->xp + 2 * s->row_cap + (size_t)t * j.dlstride);
+        j.fn = mv8_tab[w->qbits][T - 1];
     } else {
-        j.fn = mvd_tab[isa][w->dtype == SFT_BF16 ? 0 : w->dtype == SFT_F16 ? 1 : 2][T - 1];
+        if (P == 1) {
+            j.xp = x;
+            j.xstride = (size_t)cols;
+        } else {
+            for (int t = 0; t < T; t++) perm_x(s->xp + (size_t)t * s->row_cap, x + (size_t)t * cols, cols, P, L);
+            j.xp = s->xp;
+            j.xstride = s->row_cap;
+        }
+        if (w->qbits) j.fn = mvq_tab[isa][w->qbits][T - 1];
+        else j.fn = mvd_tab[isa][w->dtype == SFT_BF16 ? 0 : w->dtype == SFT_F16 ? 1 : 2][T - 1];
     }
     ST_ASSERT(j.fn);
     /* a few tasks per thread for balance, each large enough to amortise the hand-out */
@@ -734,9 +1011,9 @@ static void gm_pack_task(void *ctx, int p, int n_tasks, int thread) {
 }
 
 /* GM_TILES tiles of 16 weight rows against all panels. Per-thread tbuf: wt [GM_TILES, 16 R],
- * tmp [8 R], c [GM_TILES, n_panels, 6, 16], sc/bi [ng_cap] each. Loop order k-block, panel,
- * tile: a panel's k-block (6 KiB) is loaded once and used by every tile from L1; the tiles'
- * k-blocks (16 KiB each) stay in L2 across the panels. */
+ * tmp [8 R], c [GM_TILES, n_panels, 6, 16], sc/bi [ng_cap] each. Loop order k-block, tile,
+ * panel: a tile's k-block (16 KiB) stays in L1 across all panels, and the activations'
+ * k-block (T x GM_KC floats, 256 KiB at T = 256) stays in L2 across the task's tiles. */
 static AVX2_FN void gm_task(void *ctx, int task, int n_tasks, int thread) {
     (void)n_tasks;
     const gm_job *j = ctx;
@@ -750,12 +1027,10 @@ static AVX2_FN void gm_task(void *ctx, int task, int n_tasks, int thread) {
     for (int i = 0; i < nt; i++) gm_tile(w, r0 + (int64_t)i * GM_ROWS, wt + (size_t)i * 16 * R, tmp, R, sc, bi);
     for (int64_t k0 = 0; k0 < cols; k0 += GM_KC) {
         const int64_t kn = cols - k0 < GM_KC ? cols - k0 : GM_KC;
-        for (int p = 0; p < j->n_panels; p++) {
-            const float *xk = j->xpk + ((size_t)p * cols + (size_t)k0) * GM_TOK;
-            for (int i = 0; i < nt; i++)
-                gm_kernel(wt + (size_t)i * 16 * R + (size_t)k0 * GM_ROWS, xk, kn,
-                          c + (size_t)i * cstride + (size_t)p * GM_TOK * GM_ROWS, k0 == 0);
-        }
+        for (int i = 0; i < nt; i++)
+            for (int p = 0; p < j->n_panels; p++)
+                gm_kernel(wt + (size_t)i * 16 * R + (size_t)k0 * GM_ROWS, j->xpk + ((size_t)p * cols + (size_t)k0) * GM_TOK,
+                          kn, c + (size_t)i * cstride + (size_t)p * GM_TOK * GM_ROWS, k0 == 0);
     }
     for (int i = 0; i < nt; i++) {
         const int64_t ri = r0 + (int64_t)i * GM_ROWS;
@@ -804,89 +1079,193 @@ typedef struct fa_job {
     const float *const *k;
     const float *const *v;
     const int32_t *pos;
-    int n_head, n_head_kv, hd;
+    int T, n_head, n_head_kv, hd;
     float scale;
+    int tb;       /* tokens per task                                   */
+    int nh;       /* query heads per task (of one KV group), tb*nh <= 8 */
+    int n_hg;     /* head groups per KV head                           */
     cpu_scratch *s;
 } fa_job;
 
-#define FA_HEADS 4 /* query heads of one KV group handled together (K/V rows loaded once) */
+#ifndef FA_VPF
+#define FA_VPF 1 /* prefetch V rows (to L2) during the scores pass */
+#endif
+#ifndef FA_PF
+#define FA_PF 8 /* K / V rows prefetched ahead. Rows of one KV head are n_head_kv * hd floats
+                 * apart (4 KiB for qwen3): every row is its own page, beyond the hardware
+                 * prefetchers' reach                                                          */
+#endif
+/* Lane i of the result = sum of the 8 lanes of a[i]. */
+AVX2_INL __m256 reduce8(const __m256 *a) {
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
 
-/* One (token, KV head) pair: for up to FA_HEADS query heads sharing the KV head at a time,
- * scores = q.k * scale over positions 0..pos[t], softmax (vectorised exp), out = sum a v. */
+/* Scores of NR (1..4) rows (queries qr[], visible lengths np[]) at NP (1 or 2) positions p,
+ * p+1: sc[8 q + r] = qr[r] . K[q] * scale, -inf where q >= np[r]. NR x NP accumulators,
+ * per 8 dims NP K loads + NR query loads. */
+AVX2_INL void fa_scores(const float *const *qr, const int *np, const float *kc, const float *vc, int p, int hd, int kvw,
+                        float scale, float *sc, const int NR, const int NP) {
+    const float *k0 = kc + (size_t)p * kvw, *k1 = k0 + kvw;
+    if (vc) /* the V rows P V will read, into L2 */
+        for (int i = 0; i < hd; i += 16) {
+            _mm_prefetch((const char *)(vc + (size_t)(p + FA_PF) * kvw + i), _MM_HINT_T1);
+            if (NP == 2) _mm_prefetch((const char *)(vc + (size_t)(p + 1 + FA_PF) * kvw + i), _MM_HINT_T1);
+        }
+    for (int i = 0; i < hd; i += 16) {
+        _mm_prefetch((const char *)(k0 + (size_t)FA_PF * kvw + i), _MM_HINT_T0);
+        if (NP == 2) _mm_prefetch((const char *)(k1 + (size_t)FA_PF * kvw + i), _MM_HINT_T0);
+    }
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int a = 0; a < 8; a++) acc[a] = _mm256_setzero_ps();
+    for (int i = 0; i < hd; i += 8) {
+        const __m256 kv0 = _mm256_loadu_ps(k0 + i), kv1 = NP == 2 ? _mm256_loadu_ps(k1 + i) : kv0;
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) {
+            const __m256 qv = _mm256_loadu_ps(qr[r] + i);
+            acc[r] = _mm256_fmadd_ps(qv, kv0, acc[r]);
+            if (NP == 2) acc[4 + r] = _mm256_fmadd_ps(qv, kv1, acc[4 + r]);
+        }
+    }
+    int n4[8];
+#pragma GCC unroll 8
+    for (int a = 0; a < 8; a++) n4[a] = a % 4 < NR ? np[a % 4] : 0;
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)n4), _mm256_setr_epi32(p, p, p, p, p + 1, p + 1, p + 1, p + 1));
+    const __m256 sv = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale)),
+                                       _mm256_castsi256_ps(live));
+    float o[8];
+    _mm256_storeu_ps(o, sv);
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) {
+        sc[8 * (size_t)p + r] = o[r];
+        if (NP == 2) sc[8 * (size_t)(p + 1) + r] = o[4 + r];
+    }
+}
+
+/* orow[r][0..hd) = sum_p P[p][r] V[p] for NR (constant) rows whose probabilities are lanes
+ * r of P (P + 8p: the [n, 8] layout of fa_rows, offset to the first row). C chunks of 8 output
+ * floats per row stay in registers over all n positions (NR*C accumulators; per position C V
+ * loads + NR broadcasts for NR*C FMAs). (Software prefetch of V lines measured slower.) */
+AVX2_INL void fa_pv(float *const *orow, const float *P, const float *vc, int n, int hd, int kvw, const int NR, const int C) {
+    int c0 = 0;
+    for (; c0 + 8 * C <= hd; c0 += 8 * C) {
+        __m256 acc[4][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+        for (int p = 0; p < n; p++) {
+            const float *vr = vc + (size_t)p * kvw + c0;
+            __m256 v[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < C; c++) v[c] = _mm256_loadu_ps(vr + 8 * c);
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) {
+                const __m256 b = _mm256_broadcast_ss(P + 8 * (size_t)p + r);
+#pragma GCC unroll 4
+                for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(b, v[c], acc[r][c]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < C; c++) _mm256_storeu_ps(orow[r] + c0 + 8 * c, acc[r][c]);
+    }
+    for (; c0 < hd; c0 += 8) { /* hd % (8C) != 0 */
+        __m256 acc[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+        for (int p = 0; p < n; p++) {
+            const __m256 v = _mm256_loadu_ps(vc + (size_t)p * kvw + c0);
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(P + 8 * (size_t)p + r), v, acc[r]);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) _mm256_storeu_ps(orow[r] + c0, acc[r]);
+    }
+}
+
+/* Attention for NQ (1..8, constant) query rows sharing one KV head: row j has query qr[j],
+ * output orow[j] and sees positions 0..npos[j]-1 of K rows kc / V rows vc (row stride kvw).
+ * One vector lane per row: sc [n, 8] holds scores, then probabilities (0 where masked).
+ * K rows are read once for all rows; P V in fa_pv. */
+AVX2_INL void fa_rows(const float *const *qr, float *const *orow, const int *npos, const float *kc, const float *vc, int hd,
+                      int kvw, float scale, float *sc, const int NQ) {
+    int np8[8] = {0}, nmax = 0;
+    #pragma GCC unroll 8
+    for (int j = 0; j < NQ; j++) {
+        np8[j] = npos[j];
+        nmax = npos[j] > nmax ? npos[j] : nmax;
+    }
+    const __m256i npv = _mm256_loadu_si256((const __m256i *)np8);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    /* 1. scores, 4 rows x 2 positions per register block */
+    const int NA = NQ < 4 ? NQ : 4, NB = NQ > 4 ? NQ - 4 : 1; /* rows 0..3, 4..7 (NB unused if NQ <= 4) */
+    int p = 0;
+    for (; p + 2 <= nmax; p += 2) {
+        fa_scores(qr, np8, kc, FA_VPF ? vc : NULL, p, hd, kvw, scale, sc, NA, 2);
+        if (NQ > 4) fa_scores(qr + 4, np8 + 4, kc, NULL, p, hd, kvw, scale, sc + 4, NB, 2);
+    }
+    if (p < nmax) {
+        fa_scores(qr, np8, kc, NULL, p, hd, kvw, scale, sc, NA, 1);
+        if (NQ > 4) fa_scores(qr + 4, np8 + 4, kc, NULL, p, hd, kvw, scale, sc + 4, NB, 1);
+    }
+    /* 2. softmax per lane */
+    __m256 mx = ninf, sum = _mm256_setzero_ps();
+    for (int p = 0; p < nmax; p++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + 8 * (size_t)p));
+    for (int p = 0; p < nmax; p++) {
+        const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(npv, _mm256_set1_epi32(p)));
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + 8 * (size_t)p), mx)), live);
+        _mm256_storeu_ps(sc + 8 * (size_t)p, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), sum),
+                                     _mm256_cmp_ps(sum, _mm256_setzero_ps(), _CMP_GT_OQ)); /* unused lanes: 0 */
+    for (int p = 0; p < nmax; p++) _mm256_storeu_ps(sc + 8 * (size_t)p, _mm256_mul_ps(_mm256_loadu_ps(sc + 8 * (size_t)p), inv));
+    /* 3. out = P V in passes of up to 4 rows */
+    fa_pv(orow, sc, vc, nmax, hd, kvw, NA, NA <= 2 ? 4 : 2);
+    if (NQ > 4) fa_pv(orow + 4, sc + 4, vc, nmax, hd, kvw, NB, NB <= 2 ? 4 : 2);
+}
+
+/* One task: tokens [t0, t0 + tb) x query heads [hg*nh, hg*nh + nh) of KV head kvh. Tokens
+ * that share a KV cache slot (the usual prefill case) go through fa_rows together. */
 static AVX2_FN void fa_task(void *ctx, int task, int n_tasks, int thread) {
     (void)n_tasks;
     const fa_job *j = ctx;
-    const int Hkv = j->n_head_kv, rep = j->n_head / Hkv, hd = j->hd, kvw = Hkv * hd;
-    const int t = task / Hkv, kvh = task % Hkv, n = j->pos[t] + 1;
-    const float *kc = j->k[t] + (size_t)kvh * hd, *vc = j->v[t] + (size_t)kvh * hd;
-    const size_t R = j->s->row_cap;
-    float *sc = j->s->tbuf + (size_t)thread * j->s->tbuf_cap; /* [FA_HEADS, R] */
-    for (int h0 = 0; h0 < rep; h0 += FA_HEADS) {
-        const int nh = rep - h0 < FA_HEADS ? rep - h0 : FA_HEADS;
-        const float *qh[FA_HEADS];
-        float *oh[FA_HEADS];
-        for (int r = 0; r < FA_HEADS; r++) {
-            const int head = kvh * rep + h0 + (r < nh ? r : 0);
-            qh[r] = j->q + ((size_t)t * j->n_head + head) * hd;
-            oh[r] = j->out + ((size_t)t * j->n_head + head) * hd;
-        }
-        /* 1. scores: 4 dot products per K row (unused heads repeat head 0, not stored) */
-        for (int p = 0; p < n; p++) {
-            const float *kr = kc + (size_t)p * kvw;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int i = 0; i < hd; i += 8) {
-                const __m256 kv = _mm256_loadu_ps(kr + i);
-                a0 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh[0] + i), a0);
-                a1 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh[1] + i), a1);
-                a2 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh[2] + i), a2);
-                a3 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh[3] + i), a3);
+    const int Hkv = j->n_head_kv, rep = j->n_head / Hkv, hd = j->hd;
+    const int n_tb = (j->T + j->tb - 1) / j->tb; /* KV-head-major: a thread's next task reuses the K/V in L2 */
+    const int hg = task % j->n_hg, tbi = (task / j->n_hg) % n_tb, kvh = task / (j->n_hg * n_tb);
+    const int t0 = tbi * j->tb, t1 = t0 + j->tb < j->T ? t0 + j->tb : j->T;
+    const int h0 = hg * j->nh, hn = rep - h0 < j->nh ? rep - h0 : j->nh;
+    float *sc = j->s->tbuf + (size_t)thread * j->s->tbuf_cap; /* [row_cap, 8] */
+    for (int ta = t0; ta < t1;) {
+        int tz = ta + 1;
+        while (tz < t1 && j->k[tz] == j->k[ta] && j->v[tz] == j->v[ta]) tz++;
+        const float *qr[8];
+        float *orow[8];
+        int npos[8], nq = 0;
+        for (int t = ta; t < tz; t++)
+            for (int r = 0; r < hn; r++) {
+                const size_t head = (size_t)t * j->n_head + (size_t)kvh * rep + (size_t)(h0 + r);
+                qr[nq] = j->q + head * hd;
+                orow[nq] = j->out + head * hd;
+                npos[nq++] = j->pos[t] + 1;
             }
-            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-            const __m128 s4 = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)),
-                                         _mm_set1_ps(j->scale));
-            float v4[4];
-            _mm_storeu_ps(v4, s4);
-            for (int r = 0; r < nh; r++) sc[(size_t)r * R + p] = v4[r];
+        const float *kc = j->k[ta] + (size_t)kvh * hd, *vc = j->v[ta] + (size_t)kvh * hd;
+        const int kvw = Hkv * hd;
+        switch (nq) {
+        case 1: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 1); break;
+        case 2: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 2); break;
+        case 3: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 3); break;
+        case 4: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 4); break;
+        case 5: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 5); break;
+        case 6: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 6); break;
+        case 7: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 7); break;
+        default: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 8); break;
         }
-        /* 2. softmax per head */
-        float inv[FA_HEADS];
-        for (int r = 0; r < nh; r++) {
-            float *s = sc + (size_t)r * R;
-            __m256 mv = _mm256_set1_ps(-INFINITY);
-            int p = 0;
-            for (; p + 8 <= n; p += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + p));
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            float mx = _mm_cvtss_f32(m4);
-            for (int i = p; i < n; i++) mx = s[i] > mx ? s[i] : mx;
-            const __m256 mxv = _mm256_set1_ps(mx);
-            __m256 sv = _mm256_setzero_ps();
-            for (p = 0; p + 8 <= n; p += 8) {
-                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), mxv));
-                _mm256_storeu_ps(s + p, e);
-                sv = _mm256_add_ps(sv, e);
-            }
-            float sum = hsum8(sv);
-            for (; p < n; p++) {
-                float e[8];
-                _mm256_storeu_ps(e, exp8(_mm256_set1_ps(s[p] - mx)));
-                s[p] = e[0];
-                sum += e[0];
-            }
-            inv[r] = 1.0f / sum;
-        }
-        /* 3. out = sum_p a_p v_p */
-        for (int r = 0; r < nh; r++) memset(oh[r], 0, (size_t)hd * sizeof(float));
-        for (int p = 0; p < n; p++) {
-            const float *vr = vc + (size_t)p * kvw;
-            for (int r = 0; r < nh; r++) {
-                const __m256 a = _mm256_set1_ps(sc[(size_t)r * R + p] * inv[r]);
-                float *o = oh[r];
-                for (int i = 0; i < hd; i += 8)
-                    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
-            }
-        }
+        ta = tz;
     }
 }
 
@@ -894,10 +1273,11 @@ void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *
                         const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
                         float scale) {
     ST_ASSERT(s->simd >= CPU_SIMD_AVX2 && hd % 8 == 0 && n_head % n_head_kv == 0 && s->tbuf &&
-              s->tbuf_cap >= FA_HEADS * s->row_cap);
+              s->tbuf_cap >= 8 * s->row_cap);
     for (int t = 0; t < T; t++) ST_ASSERT((size_t)pos[t] < s->row_cap);
-    fa_job j = {out, q, kslot, vslot, pos, n_head, n_head_kv, hd, scale, s};
-    st_pool_run(pool, fa_task, &j, T * n_head_kv);
+    const int rep = n_head / n_head_kv, nh = rep < 8 ? rep : 8;
+    fa_job j = {out, q, kslot, vslot, pos, T, n_head, n_head_kv, hd, scale, 8 / nh, nh, (rep + nh - 1) / nh, s};
+    st_pool_run(pool, fa_task, &j, ((T + j.tb - 1) / j.tb) * n_head_kv * j.n_hg);
 }
 
 /* ------------------------------------------------------------------------------------------ */

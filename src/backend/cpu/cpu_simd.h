@@ -6,7 +6,10 @@
  * reference in cpu_ops.c. Results differ from the reference only by float32 rounding (order of
  * summation, fused multiply-adds, and the group factorisation below).
  *
- * Quantized decode uses the group trick on MLX affine weights w = s_g * q + b_g:
+ * Quantized decode of 2-, 4- and 8-bit weights multiplies the weights' integers with int16
+ * activations (pmaddwd; see the comment above q16_prep in cpu_simd.c). 3-, 5- and 6-bit
+ * weights, and every weight when actq is off, use float kernels with the group trick on MLX
+ * affine weights w = s_g * q + b_g:
  *     y = sum_g s_g * (q_g . x_g) + b_g * sum(x_g)
  * with sum(x_g) computed once per call. Whole 8-value packs are decoded per 32-bit lane (pack k
  * of a block in lane k: 2-bit 2 bytes, 3-bit 3 bytes, 4-bit 4 bytes, 5-bit 5 bytes; 6- and 8-bit
@@ -30,6 +33,11 @@ int cpu_simd_level(void);
 
 /* Per-thread floats the fast path needs in cpu_scratch.tbuf for row_cap and max_batch. */
 size_t cpu_simd_tbuf_floats(size_t row_cap, int max_batch);
+
+/* 1 if the fast linear quantizes the activations to int16 for this weight and T (2-, 4- and
+ * 8-bit MLX weights at T <= 4, when the scratch's actq is set): results then differ from the
+ * float reference by up to sum_i |w_i| * d_i / 2, d_i = max|x| / 32767 over x_i's block of 32. */
+int cpu_simd_actq(const wt_linear *w, int T);
 
 /* Fast out[T, rows] = x[T, cols] W^T (contract of cpu_linear); needs s->simd >= AVX2. */
 void cpu_linear_fast(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T);
