@@ -10,11 +10,14 @@
  *   attention  one layer's attention for a 256-token prefill chunk at 256..511 and a decode
  *           token at 512;
  *   model   a synthetic qwen3-0.6b (random weights, built in memory) through model_forward:
- *           decode tok/s + MBU, and a 512-token prefill.
+ *           decode tok/s + MBU (p50 and min step), and a 512-token prefill. --pos N decodes from
+ *           position N (after the prefill's K/V; default 16); --no-prefill skips the prefill.
  * usage: bench_cpu_kernels [bw|linear|attention|model|all] [--fmt q4g64|bf16|both] [--threads N]
- *                          [--iters N] [--gen N] [--no-exact] [--cpu-time]
- * --cpu-time (with --threads 1) times the linear part with the thread's CPU clock: per-core
- * kernel throughput that stays meaningful while other processes load the machine.
+ *                          [--iters N] [--gen N] [--pos N] [--no-prefill] [--no-exact] [--cpu-time]
+ * --iters also sets the attention part's repetitions (best of max(iters, 5)). STRATA_NO_ACTQ_GEMM=1
+ * and STRATA_ATTN_NOSPLIT=1 switch off the int16 prefill GEMM and split-K decode attention (A/B).
+ * --cpu-time (with --threads 1) times the linear, attention and model parts with the thread's CPU
+ * clock: per-core throughput that stays meaningful while other processes load the machine.
  */
 #include "strata/base.h"
 #include "strata/model.h"
@@ -28,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 
 // ----------------------------------------------------------------------------
 // qwen3-0.6b shapes
@@ -157,6 +161,7 @@ typedef struct fmt_spec {
 } fmt_spec;
 
 static double g_bw = 0; /* measured read bandwidth, GB/s */
+static int g_no_prefill; /* --no-prefill: skip the model's 512-token prefill */
 static int g_cpu_time;  /* --cpu-time: time with the calling thread's CPU clock (1 thread only) */
 
 /* Nanoseconds on the wall clock, or with --cpu-time on this thread's CPU clock: on a machine
@@ -270,11 +275,17 @@ static void bench_linear(const fmt_spec *f, int threads, int iters, int do_exact
 /* qwen3-0.6b attention: one layer's prefill chunk of 256 tokens at positions 256..511 (the
  * second chunk of a 512-token prompt), and a decode token at position 512 through 28 layers'
  * distinct K/V (the cache does not fit L3, as in the model), both paths. */
-static void bench_attention(int threads, int do_exact) {
-    const int T = 256, ctx = 1024, kvw = Q_HKV * Q_HD;
+static void bench_attention(int threads, int iters, int do_exact) {
+    const int T = 256, ctx = 1024, kvw = Q_HKV * Q_HD + (getenv("BENCH_KV_PAD") ? atoi(getenv("BENCH_KV_PAD")) : 0); /* row stride */
     float *q = st_alloc_aligned((size_t)T * Q_H * Q_HD * 4), *o = st_alloc_aligned((size_t)T * Q_H * Q_HD * 4);
     /* 28 layers' K/V like the model (121 MB at 1024 positions): decode streams it from DRAM */
     float *kc = st_alloc_aligned((size_t)Q_LAYERS * ctx * kvw * 4), *vc = st_alloc_aligned((size_t)Q_LAYERS * ctx * kvw * 4);
+    if (getenv("BENCH_HUGE")) {
+        free(kc), free(vc);
+        size_t nb = (size_t)Q_LAYERS * ctx * kvw * 4;
+        kc = aligned_alloc(1 << 21, nb), vc = aligned_alloc(1 << 21, nb);
+        madvise(kc, nb, MADV_HUGEPAGE), madvise(vc, nb, MADV_HUGEPAGE);
+    }
     for (size_t i = 0; i < (size_t)T * Q_H * Q_HD; i++) q[i] = rng_f();
     for (size_t i = 0; i < (size_t)Q_LAYERS * ctx * kvw; i++) kc[i] = rng_f(), vc[i] = rng_f();
     const float *kp[256], *vp[256];
@@ -286,14 +297,14 @@ static void bench_attention(int threads, int do_exact) {
         cpu_scratch sc;
         if (cpu_scratch_init(&sc, st_pool_threads(pool), ctx, T, exact)) exit(1);
         double bp = 1e30, bd = 1e30;
-        for (int it = 0; it < 5; it++) {
+        for (int it = 0; it < (iters > 5 ? iters : 5); it++) {
             uint64_t a0 = now_ns();
-            cpu_attention(pool, &sc, o, q, kp, vp, pos, T, Q_H, Q_HKV, Q_HD, 0.088f);
+            cpu_attention_kv(pool, &sc, o, q, kp, vp, pos, T, Q_H, Q_HKV, Q_HD, kvw, 0.088f);
             uint64_t a1 = now_ns();
             int32_t p1 = 512;
             for (int l = 0; l < Q_LAYERS; l++) {
                 const float *kl = kc + (size_t)l * ctx * kvw, *vl = vc + (size_t)l * ctx * kvw;
-                cpu_attention(pool, &sc, o, q, &kl, &vl, &p1, 1, Q_H, Q_HKV, Q_HD, 0.088f);
+                cpu_attention_kv(pool, &sc, o, q, &kl, &vl, &p1, 1, Q_H, Q_HKV, Q_HD, kvw, 0.088f);
             }
             uint64_t a2 = now_ns();
             if ((double)(a1 - a0) < bp) bp = (double)(a1 - a0);
@@ -301,7 +312,7 @@ static void bench_attention(int threads, int do_exact) {
         }
         printf("-- %s path: prefill chunk 256 @ 256..511: %.2f ms/layer (%.1f GFLOP/s) -> x 28 layers: %.0f ms; decode @ 512 (28 layers' K/V, from DRAM): %.1f us/layer (%.1f GB/s)\n",
                exact ? "exact" : "fast", bp / 1e6, 4.0 * Q_H * Q_HD * (256.0 * 256 + 256.0 * 257 / 2) / bp, bp * 28 / 1e6,
-               bd / 1e3, 2.0 * 513 * kvw * 4 / bd);
+               bd / 1e3, 2.0 * 513 * Q_HKV * Q_HD * 4 / bd);
         cpu_scratch_free(&sc);
     }
     st_pool_free(pool);
@@ -426,7 +437,7 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 /* Decode and 512-token prefill through model_forward on a synthetic qwen3-0.6b. */
-static void bench_model(const fmt_spec *f, int threads, int gen, int do_exact) {
+static void bench_model(const fmt_spec *f, int threads, int gen, int start_pos, int do_exact) {
     double t0 = st_time_s();
     model *m = synth_qwen3(f);
     if (!m) exit(1);
@@ -447,27 +458,27 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int do_exact) {
         }
         /* prefill 512 (exact: skipped, minutes) */
         double pre = 0, pre_pool = 0, pre_busy = 0;
-        if (!exact)
+        if (!exact && !g_no_prefill)
             for (int rep = 0; rep < 3; rep++) {
                 st_pool_stats_reset(model_ctx_pool(c));
-                double a = st_time_s();
+                double a = now_ns() / 1e9;
                 if (model_forward_seq(c, toks, P, 0, logits, LOGITS_LAST, &err)) {
                     fprintf(stderr, "%s\n", err.msg);
                     exit(1);
                 }
-                double d = st_time_s() - a;
+                double d = now_ns() / 1e9 - a;
                 uint64_t busy, wall;
                 st_pool_stats(model_ctx_pool(c), &busy, &wall);
                 if (rep == 0 || d < pre) pre = d, pre_pool = wall / 1e9, pre_busy = busy / 1e9;
             }
         /* decode: 16-token prompt, then gen steps; per-step times */
-        const int g = exact ? 4 : gen, start = 16;
-        model_forward_seq(c, toks, start, 0, logits, LOGITS_LAST, &err);
+        const int g = exact ? 4 : gen, start = exact ? 16 : start_pos;
+        if (exact || start <= 16) model_forward_seq(c, toks, start, 0, logits, LOGITS_LAST, &err); /* else: the prefill's K/V */
         double *st = malloc((size_t)g * sizeof(double)), sum = 0;
         for (int i = 0; i < g; i++) {
-            double a = st_time_s();
+            double a = now_ns() / 1e9;
             model_forward_seq(c, &toks[start + i], 1, start + i, logits, LOGITS_LAST, &err);
-            st[i] = st_time_s() - a;
+            st[i] = now_ns() / 1e9 - a;
             sum += st[i];
         }
         /* the same 16 + 4 tokens' final logits through both paths: fast vs exact */
@@ -491,13 +502,13 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int do_exact) {
         double p50 = st[g / 2], mean = sum / g;
         /* KV read at the median position: 2 * layers * pos * kv_dim * 4 bytes */
         double kv = 2.0 * Q_LAYERS * (start + g / 2) * Q_HKV * Q_HD * 4;
-        printf("-- %s path: decode %d tokens (pos %d..%d): p50 %.2f ms, mean %.2f ms -> %.1f tok/s (p50)", exact ? "exact" : "fast",
-               g, start, start + g - 1, p50 * 1e3, mean * 1e3, 1.0 / p50);
+        printf("-- %s path: decode %d tokens (pos %d..%d): p50 %.2f ms, mean %.2f ms, min %.2f ms -> %.1f tok/s (p50)",
+               exact ? "exact" : "fast", g, start, start + g - 1, p50 * 1e3, mean * 1e3, st[0] * 1e3, 1.0 / p50);
         if (g_bw > 0)
             printf(", MBU %.2f weights-only / %.2f with KV (of %.1f GB/s)", m->weight_bytes / p50 / 1e9 / g_bw,
                    (m->weight_bytes + kv) / p50 / 1e9 / g_bw, g_bw);
         printf("\n");
-        if (!exact)
+        if (!exact && !g_no_prefill)
             printf("   prefill %d tokens (max_batch 256, LOGITS_LAST): %.2f s -> %.1f tok/s; %.2f s inside pool regions "
                    "(threads busy %.2f s), %.2f s serial\n",
                    P, pre, P / pre, pre_pool, pre_busy, pre - pre_pool);
@@ -515,18 +526,20 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int do_exact) {
 
 int main(int argc, char **argv) {
     const char *what = "all", *fmt = "both";
-    int threads = 0, iters = 10, gen = 64, do_exact = 1;
+    int threads = 0, iters = 10, gen = 64, do_exact = 1, start_pos = 16;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--fmt") && i + 1 < argc) fmt = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--iters") && i + 1 < argc) iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--gen") && i + 1 < argc) gen = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--pos") && i + 1 < argc) start_pos = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--no-exact")) do_exact = 0;
         else if (!strcmp(argv[i], "--cpu-time")) g_cpu_time = 1;
+        else if (!strcmp(argv[i], "--no-prefill")) g_no_prefill = 1;
         else if (argv[i][0] != '-') what = argv[i];
         else {
             fprintf(stderr, "usage: bench_cpu_kernels [bw|linear|attention|model|all] [--fmt q4g64|bf16|both] [--threads N] "
-                            "[--iters N] [--gen N] [--no-exact] [--cpu-time]\n");
+                            "[--iters N] [--gen N] [--pos N] [--no-prefill] [--no-exact] [--cpu-time]\n");
             return 2;
         }
     }
@@ -544,8 +557,8 @@ int main(int argc, char **argv) {
     for (int k = 0; k < 2; k++) {
         if (strcmp(fmt, "both") && strcmp(fmt, fmts[k].name)) continue;
         if (!strcmp(what, "linear") || !strcmp(what, "all")) bench_linear(&fmts[k], threads, iters, do_exact);
-        if (!strcmp(what, "model") || !strcmp(what, "all")) bench_model(&fmts[k], threads, gen, do_exact);
+        if (!strcmp(what, "model") || !strcmp(what, "all")) bench_model(&fmts[k], threads, gen, start_pos, do_exact);
     }
-    if (!strcmp(what, "attention") || !strcmp(what, "all")) bench_attention(threads, do_exact);
+    if (!strcmp(what, "attention") || !strcmp(what, "all")) bench_attention(threads, iters, do_exact);
     return 0;
 }

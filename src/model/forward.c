@@ -273,19 +273,19 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const float *hidd
         const layer_weights *L = &m->layers[l];
         const size_t lo = (size_t)(l - m->layer_begin) * c->kv_layer_stride;
         /* attention */
-        cpu_rmsnorm(c->xn, c->x, L->attn_norm, T, D, d->norm_eps);
+        cpu_rmsnorm_s(P, S, c->xn, c->x, L->attn_norm, T, D, d->norm_eps);
         cpu_linear(P, S, c->q, c->xn, &L->wq, T);
         cpu_linear(P, S, c->k, c->xn, &L->wk, T);
         cpu_linear(P, S, c->v, c->xn, &L->wv, T);
         if (d->qk_norm == QK_NORM_HEAD) {
-            cpu_rmsnorm(c->q, c->q, L->q_norm, (int64_t)T * H, hd, d->norm_eps);
-            cpu_rmsnorm(c->k, c->k, L->k_norm, (int64_t)T * Hkv, hd, d->norm_eps);
+            cpu_rmsnorm_s(P, S, c->q, c->q, L->q_norm, (int64_t)T * H, hd, d->norm_eps);
+            cpu_rmsnorm_s(P, S, c->k, c->k, L->k_norm, (int64_t)T * Hkv, hd, d->norm_eps);
         } else if (d->qk_norm == QK_NORM_FULL) {
-            cpu_rmsnorm(c->q, c->q, L->q_norm, T, qd, d->norm_eps);
-            cpu_rmsnorm(c->k, c->k, L->k_norm, T, kvd, d->norm_eps);
+            cpu_rmsnorm_s(P, S, c->q, c->q, L->q_norm, T, qd, d->norm_eps);
+            cpu_rmsnorm_s(P, S, c->k, c->k, L->k_norm, T, kvd, d->norm_eps);
         }
-        cpu_rope(c->q, c->cs, T, H, hd, d->n_rot);
-        cpu_rope(c->k, c->cs, T, Hkv, hd, d->n_rot);
+        cpu_rope_s(S, c->q, c->cs, T, H, hd, d->n_rot);
+        cpu_rope_s(S, c->k, c->cs, T, Hkv, hd, d->n_rot);
         for (int t = 0; t < T; t++) {
             size_t base = (size_t)slot[t] * c->kv_slot_stride + lo;
             memcpy(c->kc + base + (size_t)pos[t] * kvd, c->k + (size_t)t * kvd, (size_t)kvd * 4);
@@ -297,7 +297,7 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const float *hidd
         cpu_linear(P, S, c->tmp, c->att, &L->wo, T);
         cpu_add(c->x, c->tmp, (int64_t)T * D);
         /* feed-forward */
-        cpu_rmsnorm(c->xn, c->x, L->ffn_norm, T, D, d->norm_eps);
+        cpu_rmsnorm_s(P, S, c->xn, c->x, L->ffn_norm, T, D, d->norm_eps);
         if (d->layer_moe[l]) {
             moe_forward(c, L, c->tmp, c->xn, T);
         } else {
@@ -311,10 +311,10 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const float *hidd
     if (hidden_out) memcpy(hidden_out, c->x, (size_t)T * D * sizeof(float));
     if (mode == LOGITS_NONE) return;
     if (mode == LOGITS_LAST) {
-        cpu_rmsnorm(c->xn, c->x + (size_t)(T - 1) * D, m->out_norm, 1, D, d->norm_eps);
+        cpu_rmsnorm_s(P, S, c->xn, c->x + (size_t)(T - 1) * D, m->out_norm, 1, D, d->norm_eps);
         cpu_linear(P, S, logits, c->xn, &m->output, 1);
     } else {
-        cpu_rmsnorm(c->xn, c->x, m->out_norm, T, D, d->norm_eps);
+        cpu_rmsnorm_s(P, S, c->xn, c->x, m->out_norm, T, D, d->norm_eps);
         cpu_linear(P, S, logits, c->xn, &m->output, T);
     }
 }

@@ -6,9 +6,10 @@
  *   2. the SIMD fast path (exact = 0; every ISA the CPU has: AVX2 and, where present, AVX-512)
  *      against the reference: |fast - ref| <= 1e-5 * sum|w x| for the float kernels; the
  *      int16-activation decode kernels (2/4/8-bit weights, T <= 4) may add their quantization
- *      error, bounded by sum_i |w_i| * d_i / 2 (d_i = max|x| / 32767 of x_i's 32-block), which
+ *      error, bounded by sum_i |s q_i| * d_i / 2 (d_i = max|x| / 32767 of x_i's 32-block), which
  *      the test computes itself, and must match an emulation of their documented rounding
- *      within 1e-5; every case also runs with quantized activations off.
+ *      within 1e-5; every case also runs with quantized activations off. The int16 prefill GEMM
+ *      (4-bit weights, group >= 64, T > 4) likewise, with 64-value activation blocks.
  * sum|w x| (per output, in double) is the scale float32 rounding errors of a dot product are
  * proportional to, so the bounds hold for outputs that cancel to ~0 and still catch a single
  * wrong weight (which moves the result by ~1/cols of that scale, >= 1e-3 here).
@@ -177,19 +178,23 @@ static double bound_err(const float *a, const double *b, const double *bound, si
     return worst;
 }
 
-/* The int16-activation error bound of output (t, r): sum_i |w_ri| * d_ti / 2 with
- * d_ti = max|x_t| / 32767 over the 32-value block holding i (the kernel rounds x_i / d to the
- * nearest integer), in qb[T, rows]. */
-static void actq_bound(const wt_linear *w, const float *x, int T, double *qb) {
+/* The int16-activation error bound of output (t, r): sum_i |s q_ri| * d_ti / 2 with
+ * d_ti = max|x_t| / 32767 over the blk-value block holding i (the kernels round x_i / d to the
+ * nearest integer and multiply only s * q by it; the bias term uses x itself), in qb[T, rows].
+ * blk: 32 for the decode kernels, 64 for the prefill GEMM. */
+static void actq_bound(const wt_linear *w, const float *x, int T, int blk, double *qb) {
     for (int t = 0; t < T; t++)
         for (int64_t r = 0; r < w->rows; r++) {
             double e = 0;
-            for (int64_t b = 0; b < w->cols / 32; b++) {
+            for (int64_t b = 0; b < w->cols / blk; b++) {
                 double amax = 0, sw = 0;
-                for (int i = 0; i < 32; i++) {
-                    double xv = fabs(x[(size_t)t * w->cols + b * 32 + i]);
+                for (int i = 0; i < blk; i++) {
+                    double xv = fabs(x[(size_t)t * w->cols + b * blk + i]);
                     amax = xv > amax ? xv : amax;
-                    sw += fabs(weight_at(w, r, b * 32 + i));
+                    double wb = 0; /* the bias of (r, i)'s group, 0 for dense weights */
+                    if (w->qbits)
+                        wb = get_float(w->biases, (size_t)r * w->srow_elems + (size_t)((b * blk + i) / w->group), w->sdtype);
+                    sw += fabs(weight_at(w, r, b * blk + i) - wb);
                 }
                 e += sw * amax / 32767 / 2;
             }
@@ -202,19 +207,19 @@ static void actq_bound(const wt_linear *w, const float *x, int T, double *qb) {
  * exactly as documented in cpu_simd.c (float amax, q = lrintf(x * (32767f / amax)),
  * x^ = q * (amax / 32767f)); the bias term b * sum(x) and values past the last full unit use
  * x itself. */
-static void actq_emulate(const wt_linear *w, const float *x, int T, double *yq) {
-    const int U = w->qbits == 2 ? 128 : w->qbits == 4 ? 64 : 32;
+static void actq_emulate(const wt_linear *w, const float *x, int T, int blk, double *yq) {
+    const int U = blk == 64 ? 64 : w->qbits == 2 ? 128 : w->qbits == 4 ? 64 : 32;
     const int64_t full = w->cols / U * U;
     double *xh = malloc((size_t)w->cols * sizeof(double));
     assert_non_null(xh);
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)t * w->cols;
         for (int64_t i = 0; i < w->cols; i++) xh[i] = xt[i];
-        for (int64_t b = 0; b < full / 32; b++) {
+        for (int64_t b = 0; b < full / blk; b++) {
             float amax = 0;
-            for (int i = 0; i < 32; i++) amax = fabsf(xt[b * 32 + i]) > amax ? fabsf(xt[b * 32 + i]) : amax;
+            for (int i = 0; i < blk; i++) amax = fabsf(xt[b * blk + i]) > amax ? fabsf(xt[b * blk + i]) : amax;
             const float id = amax > 0 ? 32767.0f / amax : 0.0f, d = amax / 32767.0f;
-            for (int i = 0; i < 32; i++) xh[b * 32 + i] = (double)lrintf(xt[b * 32 + i] * id) * d;
+            for (int i = 0; i < blk; i++) xh[b * blk + i] = (double)lrintf(xt[b * blk + i] * id) * d;
         }
         for (int64_t r = 0; r < w->rows; r++) { /* s*q times x^, the bias times x itself */
             double acc = 0;
@@ -280,16 +285,21 @@ static int check_linear(const wt_linear *w, const int *ts, int nts, const char *
         char what[160];
         snprintf(what, sizeof what, "%s T=%d reference vs naive", label, T);
         fails += !(rel_err(ref, y, mag, n, 1e-6, what) <= 1e-6);
-        double *refd = malloc(n * sizeof(double)), *qb = malloc(n * sizeof(double)), *bound = malloc(n * sizeof(double));
-        assert_true(refd && qb && bound);
+        /* per token, the int16 bound and emulation for the decode kernels' 32-blocks ([0]) and
+         * the prefill GEMM's 64-blocks ([1]) */
+        double *refd = malloc(n * sizeof(double)), *qb[2] = {malloc(n * sizeof(double)), malloc(n * sizeof(double))};
+        double *bound = malloc(n * sizeof(double));
+        assert_true(refd && qb[0] && qb[1] && bound);
         for (size_t i = 0; i < n; i++) refd[i] = ref[i];
-        actq_bound(w, x, T, qb);
-        double *yq = NULL;
-        if (cpu_simd_actq(w, 1)) {
-            yq = malloc(n * sizeof(double));
-            assert_non_null(yq);
-            actq_emulate(w, x, T, yq);
-        }
+        actq_bound(w, x, T, 32, qb[0]);
+        actq_bound(w, x, T, 64, qb[1]);
+        double *yq[2] = {NULL, NULL};
+        for (int k2 = 0; k2 < 2; k2++)
+            if (cpu_simd_actq(w, k2 ? 5 : 1)) {
+                yq[k2] = malloc(n * sizeof(double));
+                assert_non_null(yq[k2]);
+                actq_emulate(w, x, T, k2 ? 64 : 32, yq[k2]);
+            }
         for (int l = 0; l < nlv; l++)
             for (int mb = 0; mb < 2; mb++)
                 for (int a8 = 1; a8 >= 0; a8--) {
@@ -307,27 +317,30 @@ static int check_linear(const wt_linear *w, const int *ts, int nts, const char *
                         int q8 = a8 && cpu_simd_actq(w, chunk);
                         for (int64_t r = 0; r < w->rows; r++) {
                             size_t i = (size_t)t * w->rows + r;
-                            bound[i] = 1e-5 * mag[i] + (q8 ? qb[i] : 0.0);
+                            bound[i] = 1e-5 * mag[i] + (q8 ? qb[chunk > 4][i] : 0.0);
                         }
                     }
                     cpu_scratch_free(&sf);
                     snprintf(what, sizeof what, "%s T=%d fast (%s, max_batch %d%s) vs reference", label, T,
                              lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256, a8 ? ", int16 activations" : "");
                     fails += !(bound_err(fast, refd, bound, n, what) <= 1.0);
-                    if (yq) { /* the int16 tokens also against the emulation, at float tolerance */
-                        for (int t = 0; t < T; t++) {
-                            int chunk = T <= 4 ? T : (t / maxb + 1) * maxb <= T ? maxb : T % maxb;
-                            if (!(a8 && cpu_simd_actq(w, chunk))) continue;
-                            snprintf(what, sizeof what, "%s T=%d token %d fast (%s, max_batch %d) vs int16 emulation", label, T,
-                                     t, lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256);
-                            size_t o = (size_t)t * w->rows;
-                            fails += !(rel_err(fast + o, yq + o, mag + o, (size_t)w->rows, 1e-5, what) <= 1e-5);
-                        }
+                    for (int t = 0; t < T; t++) { /* the int16 tokens also against the emulation, at float tolerance */
+                        int chunk = T <= 4 ? T : (t / maxb + 1) * maxb <= T ? maxb : T % maxb;
+                        if (!(a8 && cpu_simd_actq(w, chunk))) continue;
+                        const double *ye = yq[chunk > 4];
+                        assert_non_null(ye);
+                        snprintf(what, sizeof what, "%s T=%d token %d fast (%s, max_batch %d) vs int16 emulation (%s)", label,
+                                 T, t, lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256,
+                                 chunk > 4 ? "prefill, 64-blocks" : "decode, 32-blocks");
+                        size_t o = (size_t)t * w->rows;
+                        fails += !(rel_err(fast + o, ye + o, mag + o, (size_t)w->rows, 1e-5, what) <= 1e-5);
                     }
                 }
-        free(qb);
+        free(qb[0]);
+        free(qb[1]);
         free(bound);
-        free(yq);
+        free(yq[0]);
+        free(yq[1]);
         free(refd);
         free(x);
         free(y);
@@ -500,6 +513,120 @@ static void test_attention(void **state) {
     assert_int_equal(fails, 0);
 }
 
+/* The split-K decode attention (T <= 4; chunks of >= 32 positions, up to 16 per token, online
+ * softmax over 64-position sub-blocks): against the double computation at contexts that give
+ * one chunk, several, and chunks of several sub-blocks, with each token's K/V in a buffer of
+ * exactly pos + 1 rows (AddressSanitizer catches a read past the last visible position); and
+ * batch invariance: every token of a T = 2..4 call bit-identical to the same token alone. */
+static void test_attention_decode(void **state) {
+    (void)state;
+    if (cpu_simd_level() < CPU_SIMD_AVX2) skip();
+    const int cfg[][3] = {{16, 8, 128}, {12, 2, 128}, {7, 1, 40}, {6, 2, 48}, {4, 4, 8}}; /* H, Hkv, hd */
+    const int32_t plist[] = {0, 1, 30, 31, 32, 63, 64, 65, 200, 512, 1100, 2100};
+    const int np = (int)(sizeof plist / sizeof plist[0]);
+    int lv[2], nlv = simd_levels(lv), fails = 0;
+    for (size_t ci = 0; ci < sizeof cfg / sizeof cfg[0]; ci++)
+        for (int k = 0; k < np; k += 2)
+            for (int T = 1; T <= 4; T++) {
+                const int H = cfg[ci][0], Hkv = cfg[ci][1], hd = cfg[ci][2], kvw = Hkv * hd;
+                const float scale = 1.0f / sqrtf((float)hd);
+                int32_t pos[4];
+                float *kb[4], *vb[4];
+                const float *kp[4], *vp[4];
+                int32_t maxp = 0;
+                for (int t = 0; t < T; t++) {
+                    pos[t] = plist[(k + 5 * t) % np];
+                    maxp = pos[t] > maxp ? pos[t] : maxp;
+                    kb[t] = rand_vec((size_t)(pos[t] + 1) * kvw, -2, 2);
+                    vb[t] = rand_vec((size_t)(pos[t] + 1) * kvw, -1, 1);
+                    kp[t] = kb[t], vp[t] = vb[t];
+                }
+                float *q = rand_vec((size_t)T * H * hd, -2, 2);
+                const size_t n = (size_t)T * H * hd, cap = (size_t)(maxp + 1) > (size_t)H * hd ? (size_t)(maxp + 1) : (size_t)H * hd;
+                double *want = malloc(n * sizeof(double)), *one = malloc(n * sizeof(double));
+                float *got = malloc(n * sizeof(float)), *alone = malloc((size_t)H * hd * sizeof(float));
+                assert_true(want && one && got && alone);
+                for (size_t i = 0; i < n; i++) one[i] = 1.0;
+                attention_naive(q, kp, vp, pos, T, H, Hkv, hd, scale, want);
+                for (int l = 0; l < nlv; l++) {
+                    cpu_scratch s;
+                    assert_int_equal(cpu_scratch_init(&s, 2, cap, 64, 0), ST_OK);
+                    s.simd = lv[l];
+                    assert_non_null(s.ap);
+                    cpu_attention(g_pool, &s, got, q, kp, vp, pos, T, H, Hkv, hd, scale);
+                    char what[160];
+                    snprintf(what, sizeof what, "decode attention H=%d Hkv=%d hd=%d T=%d pos[0]=%d %s", H, Hkv, hd, T, pos[0],
+                             lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2");
+                    fails += !(rel_err(got, want, one, n, 1e-5, what) <= 1e-5);
+                    for (int t = 0; t < T && T > 1; t++) {
+                        cpu_attention(t & 1 ? NULL : g_pool, &s, alone, q + (size_t)t * H * hd, &kp[t], &vp[t], &pos[t], 1, H,
+                                      Hkv, hd, scale);
+                        if (memcmp(alone, got + (size_t)t * H * hd, (size_t)H * hd * sizeof(float))) {
+                            print_message("%s: token %d alone differs from the batch\n", what, t);
+                            fails++;
+                        }
+                    }
+                    cpu_scratch_free(&s);
+                }
+                for (int t = 0; t < T; t++) free(kb[t]), free(vb[t]);
+                free(q);
+                free(want);
+                free(one);
+                free(got);
+                free(alone);
+            }
+    assert_int_equal(fails, 0);
+}
+
+/* cpu_rmsnorm_s / cpu_rope_s on the fast path against the reference ops: RMSNorm within 1e-6
+ * relative per element (only the double sum of squares is reordered), serial and split over the
+ * pool, in place and not; RoPE bit-identical, with rotary halves that leave scalar tails
+ * (n_rot 20 of head_dim 24) and full ones. */
+static void test_norm_rope(void **state) {
+    (void)state;
+    if (cpu_simd_level() < CPU_SIMD_AVX2) skip();
+    cpu_scratch s;
+    assert_int_equal(cpu_scratch_init(&s, 2, 64, 8, 0), ST_OK);
+    const int shapes[][2] = {{1, 1024}, {3, 37}, {300, 128}, {40, 1000}, {7, 8}}; /* rows, n */
+    int fails = 0;
+    for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+        const int R = shapes[k][0], n = shapes[k][1];
+        float *x = rand_vec((size_t)R * n, -3, 3), *w = rand_vec((size_t)n, 0.5, 1.5);
+        float *a = malloc((size_t)R * n * sizeof(float)), *b = malloc((size_t)R * n * sizeof(float));
+        assert_true(a && b);
+        cpu_rmsnorm(a, x, w, R, n, 1e-6f);
+        for (int inplace = 0; inplace < 2; inplace++) {
+            if (inplace) memcpy(b, x, (size_t)R * n * sizeof(float));
+            cpu_rmsnorm_s(g_pool, &s, b, inplace ? b : x, w, R, n, 1e-6f);
+            for (size_t i = 0; i < (size_t)R * n; i++)
+                if (!(fabs((double)a[i] - b[i]) <= 1e-6 * fabs(a[i]) + 1e-30)) {
+                    print_message("rmsnorm %d x %d%s: element %zu fast %.9g reference %.9g\n", R, n, inplace ? " in place" : "", i,
+                                  b[i], a[i]);
+                    fails++;
+                    break;
+                }
+        }
+        free(x), free(w), free(a), free(b);
+    }
+    const int rope[][4] = {{5, 3, 24, 20}, {4, 16, 128, 128}, {2, 2, 64, 32}}; /* T, heads, head_dim, n_rot */
+    for (size_t k = 0; k < sizeof rope / sizeof rope[0]; k++) {
+        const int T = rope[k][0], H = rope[k][1], hd = rope[k][2], nr = rope[k][3];
+        float *cs = rand_vec((size_t)T * nr, -1, 1), *a = rand_vec((size_t)T * H * hd, -2, 2);
+        float *b = malloc((size_t)T * H * hd * sizeof(float));
+        assert_non_null(b);
+        memcpy(b, a, (size_t)T * H * hd * sizeof(float));
+        cpu_rope(a, cs, T, H, hd, nr);
+        cpu_rope_s(&s, b, cs, T, H, hd, nr);
+        if (memcmp(a, b, (size_t)T * H * hd * sizeof(float))) {
+            print_message("rope T=%d H=%d hd=%d n_rot=%d: fast differs from the reference\n", T, H, hd, nr);
+            fails++;
+        }
+        free(cs), free(a), free(b);
+    }
+    cpu_scratch_free(&s);
+    assert_int_equal(fails, 0);
+}
+
 /* Vectorised SwiGLU against the reference op, relative 1e-5 (absolute 1e-30 near 0), and
  * cpu_swiglu_s choosing between them by the scratch's exact flag. */
 static void test_swiglu(void **state) {
@@ -540,6 +667,8 @@ int main(void) {
         cmocka_unit_test(test_linear_dense),
         cmocka_unit_test(test_linear_prefill_shape),
         cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_decode),
+        cmocka_unit_test(test_norm_rope),
         cmocka_unit_test(test_swiglu),
     };
     printf("cpu_simd_level: %d\n", cpu_simd_level());

@@ -21,6 +21,7 @@ int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap, int max_batc
     s->max_batch = max_batch < 8 ? 8 : max_batch;
     s->simd = exact ? CPU_SIMD_NONE : cpu_simd_level();
     s->actq = !exact && !getenv("STRATA_NO_ACTQ");
+    s->actq_gemm = s->actq && !getenv("STRATA_NO_ACTQ_GEMM");
     s->buf = st_alloc_aligned((size_t)n_threads * s->row_cap * sizeof(float));
     if (!s->buf) return ST_ERR_NOMEM;
     if (s->simd >= CPU_SIMD_AVX2) {
@@ -32,7 +33,9 @@ int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap, int max_batc
         s->xp = st_alloc_aligned(xp_n);
         s->xs = st_alloc_aligned(4 * (s->row_cap / 32 + 32) * sizeof(float));
         s->tbuf = st_alloc_aligned(tb_n);
-        if (!s->xp || !s->xs || !s->tbuf) return ST_ERR_NOMEM;
+        s->ap_cap = getenv("STRATA_ATTN_NOSPLIT") ? 0 : cpu_simd_attn_floats(s->row_cap);
+        s->ap = s->ap_cap ? st_alloc_aligned(s->ap_cap * sizeof(float)) : NULL;
+        if (!s->xp || !s->xs || !s->tbuf || (s->ap_cap && !s->ap)) return ST_ERR_NOMEM;
     }
     return ST_OK;
 }
@@ -42,6 +45,7 @@ void cpu_scratch_free(cpu_scratch *s) {
     st_free_aligned(s->xp);
     st_free_aligned(s->xs);
     st_free_aligned(s->tbuf);
+    st_free_aligned(s->ap);
     memset(s, 0, sizeof *s);
 }
 
@@ -208,6 +212,43 @@ void cpu_rmsnorm(float *out, const float *x, const float *w, int64_t n_rows, int
     }
 }
 
+typedef struct rms_job {
+    float *out;
+    const float *x, *w;
+    int64_t n_rows, per;
+    int n;
+    float eps;
+} rms_job;
+
+static void rms_task(void *ctx, int task, int n_tasks, int thread) {
+    (void)n_tasks;
+    (void)thread;
+    const rms_job *j = ctx;
+    const int64_t r0 = task * j->per, r1 = r0 + j->per < j->n_rows ? r0 + j->per : j->n_rows;
+    cpu_rmsnorm_fast(j->out, j->x, j->w, r0, r1, j->n, j->eps);
+}
+
+void cpu_rmsnorm_s(st_pool *pool, const cpu_scratch *s, float *out, const float *x, const float *w, int64_t n_rows, int n,
+                   float eps) {
+    if (s->exact || s->simd < CPU_SIMD_AVX2) {
+        cpu_rmsnorm(out, x, w, n_rows, n, eps);
+        return;
+    }
+    const int nt = st_pool_threads(pool);
+    if (nt == 1 || n_rows * n < 16384) { /* decode-sized: a pool hand-out costs more than the op */
+        cpu_rmsnorm_fast(out, x, w, 0, n_rows, n, eps);
+        return;
+    }
+    const int64_t per = (n_rows + 4 * nt - 1) / (4 * nt);
+    rms_job j = {out, x, w, n_rows, per, n, eps};
+    st_pool_run(pool, rms_task, &j, (int)((n_rows + per - 1) / per));
+}
+
+void cpu_rope_s(const cpu_scratch *s, float *x, const float *cs, int T, int n_heads, int head_dim, int n_rot) {
+    if (s->exact || s->simd < CPU_SIMD_AVX2) cpu_rope(x, cs, T, n_heads, head_dim, n_rot);
+    else cpu_rope_fast(x, cs, T, n_heads, head_dim, n_rot);
+}
+
 void cpu_rope_table(float *cs, const int32_t *pos, int T, const double *inv_freq, int n_rot) {
     int half = n_rot / 2;
     for (int t = 0; t < T; t++)
@@ -261,13 +302,15 @@ typedef struct attn_job {
     int n_head, n_head_kv, hd;
     float scale;
     cpu_scratch *s;
+    size_t kvw; /* floats between consecutive positions' cache rows */
 } attn_job;
 
 static void attn_task(void *ctx, int task, int n_tasks, int thread) {
     attn_job *j = ctx;
     int t = task / j->n_head, h = task % j->n_head;
     int kvh = h / (j->n_head / j->n_head_kv);
-    const int hd = j->hd, kvw = j->n_head_kv * hd;
+    const int hd = j->hd;
+    const size_t kvw = j->kvw;
     const float *q = j->q + ((size_t)t * j->n_head + h) * hd;
     const float *kc = j->k[t] + (size_t)kvh * hd, *vc = j->v[t] + (size_t)kvh * hd;
     float *sc = scratch_row(j->s, thread);
@@ -296,11 +339,18 @@ static void attn_task(void *ctx, int task, int n_tasks, int thread) {
 void cpu_attention(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
                    const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
                    float scale) {
+    cpu_attention_kv(pool, s, out, q, kslot, vslot, pos, T, n_head, n_head_kv, hd, (size_t)n_head_kv * hd, scale);
+}
+
+void cpu_attention_kv(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
+                      const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+                      size_t kv_stride, float scale) {
+    ST_ASSERT(kv_stride >= (size_t)n_head_kv * hd);
     if (!s->exact && s->simd >= CPU_SIMD_AVX2 && hd % 8 == 0) {
-        cpu_attention_fast(pool, s, out, q, kslot, vslot, pos, T, n_head, n_head_kv, hd, scale);
+        cpu_attention_fast(pool, s, out, q, kslot, vslot, pos, T, n_head, n_head_kv, hd, kv_stride, scale);
         return;
     }
     for (int t = 0; t < T; t++) ST_ASSERT((size_t)pos[t] < s->row_cap);
-    attn_job j = {out, q, kslot, vslot, pos, n_head, n_head_kv, hd, scale, s};
+    attn_job j = {out, q, kslot, vslot, pos, n_head, n_head_kv, hd, scale, s, kv_stride};
     st_pool_run(pool, attn_task, &j, T * n_head);
 }

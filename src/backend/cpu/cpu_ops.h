@@ -20,11 +20,14 @@ typedef struct cpu_scratch {
     int exact;          /* 1: float32 reference kernels; 0: fast SIMD kernels                     */
     int simd;           /* fast path ISA (enum cpu_simd_level); tests may lower it                */
     int actq;           /* fast path: int16 activations for 2/4/8-bit weights at T <= 4 (decode)  */
+    int actq_gemm;      /* fast path: int16 activations for 4-bit weights at T > 4 (prefill)       */
     int max_batch;      /* token rows the fast buffers hold; larger T is processed in chunks      */
     float *xp;          /* [max_batch + 8, row_cap]      fast: permuted / panel-packed activations */
     float *xs;          /* [4, row_cap/32 + 16]          fast: per-group sums of the activations   */
     float *tbuf;        /* [n_threads, tbuf_cap]         fast: weight tiles, row scales, scores    */
     size_t tbuf_cap;    /* floats per thread in tbuf                                               */
+    float *ap;          /* [ap_cap]                      fast: decode attention partials (split-K) */
+    size_t ap_cap;      /* floats in ap; 0 (or too small for a call's heads): no split-K          */
 } cpu_scratch;
 
 /* Allocates scratch for n_threads threads, linears of up to row_cap columns, attention over up
@@ -48,8 +51,9 @@ static inline uint32_t cpu_mlx_q_get(const uint32_t *row, int bits, size_t v) {
 
 /* out[T, rows] = x[T, cols] W^T. out must not alias x. Fast path (s->exact == 0, see
  * cpu_simd.c): fused SIMD dequantize-and-dot for T <= 4 (decode; int16 activations for 2/4/8-bit
- * weights when s->actq), tiled dequantize + register-blocked GEMM above (prefill). The float
- * kernels agree with the reference to float32 rounding; the int16 ones within
+ * weights when s->actq), tiled dequantize + register-blocked GEMM above (prefill; int16
+ * activations for 4-bit weights with cols % 64 == 0 when s->actq_gemm). The float kernels
+ * agree with the reference to float32 rounding; the int16 ones within
  * sum|w_i| * max|x_block| / 65534 (tests/unit/test_cpu_ops.c). */
 void cpu_linear(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T);
 
@@ -58,6 +62,16 @@ void cpu_embed(float *out, const int32_t *tokens, int T, const wt_linear *table)
 
 /* RMSNorm over n_rows rows of length n: out = x * rsqrt(mean(x^2) + eps) * w. out may alias x. */
 void cpu_rmsnorm(float *out, const float *x, const float *w, int64_t n_rows, int n, float eps);
+
+/* cpu_rmsnorm on the scratch's path: the reference when s->exact (or without AVX2), else
+ * vectorised (double sum of squares in 16 lanes: may differ from the reference in the last bit
+ * of the scale) and split over the pool by rows when there are >= 16384 values. Each row's
+ * result depends only on that row (batch invariant). */
+void cpu_rmsnorm_s(st_pool *pool, const cpu_scratch *s, float *out, const float *x, const float *w, int64_t n_rows, int n,
+                   float eps);
+
+/* cpu_rope on the scratch's path: vectorised when !s->exact (bit-identical to cpu_rope). */
+void cpu_rope_s(const cpu_scratch *s, float *x, const float *cs, int T, int n_heads, int head_dim, int n_rot);
 
 /* Rotate-half RoPE on the first n_rot dims of each of n_heads heads of x[T, n_heads, head_dim]
  * with cs[T, n_rot/2, 2] = (cos, sin) per token and frequency. */
@@ -69,10 +83,19 @@ void cpu_rope_table(float *cs, const int32_t *pos, int T, const double *inv_freq
 
 /* Causal attention against a KV cache (fast path when s->exact == 0 and hd % 8 == 0). q[T, n_head, hd]; for token t the keys/values are
  * kc/vc rows 0..pos[t] of its slot: kc + slot_off[t] is [max_ctx, n_head_kv, hd].
- * out[T, n_head, hd]. Needs s->row_cap >= max_ctx. */
+ * out[T, n_head, hd]. Needs s->row_cap >= max_ctx. On the fast path, T <= 4 with
+ * s->row_cap >= n_head * hd runs split-K over positions (both threads stream K/V; a token's
+ * result does not depend on T or the thread count). */
 void cpu_attention(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
                    const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
                    float scale);
+
+/* cpu_attention with cache rows kv_stride >= n_head_kv * hd floats apart (position p of a slot
+ * at kslot[t] + p * kv_stride). A stride that is not a multiple of 1 KiB keeps the rows of one
+ * KV head from aliasing to the same cache sets (4 KiB rows use 1/8 of L1 and L2 otherwise). */
+void cpu_attention_kv(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
+                      const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+                      size_t kv_stride, float scale);
 
 /* out[i] = silu(gate[i]) * up[i] for n elements (out may alias gate). */
 void cpu_swiglu(float *out, const float *gate, const float *up, int64_t n);

@@ -34,9 +34,14 @@ int cpu_simd_level(void);
 /* Per-thread floats the fast path needs in cpu_scratch.tbuf for row_cap and max_batch. */
 size_t cpu_simd_tbuf_floats(size_t row_cap, int max_batch);
 
+/* Floats the fast decode attention needs in cpu_scratch.ap (split-K partial results) for
+ * row_cap >= n_head * head_dim. */
+size_t cpu_simd_attn_floats(size_t row_cap);
+
 /* 1 if the fast linear quantizes the activations to int16 for this weight and T (2-, 4- and
- * 8-bit MLX weights at T <= 4, when the scratch's actq is set): results then differ from the
- * float reference by up to sum_i |w_i| * d_i / 2, d_i = max|x| / 32767 over x_i's block of 32. */
+ * 8-bit MLX weights at T <= 4 when the scratch's actq is set; 4-bit weights with group >= 64 at
+ * T > 4 when actq_gemm is also set): results then differ from the float reference by up to
+ * sum_i |s q_i| * d_i / 2, d_i = max|x| / 32767 over x_i's block of 32 (T <= 4) or 64 (T > 4). */
 int cpu_simd_actq(const wt_linear *w, int T);
 
 /* Fast out[T, rows] = x[T, cols] W^T (contract of cpu_linear); needs s->simd >= AVX2. */
@@ -45,7 +50,14 @@ void cpu_linear_fast(st_pool *pool, cpu_scratch *s, float *out, const float *x, 
 /* Fast causal attention (contract of cpu_attention); needs s->simd >= AVX2 and hd % 8 == 0. */
 void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
                         const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
-                        float scale);
+                        size_t kv_stride, float scale);
+
+/* Rows [r0, r1) of cpu_rmsnorm, vectorised (double sum of squares; may differ from the
+ * reference in the last bit); needs AVX2. */
+void cpu_rmsnorm_fast(float *out, const float *x, const float *w, int64_t r0, int64_t r1, int n, float eps);
+
+/* cpu_rope, vectorised, bit-identical to the reference; needs AVX2. */
+void cpu_rope_fast(float *x, const float *cs, int T, int n_heads, int head_dim, int n_rot);
 
 /* out[i] = silu(gate[i]) * up[i] with a vectorised exp (about 2 ulp); needs AVX2. */
 void cpu_swiglu_fast(float *out, const float *gate, const float *up, int64_t n);
