@@ -5,7 +5,12 @@
  * experts of a layer packed contiguously so an expert id read from device memory selects
  * them), and preallocates the bf16 KV cache and every activation. The forward pass runs the
  * same block as model_forward (fp32 activations, fp32 accumulation; the KV cache is bf16, the
- * prefill GEMMs take bf16 inputs); nothing is allocated per token. A decode step of B tokens
+ * prefill GEMMs take bf16 inputs; the matrix-vector products of 4- and 8-bit MLX weights
+ * quantise x per block of 32 values and use integer dot products: int8 x in dense models
+ * (bf16-like error), two int8 planes (int16 precision, twice the integer work) in MoE models,
+ * whose router choices amplify activation error. STRATA_CUDA_NO_DP4A=1 keeps them on fp32 x,
+ * STRATA_CUDA_DP4A_X16=1 / STRATA_CUDA_DP4A_X8=1 force the two- / one-plane form); nothing is
+ * allocated per token. A decode step of B tokens
  * (B <= 8) is captured once per B as a CUDA graph and replayed (STRATA_CUDA_NO_GRAPH=1 in the
  * environment launches eagerly instead; a failed capture falls back to that with a warning).
  *
@@ -32,6 +37,11 @@ typedef struct cuda_model_opts {
     int max_batch;  /* tokens per forward chunk; 0: 256                                */
     int device;     /* CUDA device ordinal                                             */
     int no_graph;   /* 1: never capture CUDA graphs (debugging)                        */
+    /* A pipeline stage of a synthetic model (cuda_model_init_synthetic): layers [layer_begin,
+     * layer_end), the embedding as input and/or norm + lm_head as output. 0, 0: the whole model
+     * (both ends). cuda_model_init takes the range the host model binds instead. */
+    int layer_begin, layer_end;
+    int with_embed, with_output;
 } cuda_model_opts;
 
 /* Uploads m (whole model: embedding, all layers, output) to the device. *out is NULL on
@@ -51,6 +61,39 @@ int cuda_model_init_synthetic(cuda_model **out, const model_desc *d, const cuda_
  * memory ([T, n_vocab] for LOGITS_ALL, [n_vocab] for LOGITS_LAST). */
 int cuda_model_forward(cuda_model *cm, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
                        float *logits_host, logits_mode mode, st_err *err);
+
+/* A pipeline stage's forward pass (model_forward_stage's contract): T rows enter as token ids
+ * (stage with the embedding: tokens[T]) or hidden states (hidden_in [T, n_embd] fp32, host);
+ * a stage without the output writes hidden_out [T, n_embd] (host), the last stage logits as
+ * `mode` says. Synchronous: returns when the results are in host memory. */
+int cuda_model_forward_stage(cuda_model *cm, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
+                             const int32_t *slot, int T, float *hidden_out, float *logits, logits_mode mode,
+                             st_err *err);
+
+/* The stage's shape: layer range and ends (for node reports). */
+void cuda_model_stage(const cuda_model *cm, int *layer_begin, int *layer_end, int *has_embed, int *has_output);
+
+/* Asynchronous stage steps (the GPU-resident pipeline's hand-off, strata/cluster.h): submit
+ * copies the rows (and hidden_in [T, n_embd] of a stage without the embedding) into pinned
+ * staging, launches the step (one CUDA graph per (kind, T) for T <= 8, captured on first use)
+ * and returns without waiting. The stream ends the step by writing a flag into mapped host
+ * memory (cuStreamWriteValue32; STRATA_CUDA_FLAG_KERNEL=1: a one-thread kernel instead), so the
+ * host learns of completion by reading memory: cuda_stage_done polls it, cuda_stage_finish
+ * waits (spin = 1: on the flag; spin = 0: cudaStreamSynchronize, the host-synchronous
+ * baseline). One step in flight at a time (ST_ERR_STATE otherwise).
+ * kind 0: hidden states out (a stage without the output) -> cuda_stage_output [T, n_embd];
+ * kind 1: logits of the last row -> cuda_stage_output [n_vocab];
+ * kind 2: greedy id of every row (T <= 8) -> cuda_stage_tokens [T]. */
+int cuda_stage_submit(cuda_model *cm, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
+                      const int32_t *slot, int T, int kind, st_err *err);
+int cuda_stage_done(const cuda_model *cm);
+int cuda_stage_finish(cuda_model *cm, int spin, st_err *err);
+const float *cuda_stage_output(const cuda_model *cm);
+/* With STRATA_STAGE_DIAG=1 in the environment: mean GPU time of the steps finished since the
+ * last call (events around the launch) and mean time the stream ran on after the flag was
+ * seen; returns the number of steps (0: none / not enabled). */
+int cuda_stage_diag(cuda_model *cm, double *gpu_ms, double *tail_us);
+const int32_t *cuda_stage_tokens(const cuda_model *cm);
 
 /* One greedy decode step of B rows (B <= 8): runs tokens[b] at pos[b] of slot[b] and writes
  * the argmax of each row's logits to next[b]. Everything stays on the GPU (a replayed graph);
@@ -92,7 +135,9 @@ int cuda_model_profile_step(cuda_model *cm, int pos, void *f, st_err *err);
 /* ------------------------------------------------------------------------------------------ */
 /* single ops on host buffers, for the parity harness (each allocates, runs, copies back)      */
 
-/* out[T, rows] = x[T, cols] W^T; path 0: auto, 1: matrix-vector kernel (T <= 8), 2: GEMM. */
+/* out[T, rows] = x[T, cols] W^T; path 0: auto, 1: matrix-vector kernel (T <= 8), 2: GEMM,
+ * 3: the generic (element-wise) matrix-vector kernel, 4: matrix-vector on fp32 x only (no int8
+ * dp4a kernels), 5: matrix-vector with the dp4a kernels on two int8 planes of x. */
 int cuda_op_linear(const wt_linear *w, const float *x, int T, float *out, int path, st_err *err);
 int cuda_op_embed(const wt_linear *table, const int32_t *tokens, int T, float *out, st_err *err);
 int cuda_op_rmsnorm(const float *x, const float *w, int64_t n_rows, int n, float eps, float *out, st_err *err);

@@ -2,6 +2,10 @@
  * (src/backend/cpu/cpu_ops.c) on fresh random inputs over dtypes, MLX bit widths 2..8, group
  * sizes 32/64/128 and odd shapes. Prints the relative error max|gpu-cpu| / max|cpu| of each
  * case; fp32 paths must agree within 1e-4, paths with bf16 inputs (GEMM, KV cache) within 1e-2.
+ * The matrix-vector products of 4- and 8-bit weights run on the dp4a kernels, which quantise x
+ * to int8 per block of 32 values ("matvec-dp4a"): bf16 tolerance 1e-2; with x as two int8
+ * planes ("dp4a-x16", int16 precision) 1e-3; the same weights on the fp32 kernels
+ * ("matvec-fp32", what STRATA_CUDA_NO_DP4A=1 selects) 1e-4.
  * Exit status 1 if any case fails (or 2 when built without CUDA / no device).
  */
 #include "app.h"
@@ -107,6 +111,28 @@ static void make_weight(wt_linear *w, void *bufs[3], int64_t rows, int64_t cols,
 
 static const char *dt_name(sft_dtype d) { return d == SFT_F32 ? "f32" : d == SFT_F16 ? "f16" : "bf16"; }
 
+/* Whether the matrix-vector path runs weights of `bits` x cols on the dp4a kernels (int8 x). */
+static int dp4a_applies(int bits, int64_t cols) { return (bits == 4 || bits == 8) && cols % 32 == 0; }
+
+#define TOL_DP4A 1e-2 /* int8 x per 32 values: the bf16 tolerance        */
+#define TOL_X16 1e-3  /* x as two int8 planes (int16 precision)          */
+
+/* Sets (val != NULL) or clears environment variable name; returns its previous value (a copy
+ * the caller passes to env_restore). */
+static char *env_swap(const char *name, const char *val) {
+    const char *old = getenv(name);
+    char *saved = old ? strdup(old) : NULL;
+    if (val) setenv(name, val, 1);
+    else unsetenv(name);
+    return saved;
+}
+
+static void env_restore(const char *name, char *saved) {
+    if (saved) setenv(name, saved, 1);
+    else unsetenv(name);
+    free(saved);
+}
+
 static void check_linear(cpu_scratch *cs, int64_t rows, int64_t cols, sft_dtype dt, int bits, int group, sft_dtype sdt,
                          int T) {
     wt_linear w;
@@ -120,22 +146,36 @@ static void check_linear(cpu_scratch *cs, int64_t rows, int64_t cols, sft_dtype 
     const char *kind = bits ? "" : dt_name(dt);
     char q[32] = "";
     if (bits) snprintf(q, sizeof q, "q%dg%d/%s", bits, group, dt_name(sdt));
-    /* auto path: matrix-vector for T <= 8 (fp32), GEMM above (bf16 inputs) */
+    /* auto path: matrix-vector for T <= 8 (fp32 x, or int8 x on the dp4a kernels), GEMM above
+     * (bf16 inputs) */
+    const int dp = dp4a_applies(bits, cols);
+    const char *mv = dp ? "matvec-dp4a" : "matvec";
+    const double mv_tol = dp ? TOL_DP4A : 1e-4;
     if (cuda_op_linear(&w, x, T, got, 0, &err)) {
         printf("linear: %s\n", err.msg);
         g_fail++;
     } else {
         snprintf(what, sizeof what, "linear %s%s %lldx%lld T=%d %s", kind, q, (long long)rows, (long long)cols, T,
-                 T <= 8 ? "matvec" : "gemm");
-        report(what, rel_err(got, ref, (size_t)T * rows), T <= 8 ? 1e-4 : 1e-2);
+                 T <= 8 ? mv : "gemm");
+        report(what, rel_err(got, ref, (size_t)T * rows), T <= 8 ? mv_tol : 1e-2);
     }
     if (T <= 8 && cuda_op_linear(&w, x, T, got, 3, &err) == 0) {
         snprintf(what, sizeof what, "linear %s%s %lldx%lld T=%d generic", kind, q, (long long)rows, (long long)cols, T);
         report(what, rel_err(got, ref, (size_t)T * rows), 1e-4);
     }
     if (T > 8 && cuda_op_linear(&w, x, T, got, 1, &err) == 0) {
-        snprintf(what, sizeof what, "linear %s%s %lldx%lld T=%d matvec", kind, q, (long long)rows, (long long)cols, T);
-        report(what, rel_err(got, ref, (size_t)T * rows), 1e-4);
+        snprintf(what, sizeof what, "linear %s%s %lldx%lld T=%d %s", kind, q, (long long)rows, (long long)cols, T, mv);
+        report(what, rel_err(got, ref, (size_t)T * rows), mv_tol);
+    }
+    if (dp) { /* the same weights on the fp32 kernels (path 4) and on two int8 planes of x (path 5) */
+        if (cuda_op_linear(&w, x, T, got, 4, &err) == 0) {
+            snprintf(what, sizeof what, "linear %s %lldx%lld T=%d matvec-fp32", q, (long long)rows, (long long)cols, T);
+            report(what, rel_err(got, ref, (size_t)T * rows), 1e-4);
+        }
+        if (cuda_op_linear(&w, x, T, got, 5, &err) == 0) {
+            snprintf(what, sizeof what, "linear %s %lldx%lld T=%d matvec-dp4a-x16", q, (long long)rows, (long long)cols, T);
+            report(what, rel_err(got, ref, (size_t)T * rows), TOL_X16);
+        }
     }
     /* embedding from the same table */
     if (T <= 8) {
@@ -346,18 +386,30 @@ static void check_moe_ffn(cpu_scratch *cs, int D, int F, int E, int K, int sigmo
         char what[160], q[24];
         if (bits) snprintf(q, sizeof q, "q%dg64", bits);
         else snprintf(q, sizeof q, "bf16");
-        if (cuda_op_moe_ffn(&router, sigmoid ? bias : NULL, eg, eu, ed, E, K, sigmoid, norm, x, T, got, sel_got, &err)) {
-            printf("moe ffn: %s\n", err.msg);
-            g_fail++;
-        } else {
+        /* 4/8-bit experts: the dp4a kernels with x as two int8 planes (the MoE default: int8 x
+         * failed the golden test of qwen3_moe-mlx-q4g64 through flipped router choices), then the
+         * fp32 kernels; the router always runs on fp32 x (selection exact) */
+        const int dp = dp4a_applies(bits, D) && dp4a_applies(bits, F);
+        for (int v = 0; v < (dp ? 2 : 1); v++) {
+            static const char *vname[2] = {"", " fp32"};
+            const double tol = !dp ? 1e-4 : v == 0 ? TOL_X16 : 1e-4;
+            char *sno = v == 1 ? env_swap("STRATA_CUDA_NO_DP4A", "1") : NULL;
+            const int rc = cuda_op_moe_ffn(&router, sigmoid ? bias : NULL, eg, eu, ed, E, K, sigmoid, norm, x, T, got,
+                                           sel_got, &err);
+            if (v == 1) env_restore("STRATA_CUDA_NO_DP4A", sno);
+            if (rc) {
+                printf("moe ffn: %s\n", err.msg);
+                g_fail++;
+                continue;
+            }
             int bad = 0;
             for (int i = 0; i < T * K; i++) bad += sel_got[i] != sel[i];
             snprintf(what, sizeof what, "moe ffn %s %s D=%d F=%d E=%d K=%d T=%d (selection)", sigmoid ? "sigmoid" : "softmax",
                      q, D, F, E, K, T);
             report(what, bad, 0);
-            snprintf(what, sizeof what, "moe ffn %s %s D=%d F=%d E=%d K=%d T=%d (output)", sigmoid ? "sigmoid" : "softmax", q,
-                     D, F, E, K, T);
-            report(what, rel_err(got, ref, (size_t)T * D), 1e-4);
+            snprintf(what, sizeof what, "moe ffn %s %s%s%s D=%d F=%d E=%d K=%d T=%d (output)", sigmoid ? "sigmoid" : "softmax", q,
+                     dp && v == 0 ? " dp4a-x16" : "", vname[v], D, F, E, K, T);
+            report(what, rel_err(got, ref, (size_t)T * D), tol);
         }
         free(x), free(ref), free(got), free(lg), free(selw), free(g), free(u), free(y), free(sel), free(sel_got);
     }
@@ -380,6 +432,10 @@ int cmd_cuda_parity(int argc, char **argv) {
         fprintf(stderr, "strata cuda-parity: no CUDA device: %s\n", why);
         return 2;
     }
+    printf("cuda-parity: fp32 paths tol 1e-4; bf16 inputs (GEMM, KV cache) 1e-2; 4/8-bit matrix-vector on the dp4a\n"
+           "  kernels (x as int8 per 32 values, STRATA_CUDA_NO_DP4A=%s) with the bf16 tolerance 1e-2, on two int8\n"
+           "  planes of x (dp4a-x16) 1e-3, on the fp32 kernels (matvec-fp32) 1e-4\n",
+           getenv("STRATA_CUDA_NO_DP4A") ? getenv("STRATA_CUDA_NO_DP4A") : "unset");
     cpu_scratch cs;
     if (cpu_scratch_init(&cs, 1, 16384, 64, 1)) {
         fprintf(stderr, "strata: out of memory\n");
@@ -416,6 +472,18 @@ int cmd_cuda_parity(int argc, char **argv) {
     }
     check_linear(&cs, 600, 2048, SFT_BF16, 0, 0, SFT_BF16, 1);
     check_linear(&cs, 600, 2048, SFT_F16, 0, 0, SFT_BF16, 1);
+    /* dp4a kernels (4/8-bit): every token count 1..8, groups 32/64/128, scale dtypes, odd row
+     * counts with 1 row per warp (131 rows) and 4 rows per warp (2118: a partial last block;
+     * T = 1 splits K); 8-bit rows of 96 values (3 blocks of 32) */
+    for (int bi = 0; bi < 2; bi++)
+        for (int T = 1; T <= 8; T++) {
+            const int b = bi ? 8 : 4, g = groups[(T + bi) % 3];
+            const sft_dtype sdt = T % 3 == 1 ? SFT_F16 : T % 3 == 2 ? SFT_F32 : SFT_BF16;
+            check_linear(&cs, 131, 1024, SFT_BF16, b, g, sdt, T);
+            check_linear(&cs, 2118, 1024, SFT_BF16, b, g, T % 2 ? SFT_BF16 : sdt, T);
+        }
+    check_linear(&cs, 77, 96, SFT_BF16, 8, 32, SFT_BF16, 3);
+    check_linear(&cs, 77, 96, SFT_BF16, 4, 32, SFT_BF16, 1);
     for (int ti = 0; ti < 2; ti++) {
         check_linear(&cs, 2118, 1024, SFT_BF16, 0, 0, SFT_BF16, ti ? 3 : 1);
         check_linear(&cs, 2118, 1024, SFT_F16, 0, 0, SFT_BF16, ti ? 3 : 1);
@@ -423,7 +491,9 @@ int cmd_cuda_parity(int argc, char **argv) {
     check_rows_ops();
     /* attention: decode rows and causal prefill rows, GQA, head dims 32..256 incl. 48 */
     int at[][5] = {{1, 1, 4, 2, 32}, {300, 1, 32, 8, 128}, {4097, 1, 16, 4, 128}, {77, 5, 4, 2, 48},
-                   {64, 64, 8, 1, 64}, {513, 3, 8, 8, 256}, {1000, 1, 40, 8, 128}};
+                   {64, 64, 8, 1, 64}, {513, 3, 8, 8, 256}, {1000, 1, 40, 8, 128},
+                   /* minimax-shaped (6 q heads per kv head), 16 per kv head, and 32 (the per-head kernel) */
+                   {4000, 1, 48, 8, 128}, {200, 2, 64, 4, 128}, {100, 1, 64, 2, 64}};
     for (size_t i = 0; i < sizeof at / sizeof at[0]; i++) check_attention(&cs, at[i][0], at[i][1], at[i][2], at[i][3], at[i][4]);
     check_route(5, 8, 2, 0, 1);
     check_route(9, 128, 8, 0, 1);
@@ -435,6 +505,8 @@ int cmd_cuda_parity(int argc, char **argv) {
     check_moe_ffn(&cs, 256, 128, 16, 4, 0, 1, 0, 0);  /* qwen3_moe-like: softmax top-k, bf16          */
     check_moe_ffn(&cs, 256, 128, 32, 8, 1, 1, 4, 8);  /* minimax-like: sigmoid + bias, q4 experts, q8 router */
     check_moe_ffn(&cs, 128, 64, 128, 8, 0, 1, 5, 0);  /* 128 experts, q5 experts, bf16 router         */
+    check_moe_ffn(&cs, 256, 128, 16, 4, 0, 1, 4, 8);  /* qwen3_moe-mlx-like: q4 experts, q8 router     */
+    check_moe_ffn(&cs, 128, 192, 16, 2, 1, 1, 8, 8);  /* q8 experts (dp4a on 8-bit), F = 6 blocks of 32 */
     cpu_scratch_free(&cs);
     printf("cuda-parity: %d cases, %d failed\n", g_cases, g_fail);
     return g_fail ? 1 : 0;

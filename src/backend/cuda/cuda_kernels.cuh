@@ -89,6 +89,10 @@ struct mv_args {
     int nt;
     int x_div;
     const int32_t *eid;
+    // dp4a kernels (k_mv_qd): x rows quantised by k_quant_x (row i = x + i * ldx; rows of
+    // w.cols values, shared by every segment of the launch)
+    const int8_t *xq;  // [rows, cols * XP] int8 in the dp4a layout (see k_quant_x)
+    const float4 *xs;  // [rows, cols / 32] per block: (d, sum x, int sum of q as int bits, 0)
 };
 
 // segment of this block, its first row, the job's x / y / expert
@@ -129,15 +133,15 @@ __device__ __forceinline__ void mv_store(const mv_args &a, float (&acc)[R][NT], 
             for (int k = 1; k < KS; k++) v += red[k][lane];
             if ((NT == 1 || t < a.nt) && r0 + r < rows) y[(int64_t)t * ldy + r0 + r] = v;
         }
-        return;
-    }
+    } else {
 #pragma unroll
-    for (int r = 0; r < R; r++) {
+        for (int r = 0; r < R; r++) {
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            if (NT == 1 || t < a.nt) {
-                float v = warp_sum(acc[r][t]);
-                if (lane == 0 && r0 + r < rows) y[(int64_t)t * ldy + r0 + r] = v;
+            for (int t = 0; t < NT; t++) {
+                if (NT == 1 || t < a.nt) {
+                    float v = warp_sum(acc[r][t]);
+                    if (lane == 0 && r0 + r < rows) y[(int64_t)t * ldy + r0 + r] = v;
+                }
             }
         }
     }
@@ -298,6 +302,161 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_q(mv_args a) {
                         f1 = fmaf(q_unit<BITS>(wv[r], v + 1), xv[v + 1], f1);
                     }
                     acc[r][t] += sc[r] * ((f0 + f1) - sx) + bs[r] * sx;
+                }
+            }
+        }
+    }
+    mv_store<R, NT, KS>(a, acc, y, ldy, r0, w.rows, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// integer dot-product matrix-vector kernels for MLX affine 4- and 8-bit weights (decode).
+//
+// k_mv_q spends ~4 instructions per weight value turning it into a float, which at 4.3 TB/s of
+// 4-bit weights is the whole issue rate of an H200. Here x is quantised once per linear input
+// (k_quant_x) to int8 per block of 32 values, x ~ d * q_x, and each block of 32 weight values
+// is dotted with __dp4a-style instructions in int32:
+//     sum_i w_i x_i = s * sum_i q_i x_i + b * sum_i x_i
+//                  ~ s * d * (sum_i (q_i - MID) q_x,i) + (b + MID * s) * sum_i x_i
+// with MID = 2^(BITS-1) (centring the weight codes halves the error of the int8 x for the
+// usual b ~ -MID*s; the integer identity sum (q - MID) q_x = sum q q_x - MID sum q_x is exact)
+// and the block's exact float sum of x for the bias term. XP = 2 stores x as two int8 planes
+// (hi * 256 + lo, |q_x| <= 32512, i.e. int16 precision) at twice the dp4a work.
+//
+// Layout: MLX 4-bit packs value 8k+i of a row at bits 4i of word k, so (w & 0x0F0F0F0F) holds
+// values 0,2,4,6 and (w & 0xF0F0F0F0) = 16 x values 1,3,5,7 (no shift: its dot is divided by
+// 16, exactly). x is stored per 8 values as [x0 x2 x4 x6][x1 x3 x5 x7] (two words), which
+// feeds those masks directly; 8-bit words are permuted into the same order with two PRMTs.
+
+#define XQ_MAX1 127.0f   // |q_x| bound, one plane
+#define XQ_MAX2 32512.0f // two planes: 127 * 256, so hi = (q + 128) >> 8 stays in [-127, 127]
+
+// Quantises rows [0, nrows) of x (row stride ldx, cols % 32 == 0) into xq (row stride
+// cols * planes bytes: per block of 32 values its 32 * planes bytes, plane 0 first) and
+// xs[row * (cols / 32) + block] = (d, sum x, sum q as int bits, 0). One warp per block.
+__global__ void k_quant_x(const float *x, int64_t ldx, int nrows, int64_t cols, int planes, int8_t *xq, float4 *xs) {
+    const int64_t nb = cols / 32;
+    const int64_t blk = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (blk >= nb * nrows) return; // whole warps
+    const int64_t r = blk / nb, c = blk % nb;
+    const float v = x[r * ldx + c * 32 + lane];
+    const float amax = warp_max(fabsf(v)), sum = warp_sum(v);
+    const float qmax = planes == 2 ? XQ_MAX2 : XQ_MAX1;
+    const float id = amax > 0.f ? qmax / amax : 0.f;
+    int q = __float2int_rn(v * id);
+    q = max(-(int)qmax, min((int)qmax, q)); // tiny amax: id may be inf
+    const int qs = __reduce_add_sync(0xffffffffu, q);
+    const int k = lane >> 3, i = lane & 7, pos = 8 * k + 4 * (i & 1) + (i >> 1); // even values, then odd
+    int8_t *o = xq + (r * nb + c) * 32 * planes;
+    if (planes == 2) {
+        const int hi = (q + 128) >> 8; // floor: q - 256 hi in [-128, 127]
+        o[pos] = (int8_t)hi;
+        o[32 + pos] = (int8_t)(q - hi * 256);
+    } else o[pos] = (int8_t)q;
+    if (lane == 0) xs[r * nb + c] = make_float4(amax / qmax, sum, __int_as_float(qs), 0.f);
+}
+
+// c + dot(4 unsigned bytes of a, 4 signed bytes of b)
+__device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// sum over one block of 32 values of q_i * q_x,i: BITS words of weight codes, 8 words of x
+template <int BITS>
+__device__ __forceinline__ int dot32(const uint32_t (&wv)[BITS], const uint32_t (&xv)[8]) {
+    if constexpr (BITS == 4) {
+        int lo = 0, hi16 = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            lo = dp4a_us(wv[k] & 0x0F0F0F0Fu, xv[2 * k], lo);
+            hi16 = dp4a_us(wv[k] & 0xF0F0F0F0u, xv[2 * k + 1], hi16);
+        }
+        return lo + (hi16 >> 4); // hi16 is 16 x an integer: exact
+    } else {
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            s = dp4a_us(__byte_perm(wv[2 * k], wv[2 * k + 1], 0x6420), xv[2 * k], s);
+            s = dp4a_us(__byte_perm(wv[2 * k], wv[2 * k + 1], 0x7531), xv[2 * k + 1], s);
+        }
+        return s;
+    }
+}
+
+// scale / bias element i: SDT = SFT_BF16 (what MLX checkpoints store) without the dtype switch
+template <int SDT> __device__ __forceinline__ float ld_s(const char *p, int i, int dt) {
+    if constexpr (SDT == SFT_BF16) return bf16u(((const unsigned short *)p)[i]);
+    else return ld_hf(p, (size_t)i, dt);
+}
+
+// The launch layout of k_mv_q (R rows per warp, NT tokens, split-K KS); a lane takes blocks of
+// 32 values: one (4-bit) or two (8-bit) 16-byte weight loads per row, 32 * XP bytes of x and
+// one float4 of block statistics per token, then per row and token one int32 dot and two FMAs.
+// SDT: SFT_BF16 for bf16 scales / biases, -1 for any dtype (ld_hf).
+template <int BITS, int XP, int SDT, int R, int NT, int KS = 1>
+__global__ void __launch_bounds__(MV_WARPS * 32) k_mv_qd(mv_args a) {
+    static_assert(BITS == 4 || BITS == 8, "dp4a matvec: 4- and 8-bit weights");
+    static_assert(XP == 1 || XP == 2, "one or two int8 planes of x");
+    MV_PROLOGUE(R, KS)
+    (void)x;
+    const uint32_t *rowp[R];
+    const char *sp[R], *bp[R]; // this row's scales / biases
+    const size_t ssz = w.sdtype == SFT_F32 ? 4 : 2;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int64_t rr = r0 + r < w.rows ? r0 + r : w.rows - 1;
+        rowp[r] = (const uint32_t *)(w.w + (size_t)e * w.e_wstride + (size_t)rr * w.row_bytes);
+        const size_t sb = ((size_t)e * w.e_sstride + (size_t)rr * w.srow) * ssz;
+        sp[r] = w.s + sb, bp[r] = w.b + sb;
+    }
+    const int nch = (int)(w.cols / 32);
+    const int cpg = w.group / 32; // blocks per group
+    const int gsh = (cpg & (cpg - 1)) == 0 ? __ffs(cpg) - 1 : -1; // power of two: a shift
+    const int64_t xr = j / a.x_div; // x row of token 0 of this job (token t: xr + t)
+    const uint4 *xq = (const uint4 *)a.xq + xr * nch * (2 * XP);
+    const float4 *xs = a.xs + xr * nch;
+    constexpr int MID = 1 << (BITS - 1);
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
+#pragma unroll 2
+    for (int c = lane + 32 * cw; c < nch; c += 32 * KS) {
+        uint32_t wv[R][BITS];
+#pragma unroll
+        for (int r = 0; r < R; r++) load_words<BITS>(rowp[r] + (size_t)c * BITS, wv[r]);
+        const int gi = gsh >= 0 ? c >> gsh : c / cpg;
+        float sc[R], bc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            sc[r] = ld_s<SDT>(sp[r], gi, w.sdtype);
+            bc[r] = fmaf((float)MID, sc[r], ld_s<SDT>(bp[r], gi, w.sdtype));
+        }
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (NT == 1 || t < a.nt) {
+                const uint4 *xp = xq + ((int64_t)t * nch + c) * (2 * XP);
+                const float4 st = __ldg(xs + (int64_t)t * nch + c);
+                const int qsum = __float_as_int(st.z);
+                uint32_t xh[8], xl[8];
+                {
+                    const uint4 u0 = __ldg(xp), u1 = __ldg(xp + 1);
+                    xh[0] = u0.x, xh[1] = u0.y, xh[2] = u0.z, xh[3] = u0.w, xh[4] = u1.x, xh[5] = u1.y, xh[6] = u1.z, xh[7] = u1.w;
+                }
+                if constexpr (XP == 2) {
+                    const uint4 u2 = __ldg(xp + 2), u3 = __ldg(xp + 3);
+                    xl[0] = u2.x, xl[1] = u2.y, xl[2] = u2.z, xl[3] = u2.w, xl[4] = u3.x, xl[5] = u3.y, xl[6] = u3.z, xl[7] = u3.w;
+                }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    int is = dot32<BITS>(wv[r], xh);
+                    if constexpr (XP == 2) is = is * 256 + dot32<BITS>(wv[r], xl);
+                    is -= MID * qsum;
+                    acc[r][t] = fmaf(sc[r] * st.x, (float)is, fmaf(bc[r], st.y, acc[r][t]));
                 }
             }
         }
@@ -661,11 +820,13 @@ __global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit
     __syncthreads();
     const float inv = sinv;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        // loads are unconditional (an empty split's o was never written: its value is dropped by
+        // the select, never multiplied), so 16 are in flight instead of one per taken branch
         float acc = 0.f;
-#pragma unroll 8
+#pragma unroll 16
         for (int s = 0; s < nsplit; s++) {
-            const float e = sw[s];
-            if (e >= 0.f) acc += p[(size_t)s * (hd + 2) + i] * e;
+            const float e = sw[s], v = p[(size_t)s * (hd + 2) + i];
+            acc += e >= 0.f ? v * e : 0.f;
         }
         out[(size_t)row * hd + i] = acc * inv;
     }

@@ -10,10 +10,12 @@
 #include "cuda_kernels.cuh"
 
 #include <cublas_v2.h>
+#include <cuda.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <algorithm>
 #include <map>
@@ -56,8 +58,13 @@ struct gctx {
     size_t xb_elems;
     __nv_bfloat16 *wb;  // [wb_elems] dequantised weight rows for the GEMM
     size_t wb_elems;
+    int8_t *xq;         // [xq_elems] x quantised for the dp4a matrix-vector kernels (k_quant_x)
+    float4 *xs;         // [xq_elems / 32] their per-block statistics
+    size_t xq_elems;    // capacity: rows * cols * planes of one matrix-vector call
     // per-kernel profile (cuda_model_profile_step)
     int fp32_only; // 1: every linear on the fp32 matrix-vector kernel, no bf16 GEMM (MoE models)
+    int x16;       // 1: the dp4a kernels take x as two int8 planes by default (MoE models: int8 x
+                   // moved near-tied router choices of later layers and failed the golden test)
     int prof;
     std::vector<std::pair<const char *, cudaEvent_t>> *marks;
 };
@@ -70,10 +77,21 @@ static void mark(gctx *g, const char *name) {
     g->marks->push_back({name, e});
 }
 
-// Which matrix-vector kernel serves weight w (segments of one launch must agree).
-enum { MVK_GENERIC, MVK_BF16, MVK_F16, MVK_Q };
-static int mv_kind(const dlin &w, bool xal, int force_generic) {
+// Which matrix-vector kernel serves weight w (segments of one launch must agree). MVK_Q + bits:
+// k_mv_q (fp32 x); MVK_QD.. + bits: k_mv_qd with x as one / two int8 planes (QD / QD2) and bf16
+// (B) or any scales, when the caller quantised x (planes > 0) for 4- and 8-bit rows of 16-byte
+// multiples. Every dp4a kind is >= MVK_QD.
+enum {
+    MVK_GENERIC, MVK_BF16, MVK_F16, MVK_Q,
+    MVK_QD = MVK_Q + 9, MVK_QD2 = MVK_QD + 9, MVK_QDB = MVK_QD2 + 9, MVK_QDB2 = MVK_QDB + 9
+};
+static int mv_kind(const dlin &w, bool xal, int force_generic, int planes) {
     if (force_generic || !xal) return MVK_GENERIC;
+    if (w.qbits && planes && (w.qbits == 4 || w.qbits == 8) && w.cols % 32 == 0 && w.group % 32 == 0 &&
+        w.row_bytes % 16 == 0) {
+        if (w.sdtype == SFT_BF16) return (planes == 2 ? MVK_QDB2 : MVK_QDB) + w.qbits;
+        return (planes == 2 ? MVK_QD2 : MVK_QD) + w.qbits;
+    }
     if (w.qbits) {
         if (w.cols % 32 == 0 && w.group % 32 == 0 &&
             (w.qbits == 2 || w.qbits == 3 || w.qbits == 4 || w.qbits == 5 || w.qbits == 6 || w.qbits == 8))
@@ -100,15 +118,50 @@ template <int R, int NT, int KS = 1> static void mv_fire(gctx *g, int kind, dim3
     case MVK_Q + 5: k_mv_q<5, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
     case MVK_Q + 6: k_mv_q<6, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
     case MVK_Q + 8: k_mv_q<8, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QD + 4: k_mv_qd<4, 1, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QD + 8: k_mv_qd<8, 1, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QD2 + 4: k_mv_qd<4, 2, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QD2 + 8: k_mv_qd<8, 2, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QDB + 4: k_mv_qd<4, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QDB + 8: k_mv_qd<8, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QDB2 + 4: k_mv_qd<4, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QDB2 + 8: k_mv_qd<8, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
     default: k_mv_generic<<<grid, block, 0, g->st>>>(a); return;
     }
 }
 
+// matrix-vector modes (linear()'s path 3 / 4 / 5 select the last three)
+enum { MV_AUTO, MV_GENERIC, MV_FP32, MV_X16 };
+
+static bool env_on(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+// int8 planes of x for the dp4a kernels in mode `mode`: 0 (fp32 kernels), 1 (int8 x, the
+// default), 2 (int16 precision as two int8 planes). STRATA_CUDA_NO_DP4A=1 keeps every
+// quantized matrix-vector product on the fp32 kernels; STRATA_CUDA_DP4A_X16=1 selects 2.
+static int mv_planes(const gctx *g, int mode) {
+    if (mode == MV_GENERIC || mode == MV_FP32) return 0;
+    if (mode == MV_X16) return 2;
+    if (env_on("STRATA_CUDA_NO_DP4A")) return 0;
+    if (env_on("STRATA_CUDA_DP4A_X16")) return 2;
+    if (env_on("STRATA_CUDA_DP4A_X8")) return 1;
+    return g->x16 ? 2 : 1;
+}
+
 // Launches the matrix-vector kernel for n weights ws[i] -> ys[i] (row stride ldys[i]) over the
-// same x: jobs x rows each. Weights of different kinds go to separate launches.
+// same x: jobs x rows each. Weights of different kinds go to separate launches. 4- and 8-bit
+// weights whose cols equal ws[0]'s take the dp4a kernels when g has room to quantise the
+// (jobs - 1) / x_div + nt rows of x the call reads; x is quantised once, before their first
+// launch.
 static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys, const int64_t *ldys, const float *x,
-                        int64_t ldx, int nt, int jobs, int x_div, const int32_t *eid, int force_generic) {
+                        int64_t ldx, int nt, int jobs, int x_div, const int32_t *eid, int mode) {
     const bool xal = ldx % 4 == 0 && ((uintptr_t)x & 15) == 0;
+    const int64_t qcols = ws[0]->cols, xrows = (int64_t)(jobs - 1) / x_div + nt;
+    int planes = mv_planes(g, mode);
+    if (planes && (!g->xq || !g->xs || qcols % 32 || (size_t)(xrows * qcols * planes) > g->xq_elems)) planes = 0;
+    bool quantised = false;
     int done = 0;
     bool used[8] = {false};
     while (done < n) {
@@ -119,7 +172,7 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
         int64_t rows = 0;
         for (int i = 0; i < n && a.nseg < MV_SEGS; i++) {
             if (used[i]) continue;
-            const int k = mv_kind(*ws[i], xal, force_generic);
+            const int k = mv_kind(*ws[i], xal, mode == MV_GENERIC, ws[i]->cols == qcols ? planes : 0);
             if (kind >= 0 && k != kind) continue;
             kind = k;
             a.w[a.nseg] = *ws[i], a.y[a.nseg] = ys[i], a.ldy[a.nseg] = ldys[i];
@@ -127,6 +180,14 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
             rows += ws[i]->rows;
             used[i] = true;
             done++;
+        }
+        if (kind >= MVK_QD) {
+            if (!quantised) {
+                const int64_t blocks = xrows * (qcols / 32);
+                k_quant_x<<<(unsigned)((blocks + 7) / 8), 256, 0, g->st>>>(x, ldx, (int)xrows, qcols, planes, g->xq, g->xs);
+                quantised = true;
+            }
+            a.xq = g->xq, a.xs = g->xs;
         }
         // rows per warp: MV_R when that still gives a block per SM (132 on an H200), else 1
         // (small weights: routers, a single k or v)
@@ -158,11 +219,11 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
 }
 
 static void mv_launch(gctx *g, const dlin &w, const float *x, int64_t ldx, float *y, int64_t ldy, int nt, int jobs,
-                      int x_div, const int32_t *eid, int force_generic) {
+                      int x_div, const int32_t *eid, int mode) {
     const dlin *ws[1] = {&w};
     float *ys[1] = {y};
     int64_t ld[1] = {ldy};
-    mv_launch_n(g, 1, ws, ys, ld, x, ldx, nt, jobs, x_div, eid, force_generic);
+    mv_launch_n(g, 1, ws, ys, ld, x, ldx, nt, jobs, x_div, eid, mode);
 }
 
 static void mv_launch2(gctx *g, const dlin &w1, float *y1, int64_t ld1, const dlin &w2, float *y2, int64_t ld2,
@@ -173,7 +234,9 @@ static void mv_launch2(gctx *g, const dlin &w1, float *y1, int64_t ld1, const dl
     mv_launch_n(g, 2, ws, ys, ld, x, ldx, nt, jobs, x_div, eid, 0);
 }
 
-// y[T, rows] (row stride ldy) = x[T, cols] (contiguous) W^T. path: 0 auto, 1 matrix-vector, 2 GEMM.
+// y[T, rows] (row stride ldy) = x[T, cols] (contiguous) W^T. path: 0 auto, 1 matrix-vector, 2 GEMM,
+// 3 the generic matrix-vector kernel, 4 matrix-vector on fp32 x only (no dp4a), 5 matrix-vector
+// with dp4a on two int8 planes of x.
 static void linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w, int T, int path = 0) {
     const int64_t cols = w.cols;
     bool gemm = path == 2 || (path == 0 && T > MV_MAXT && !g->fp32_only);
@@ -182,7 +245,8 @@ static void linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w
     if (!gemm) {
         for (int t0 = 0; t0 < T; t0 += MV_MAXT) {
             int n = std::min(MV_MAXT, T - t0);
-            mv_launch(g, w, x + (int64_t)t0 * cols, cols, y + (int64_t)t0 * ldy, ldy, n, 1, 1, nullptr, path == 3);
+            const int mode = path == 3 ? MV_GENERIC : path == 4 ? MV_FP32 : path == 5 ? MV_X16 : MV_AUTO;
+            mv_launch(g, w, x + (int64_t)t0 * cols, cols, y + (int64_t)t0 * ldy, ldy, n, 1, 1, nullptr, mode);
         }
         return;
     }
@@ -265,7 +329,8 @@ static void moe_ffn(gctx *g, const moe_w &m, const moe_buf &b, const float *xn, 
     cudaStream_t st = g->st;
     const int E = m.E, K = m.K, F = m.F, D = m.D;
     mark(g, "moe router");
-    linear(g, b.rlog, E, xn, m.router, T, 1);
+    // fp32 x even for a quantized router: int8 x would flip near-tied top-k choices
+    linear(g, b.rlog, E, xn, m.router, T, 4);
     k_moe_route<<<(T + 3) / 4, 128, 0, st>>>(b.rlog, m.bias, T, E, K, m.sigmoid, m.norm, b.sel, b.selw);
     mark(g, "moe experts gate/up");
     mv_launch2(g, m.eg, b.gate, F, m.eu, b.up, F, xn, D, 1, T * K, K, b.sel);
@@ -308,13 +373,32 @@ struct cuda_model {
     float *logits;           // [B, V]
     float *part;             // attention partials [B*H, nsplit, hd+2]
     int att_chunk, att_nsplit;
-    __nv_bfloat16 *kc, *vc;  // [n_slots][n_layer][max_ctx][kvd]
+    int l0, l1;              // the layer range this model runs [l0, l1)
+    int has_embed;           // 1: rows enter as token ids; 0: as hidden states in x
+    int has_output;          // 1: ends with norm + lm_head; 0: hands x on (a pipeline stage)
+    __nv_bfloat16 *kc, *vc;  // [n_slots][l1 - l0][max_ctx][kvd]
     size_t kv_layer_stride, kv_slot_stride;
     int32_t *io;             // [3, B] tokens, positions, slots
     int32_t *next;           // [B] argmax ids
     int32_t *gen_log, *gen_counter; // [max_ctx + 8], [1]
     int32_t *h_io;           // pinned [3 * B + 8]
     cudaGraphExec_t graph[MV_MAXT + 1];
+    // asynchronous stage steps (cuda_stage_submit): pinned staging and a completion flag the
+    // stream writes into mapped host memory; graphs per (output kind, T <= MV_MAXT)
+    float *h_x;              // pinned [B, D] hidden states in
+    float *h_out;            // pinned [max(B * D, V)] hidden states / logits out
+    int32_t *h_tok;          // pinned [B] greedy ids out
+    volatile uint32_t *h_flag; // mapped pinned: 0 submitted, 1 complete
+    void *d_flag;            // its device address
+    void *write_value;       // cuStreamWriteValue32 (driver entry point), NULL: a kernel writes
+    cudaGraphExec_t sgraph[3][MV_MAXT + 1];
+    int s_T, s_kind, s_pending;
+    // STRATA_STAGE_DIAG=1: events around each step; cuda_stage_diag reports the split of a
+    // step's host-seen time into GPU execution and the tail after the flag
+    int diag;
+    cudaEvent_t ev0, ev1;
+    double d_gpu_ms, d_tail_us;
+    long d_n;
 };
 
 template <class T> static int dalloc(cuda_model *c, T **p, size_t n, size_t *acct, st_err *err) {
@@ -411,8 +495,16 @@ static int device_ok(int dev, char *name, size_t cap, st_err *err) {
 extern "C" void cuda_model_free(cuda_model *c) {
     if (!c) return;
     cudaDeviceSynchronize();
-    for (int b = 0; b <= MV_MAXT; b++)
+    for (int b = 0; b <= MV_MAXT; b++) {
         if (c->graph[b]) cudaGraphExecDestroy(c->graph[b]);
+        for (int k = 0; k < 3; k++)
+            if (c->sgraph[k][b]) cudaGraphExecDestroy(c->sgraph[k][b]);
+    }
+    if (c->h_x) cudaFreeHost(c->h_x);
+    if (c->h_out) cudaFreeHost(c->h_out);
+    if (c->h_tok) cudaFreeHost(c->h_tok);
+    if (c->h_flag) cudaFreeHost((void *)c->h_flag);
+    if (c->diag) cudaEventDestroy(c->ev0), cudaEventDestroy(c->ev1);
     for (void *p : c->allocs) cudaFree(p);
     if (c->h_io) cudaFreeHost(c->h_io);
     if (c->g.blas) cublasDestroy(c->g.blas);
@@ -471,9 +563,10 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
 
 extern "C" int cuda_model_init(cuda_model **out, const model *m, const cuda_model_opts *opts, st_err *err) {
     *out = nullptr;
-    if (!m->holds_embed || !m->holds_output || m->layer_begin != 0 || m->layer_end != m->desc.n_layer)
-        return st_err_set(err, ST_ERR_UNSUPPORTED, "CUDA: the backend runs whole models only (no pipeline stages yet)");
-    return model_init(out, m, &m->desc, 0, opts, err);
+    cuda_model_opts o = opts ? *opts : cuda_model_opts{};
+    o.layer_begin = m->layer_begin, o.layer_end = m->layer_end; // the stage the host model binds
+    o.with_embed = m->holds_embed, o.with_output = m->holds_output;
+    return model_init(out, m, &m->desc, 0, &o, err);
 }
 
 extern "C" int cuda_model_init_synthetic(cuda_model **out, const model_desc *d, const cuda_model_opts *opts,
@@ -501,7 +594,12 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     if (o.max_ctx > d->max_pos)
         return st_err_set(err, ST_ERR_ARG, "context %d exceeds the model's max_position_embeddings %lld", o.max_ctx,
                           (long long)d->max_pos);
+    if (o.layer_begin == 0 && o.layer_end == 0) o.layer_end = d->n_layer, o.with_embed = o.with_output = 1;
+    if (o.layer_begin < 0 || o.layer_end > d->n_layer || o.layer_begin >= o.layer_end)
+        return st_err_set(err, ST_ERR_ARG, "CUDA: layer range %d..%d outside the model's %d layers", o.layer_begin,
+                          o.layer_end, d->n_layer);
     cuda_model *c = new cuda_model();
+    c->l0 = o.layer_begin, c->l1 = o.layer_end, c->has_embed = o.with_embed != 0, c->has_output = o.with_output != 0;
     c->m = m;
     c->d = d;
     c->o = o;
@@ -518,6 +616,7 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     // flips near-tied top-k choices against the CPU reference and the logits jump (the T > 8
     // failures of the first GPU run). STRATA_CUDA_MOE_GEMM=1 takes the GEMM path anyway.
     c->g.fp32_only = d->n_expert > 0 && !getenv("STRATA_CUDA_MOE_GEMM");
+    c->g.x16 = d->n_expert > 0;
 #define TRY(x)                                                                                                      \
     do {                                                                                                            \
         if ((rc = (x))) {                                                                                           \
@@ -534,15 +633,20 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     uint64_t sid = seed * 0x9E3779B97F4A7C15ull + 12345;
     auto next_seed = [&]() { return sid += 0xD1B54A32D192ED03ull; };
     if (m) {
-        TRY(upload_lin(c, &m->embed, 1, &c->embed, err));
-        if (m->output.w == m->embed.w) c->output = c->embed;
-        else TRY(upload_lin(c, &m->output, 1, &c->output, err));
-        TRY(upload_f32(c, m->out_norm, (size_t)d->n_embd, &c->out_norm, err));
-    } else {
-        TRY(synth_lin(c, d->n_vocab, D, qb, qg, 1, D, next_seed(), &c->embed, err));
-        if (d->tie_embeddings) c->output = c->embed;
-        else TRY(synth_lin(c, d->n_vocab, D, qb, qg, 1, D, next_seed(), &c->output, err));
-        TRY(synth_f32(c, (size_t)D, next_seed(), 1.f, 0.f, &c->out_norm, err));
+        if (c->has_embed) TRY(upload_lin(c, &m->embed, 1, &c->embed, err));
+        if (c->has_output) {
+            if (c->has_embed && m->output.w == m->embed.w) c->output = c->embed;
+            else TRY(upload_lin(c, &m->output, 1, &c->output, err));
+            TRY(upload_f32(c, m->out_norm, (size_t)d->n_embd, &c->out_norm, err));
+        }
+    } else { // every stage draws the same seeds in the same order, so stages compose exactly
+        const uint64_t se = next_seed(), so = d->tie_embeddings ? se : next_seed(), sn = next_seed();
+        if (c->has_embed) TRY(synth_lin(c, d->n_vocab, D, qb, qg, 1, D, se, &c->embed, err));
+        if (c->has_output) {
+            if (c->has_embed && d->tie_embeddings) c->output = c->embed;
+            else TRY(synth_lin(c, d->n_vocab, D, qb, qg, 1, D, so, &c->output, err));
+            TRY(synth_f32(c, (size_t)D, sn, 1.f, 0.f, &c->out_norm, err));
+        }
     }
     c->L.resize((size_t)d->n_layer);
     size_t max_cols = (size_t)std::max(std::max(D, qd), std::max(d->n_ff, F)), max_w = 0;
@@ -550,6 +654,13 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
         dlayer *dl = &c->L[(size_t)l];
         memset(dl, 0, sizeof *dl);
         dl->moe = d->layer_moe[l];
+        if (l < c->l0 || l >= c->l1) { // another stage's layer: draw its seeds, allocate nothing
+            if (!m) {
+                const int n_seeds = 4 + (dl->moe ? 1 + (d->router == ROUTER_SIGMOID_BIAS) + 3 : 3);
+                for (int i = 0; i < n_seeds; i++) next_seed();
+            }
+            continue;
+        }
         if (!m) {
             size_t qn = d->qk_norm == QK_NORM_FULL ? (size_t)qd : (size_t)hd, kn = d->qk_norm == QK_NORM_FULL ? (size_t)kvd : (size_t)hd;
             TRY(synth_f32(c, (size_t)D, 0, 1.f, 0.f, &dl->attn_norm, err));
@@ -606,8 +717,8 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
         for (const dlin *w : all)
             if (w->w && (w->qbits || w->dtype != SFT_BF16)) max_w = std::max(max_w, (size_t)(w->rows * w->cols));
     }
-    c->active_bytes += dlin_bytes(c->output);
-    if (c->output.qbits || c->output.dtype != SFT_BF16) max_w = std::max(max_w, (size_t)(c->output.rows * c->output.cols));
+    if (c->has_output) c->active_bytes += dlin_bytes(c->output);
+    if (c->has_output && c->output.qbits || c->output.dtype != SFT_BF16) max_w = std::max(max_w, (size_t)(c->output.rows * c->output.cols));
     {
         std::vector<double> inv((size_t)std::max(1, d->n_rot / 2));
         model_desc_rope_inv_freq(d, inv.data());
@@ -643,6 +754,11 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     c->g.wb_elems = std::min(max_w, (size_t)64 << 20);
     if (c->g.wb_elems < max_cols && max_w) c->g.wb_elems = max_cols;
     TRY(dalloc(c, &c->g.wb, c->g.wb_elems, A, err));
+    // x of one matrix-vector call quantised for the dp4a kernels (two int8 planes at most):
+    // up to B rows of any linear input, or the B * K rows of the MoE down projection
+    c->g.xq_elems = 2 * std::max(B * std::max(max_cols, (size_t)D), B * K * (size_t)std::max(F, 1));
+    TRY(dalloc(c, &c->g.xq, c->g.xq_elems, A, err));
+    TRY(dalloc(c, &c->g.xs, c->g.xq_elems / 32, A, err));
     TRY(dalloc(c, &c->io, 3 * B, A, err));
     TRY(dalloc(c, &c->next, B, A, err));
     TRY(dalloc(c, &c->gen_log, (size_t)o.max_ctx + 8, A, err));
@@ -653,7 +769,7 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     }
     // KV cache
     c->kv_layer_stride = (size_t)o.max_ctx * kvd;
-    c->kv_slot_stride = (size_t)d->n_layer * c->kv_layer_stride;
+    c->kv_slot_stride = (size_t)(c->l1 - c->l0) * c->kv_layer_stride;
     size_t kvn = c->kv_slot_stride * (size_t)o.n_slots;
     TRY(dalloc(c, &c->kc, kvn, &c->kv_bytes, err));
     TRY(dalloc(c, &c->vc, kvn, &c->kv_bytes, err));
@@ -679,11 +795,13 @@ static void enqueue(cuda_model *c, int T, int outm) {
     const int B = c->o.max_batch;
     const int32_t *tok = c->io, *pos = c->io + B, *slot = c->io + 2 * B;
     const float eps = d->norm_eps, scale = 1.0f / sqrtf((float)hd);
-    mark(g, "embed");
-    k_embed<<<T, 256, 0, st>>>(c->x, tok, T, c->embed);
-    for (int l = 0; l < d->n_layer; l++) {
+    if (c->has_embed) { // else x already holds the previous stage's hidden states
+        mark(g, "embed");
+        k_embed<<<T, 256, 0, st>>>(c->x, tok, T, c->embed);
+    }
+    for (int l = c->l0; l < c->l1; l++) {
         const dlayer &L = c->L[(size_t)l];
-        if (l == 0) { // later layers: fused into the previous layer's residual add
+        if (l == c->l0) { // later layers: fused into the previous layer's residual add
             mark(g, "rmsnorm");
             rmsnorm(g, c->xn, c->x, L.attn_norm, T, D, eps);
         }
@@ -699,7 +817,8 @@ static void enqueue(cuda_model *c, int T, int outm) {
             rmsnorm(g, c->q, c->q, L.q_norm, T, qd, eps);
             rmsnorm(g, c->k, c->k, L.k_norm, T, kvd, eps);
         }
-        __nv_bfloat16 *kl = c->kc + (size_t)l * c->kv_layer_stride, *vl = c->vc + (size_t)l * c->kv_layer_stride;
+        __nv_bfloat16 *kl = c->kc + (size_t)(l - c->l0) * c->kv_layer_stride;
+        __nv_bfloat16 *vl = c->vc + (size_t)(l - c->l0) * c->kv_layer_stride;
         {   // per-head QK-norm + RoPE + K/V store: one warp per q / k / v head row
             const bool hn = d->qk_norm == QK_NORM_HEAD;
             const int64_t warps = (int64_t)T * (H + 2 * Hkv);
@@ -733,7 +852,7 @@ static void enqueue(cuda_model *c, int T, int outm) {
             mark(g, "linear down");
             linear(g, c->tmp, D, c->gate, L.w_down, T);
         }
-        if (l + 1 < d->n_layer) {
+        if (l + 1 < c->l1) {
             mark(g, "add + rmsnorm");
             add_rmsnorm(g, c->xn, c->x, c->tmp, c->L[(size_t)l + 1].attn_norm, T, D, eps);
         } else {
@@ -741,7 +860,7 @@ static void enqueue(cuda_model *c, int T, int outm) {
             k_add<<<grid_for((int64_t)T * D, 256), 256, 0, st>>>(c->x, c->tmp, (int64_t)T * D);
         }
     }
-    if (outm == OUT_NONE) return;
+    if (outm == OUT_NONE || !c->has_output) return;
     const int V = d->n_vocab;
     mark(g, "output norm");
     if (outm == OUT_LAST) {
@@ -764,7 +883,7 @@ static int check_rows(const cuda_model *c, const int32_t *tokens, const int32_t 
                       st_err *err) {
     const model_desc *d = c->d;
     for (int t = 0; t < T; t++) {
-        if (tokens[t] < 0 || tokens[t] >= d->n_vocab)
+        if (tokens && (tokens[t] < 0 || tokens[t] >= d->n_vocab))
             return st_err_set(err, ST_ERR_ARG, "token id %d at index %d is outside the vocabulary (%d)", tokens[t], t,
                               d->n_vocab);
         if (pos[t] < 0 || pos[t] >= c->o.max_ctx)
@@ -777,16 +896,25 @@ static int check_rows(const cuda_model *c, const int32_t *tokens, const int32_t 
 
 static int put_rows(cuda_model *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T, st_err *err) {
     const int B = c->o.max_batch;
-    memcpy(c->h_io, tokens, (size_t)T * 4);
+    if (tokens) memcpy(c->h_io, tokens, (size_t)T * 4); // NULL: a stage fed hidden states
+    else memset(c->h_io, 0, (size_t)T * 4);
     memcpy(c->h_io + B, pos, (size_t)T * 4);
     memcpy(c->h_io + 2 * B, slot, (size_t)T * 4);
     CU_TRY(cudaMemcpyAsync(c->io, c->h_io, 3 * (size_t)B * 4, cudaMemcpyHostToDevice, c->g.st));
     return ST_OK;
 }
 
+static int need_whole(const cuda_model *c, const char *what, st_err *err) {
+    if (c->has_embed && c->has_output) return ST_OK;
+    return st_err_set(err, ST_ERR_ARG, "CUDA: %s needs the whole model (this is a stage of layers %d..%d)", what, c->l0,
+                      c->l1 - 1);
+}
+
 extern "C" int cuda_model_forward(cuda_model *c, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
                                   float *logits, logits_mode mode, st_err *err) {
-    int rc = check_rows(c, tokens, pos, slot, T, err);
+    int rc = need_whole(c, "cuda_model_forward", err);
+    if (rc) return rc;
+    rc = check_rows(c, tokens, pos, slot, T, err);
     if (rc) return rc;
     const int B = c->o.max_batch, V = c->d->n_vocab;
     for (int t0 = 0; t0 < T; t0 += B) {
@@ -804,6 +932,201 @@ extern "C" int cuda_model_forward(cuda_model *c, const int32_t *tokens, const in
     }
     return ST_OK;
 }
+
+extern "C" int cuda_model_forward_stage(cuda_model *c, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
+                                        const int32_t *slot, int T, float *hidden_out, float *logits, logits_mode mode,
+                                        st_err *err) {
+    if (c->has_embed != (tokens != nullptr) || (!c->has_embed && !hidden_in))
+        return st_err_set(err, ST_ERR_ARG, "CUDA stage: %s", c->has_embed ? "the first stage takes token ids"
+                                                                          : "a later stage takes hidden states");
+    if (!c->has_output && !hidden_out)
+        return st_err_set(err, ST_ERR_ARG, "CUDA stage: a stage without the output needs hidden_out");
+    if (c->has_output && mode != LOGITS_NONE && !logits)
+        return st_err_set(err, ST_ERR_ARG, "CUDA stage: logits requested without a buffer");
+    int rc = check_rows(c, tokens, pos, slot, T, err);
+    if (rc) return rc;
+    const int B = c->o.max_batch, V = c->d->n_vocab, D = c->d->n_embd;
+    for (int t0 = 0; t0 < T; t0 += B) {
+        int n = std::min(B, T - t0);
+        if ((rc = put_rows(c, tokens ? tokens + t0 : nullptr, pos + t0, slot + t0, n, err))) return rc;
+        if (!c->has_embed)
+            CU_TRY(cudaMemcpyAsync(c->x, hidden_in + (size_t)t0 * D, (size_t)n * D * 4, cudaMemcpyHostToDevice, c->g.st));
+        int outm = OUT_NONE;
+        if (c->has_output && mode == LOGITS_ALL) outm = OUT_ALL;
+        if (c->has_output && mode == LOGITS_LAST && t0 + n == T) outm = OUT_LAST;
+        enqueue(c, n, outm);
+        if (!c->has_output)
+            CU_TRY(cudaMemcpyAsync(hidden_out + (size_t)t0 * D, c->x, (size_t)n * D * 4, cudaMemcpyDeviceToHost, c->g.st));
+        if (outm == OUT_ALL)
+            CU_TRY(cudaMemcpyAsync(logits + (size_t)t0 * V, c->logits, (size_t)n * V * 4, cudaMemcpyDeviceToHost, c->g.st));
+        if (outm == OUT_LAST) CU_TRY(cudaMemcpyAsync(logits, c->logits, (size_t)V * 4, cudaMemcpyDeviceToHost, c->g.st));
+        CU_TRY(cudaStreamSynchronize(c->g.st));
+        if ((rc = cu_check(err, "stage forward"))) return rc;
+    }
+    return ST_OK;
+}
+
+extern "C" void cuda_model_stage(const cuda_model *c, int *layer_begin, int *layer_end, int *has_embed, int *has_output) {
+    if (layer_begin) *layer_begin = c->l0;
+    if (layer_end) *layer_end = c->l1;
+    if (has_embed) *has_embed = c->has_embed;
+    if (has_output) *has_output = c->has_output;
+}
+
+// ---------------------------------------------------------------------------------------------
+// asynchronous stage steps: the host fills pinned staging, launches (a graph for T <= MV_MAXT)
+// and returns; the stream copies the inputs in, runs the layers, copies the outputs out and
+// writes 1 into a mapped host flag. The host polls the flag (no cudaStreamSynchronize).
+
+typedef CUresult (*write_value_fn)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+
+__global__ void k_write_flag(volatile uint32_t *flag, uint32_t v) {
+    __threadfence_system();
+    *flag = v;
+    __threadfence_system();
+}
+
+static int stage_async_init(cuda_model *c, st_err *err) {
+    if (c->h_flag) return ST_OK;
+    const size_t B = (size_t)c->o.max_batch, D = (size_t)c->d->n_embd, V = (size_t)c->d->n_vocab;
+    CU_TRY(cudaMallocHost(&c->h_x, B * D * 4));
+    CU_TRY(cudaMallocHost(&c->h_out, std::max(B * D, V) * 4));
+    CU_TRY(cudaMallocHost(&c->h_tok, B * 4));
+    void *f = nullptr;
+    CU_TRY(cudaHostAlloc(&f, 64, cudaHostAllocMapped | cudaHostAllocPortable));
+    c->h_flag = (volatile uint32_t *)f;
+    *c->h_flag = 1;
+    CU_TRY(cudaHostGetDevicePointer(&c->d_flag, f, 0));
+    void *fn = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (!getenv("STRATA_CUDA_FLAG_KERNEL") &&
+        cudaGetDriverEntryPointByVersion("cuStreamWriteValue32", &fn, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+        c->write_value = fn;
+    cudaGetLastError();
+    if (getenv("STRATA_STAGE_DIAG")) {
+        c->diag = 1;
+        CU_TRY(cudaEventCreate(&c->ev0));
+        CU_TRY(cudaEventCreate(&c->ev1));
+    }
+    return ST_OK;
+}
+
+// kind: 0 hidden out, 1 logits of the last row, 2 greedy id per row
+static void stage_enqueue(cuda_model *c, int T, int kind) {
+    cudaStream_t st = c->g.st;
+    const int B = c->o.max_batch, D = c->d->n_embd, V = c->d->n_vocab;
+    cudaMemcpyAsync(c->io, c->h_io, 3 * (size_t)B * 4, cudaMemcpyHostToDevice, st);
+    if (!c->has_embed) cudaMemcpyAsync(c->x, c->h_x, (size_t)T * D * 4, cudaMemcpyHostToDevice, st);
+    enqueue(c, T, kind == 0 ? OUT_NONE : kind == 1 ? OUT_LAST : OUT_ALL);
+    if (kind == 0) cudaMemcpyAsync(c->h_out, c->x, (size_t)T * D * 4, cudaMemcpyDeviceToHost, st);
+    else if (kind == 1) cudaMemcpyAsync(c->h_out, c->logits, (size_t)V * 4, cudaMemcpyDeviceToHost, st);
+    else {
+        k_argmax<<<T, 1024, 0, st>>>(c->logits, V, c->next);
+        cudaMemcpyAsync(c->h_tok, c->next, (size_t)T * 4, cudaMemcpyDeviceToHost, st);
+    }
+    if (c->write_value) ((write_value_fn)c->write_value)((CUstream)st, (CUdeviceptr)c->d_flag, 1, 0);
+    else k_write_flag<<<1, 1, 0, st>>>((volatile uint32_t *)c->d_flag, 1);
+}
+
+extern "C" int cuda_stage_submit(cuda_model *c, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
+                                 const int32_t *slot, int T, int kind, st_err *err) {
+    if (c->s_pending) return st_err_set(err, ST_ERR_INTERNAL, "CUDA stage: a step is still in flight");
+    if (kind < 0 || kind > 2 || (kind > 0 && !c->has_output) || (kind == 0 && c->has_output) ||
+        (c->has_embed != (tokens != nullptr)) || (!c->has_embed && !hidden_in) || T < 1 || T > c->o.max_batch ||
+        (kind == 2 && T > MV_MAXT))
+        return st_err_set(err, ST_ERR_ARG, "CUDA stage: bad step (T %d, output kind %d, %s input)", T, kind,
+                          tokens ? "token" : "hidden");
+    int rc = stage_async_init(c, err);
+    if (rc) return rc;
+    if ((rc = check_rows(c, tokens, pos, slot, T, err))) return rc;
+    const int B = c->o.max_batch, D = c->d->n_embd;
+    memset(c->h_io, 0, 3 * (size_t)B * 4);
+    if (tokens) memcpy(c->h_io, tokens, (size_t)T * 4);
+    memcpy(c->h_io + B, pos, (size_t)T * 4);
+    memcpy(c->h_io + 2 * B, slot, (size_t)T * 4);
+    if (!c->has_embed) memcpy(c->h_x, hidden_in, (size_t)T * D * 4);
+    *c->h_flag = 0;
+    __sync_synchronize();
+    cudaGraphExec_t *ge = T <= MV_MAXT ? &c->sgraph[kind][T] : nullptr;
+    if (ge && !*ge && !c->o.no_graph) { // first use: run eagerly (loads every kernel), then capture
+        stage_enqueue(c, T, kind);
+        CU_TRY(cudaStreamSynchronize(c->g.st));
+        if ((rc = cu_check(err, "stage warm-up"))) return rc;
+        cudaGraph_t graph = nullptr;
+        cudaError_t e = cudaStreamBeginCapture(c->g.st, cudaStreamCaptureModeThreadLocal);
+        if (e == cudaSuccess) {
+            stage_enqueue(c, T, kind);
+            e = cudaStreamEndCapture(c->g.st, &graph);
+        }
+        if (e == cudaSuccess) e = cudaGraphInstantiate(ge, graph, 0);
+        if (graph) cudaGraphDestroy(graph);
+        if (e != cudaSuccess) {
+            *ge = nullptr;
+            c->o.no_graph = 1;
+            cudaGetLastError();
+            ST_WARN("CUDA: graph capture of a stage step failed (%s); launching kernels eagerly", cudaGetErrorString(e));
+        }
+        // the warm-up already computed this step's outputs (and wrote its K/V): done
+        c->s_T = T, c->s_kind = kind, c->s_pending = 1;
+        return ST_OK;
+    }
+    if (c->diag) cudaEventRecord(c->ev0, c->g.st);
+    if (ge && *ge) CU_TRY(cudaGraphLaunch(*ge, c->g.st));
+    else {
+        stage_enqueue(c, T, kind);
+        CU_TRY(cudaGetLastError());
+    }
+    if (c->diag) cudaEventRecord(c->ev1, c->g.st);
+    c->s_T = T, c->s_kind = kind, c->s_pending = 1 + c->diag;
+    return ST_OK;
+}
+
+extern "C" int cuda_stage_done(const cuda_model *c) { return !c->s_pending || *c->h_flag == 1; }
+
+extern "C" int cuda_stage_finish(cuda_model *c, int spin, st_err *err) {
+    if (!c->s_pending) return st_err_set(err, ST_ERR_INTERNAL, "CUDA stage: no step in flight");
+    if (spin) {
+        uint64_t n = 0;
+        while (*c->h_flag != 1) {
+            if ((++n & 0xFFFFF) == 0 && cudaStreamQuery(c->g.st) != cudaErrorNotReady && *c->h_flag != 1) break;
+        }
+    } else CU_TRY(cudaStreamSynchronize(c->g.st));
+    // The flag is the last node of the step, but the stream still retires the graph for a few
+    // microseconds after it. Hand-offs wait for that tail (cheap: a query spin), because a GPU
+    // shared by several stage processes does not switch to the next stage's context while this
+    // one still has work: handing off inside the tail cost a whole time slice (~1.8 ms per hop
+    // measured on an H200 with two stage processes).
+    if (spin && !c->diag)
+        while (cudaStreamQuery(c->g.st) == cudaErrorNotReady) {
+        }
+    if (c->s_pending == 2) { // a diagnosed step: how long the stream ran on after the flag
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        cudaEventSynchronize(c->ev1);
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, c->ev0, c->ev1);
+        c->d_gpu_ms += ms, c->d_tail_us += (b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) / 1e3, c->d_n++;
+    }
+    c->s_pending = 0;
+    if (*c->h_flag != 1) { // the stream ended without writing the flag: it failed
+        cudaError_t e = cudaStreamSynchronize(c->g.st);
+        return st_err_set(err, ST_ERR_INTERNAL, "CUDA stage step failed: %s", cudaGetErrorString(e));
+    }
+    return ST_OK;
+}
+
+extern "C" int cuda_stage_diag(cuda_model *c, double *gpu_ms, double *tail_us) {
+    if (!c->d_n) return 0;
+    *gpu_ms = c->d_gpu_ms / (double)c->d_n, *tail_us = c->d_tail_us / (double)c->d_n;
+    int n = (int)c->d_n;
+    c->d_gpu_ms = c->d_tail_us = 0, c->d_n = 0;
+    return n;
+}
+
+extern "C" const float *cuda_stage_output(const cuda_model *c) { return c->h_out; }
+extern "C" const int32_t *cuda_stage_tokens(const cuda_model *c) { return c->h_tok; }
 
 // Captures the greedy decode step for B rows (after one eager run that loads every kernel).
 static int ensure_graph(cuda_model *c, int B, st_err *err) {
@@ -839,7 +1162,9 @@ extern "C" int cuda_model_decode_greedy(cuda_model *c, const int32_t *tokens, co
                                         int B, int32_t *next, st_err *err) {
     if (B < 1 || B > MV_MAXT || B > c->o.max_batch)
         return st_err_set(err, ST_ERR_ARG, "CUDA: greedy decode takes 1..%d rows, not %d", MV_MAXT, B);
-    int rc = check_rows(c, tokens, pos, slot, B, err);
+    int rc = need_whole(c, "greedy decode", err);
+    if (rc) return rc;
+    rc = check_rows(c, tokens, pos, slot, B, err);
     if (rc) return rc;
     if ((rc = put_rows(c, tokens, pos, slot, B, err))) return rc;
     if (!c->graph[B] && !c->o.no_graph) {
@@ -860,7 +1185,9 @@ extern "C" int cuda_model_generate_greedy(cuda_model *c, int32_t token, int pos0
                                           float *step_ms, st_err *err) {
     if (n < 1 || pos0 < 0 || pos0 + n > c->o.max_ctx)
         return st_err_set(err, ST_ERR_ARG, "CUDA: %d steps from position %d exceed the context %d", n, pos0, c->o.max_ctx);
-    int rc = check_rows(c, &token, &pos0, &slot, 1, err);
+    int rc = need_whole(c, "greedy generation", err);
+    if (rc) return rc;
+    rc = check_rows(c, &token, &pos0, &slot, 1, err);
     if (rc) return rc;
     if ((rc = put_rows(c, &token, &pos0, &slot, 1, err))) return rc;
     CU_TRY(cudaMemsetAsync(c->gen_counter, 0, 4, c->g.st));
@@ -1012,6 +1339,15 @@ static int op_end(opctx &oc, void *dst, const void *src, size_t bytes, st_err *e
     return ST_OK;
 }
 
+// room to quantise x of `elems` values (two planes) for the dp4a kernels; without it (failed
+// allocation) the matrix-vector calls fall back to the fp32 kernels
+static void oc_xq(opctx &oc, size_t elems) {
+    oc.g.xq_elems = 2 * elems;
+    oc.g.xq = oc.put<int8_t>(nullptr, oc.g.xq_elems);
+    oc.g.xs = oc.put<float4>(nullptr, oc.g.xq_elems / 32 + 1);
+    if (!oc.g.xq || !oc.g.xs) oc.g.xq = nullptr, oc.g.xs = nullptr, oc.g.xq_elems = 0;
+}
+
 static int op_weight(opctx &oc, const wt_linear *w, dlin *d) {
     dlin_from(w, d);
     size_t wb = (size_t)w->rows * w->row_bytes;
@@ -1034,6 +1370,7 @@ extern "C" int cuda_op_linear(const wt_linear *w, const float *x, int T, float *
     oc.g.xb = oc.put<__nv_bfloat16>(nullptr, oc.g.xb_elems);
     oc.g.wb_elems = std::max((size_t)w->cols, std::min((size_t)(w->rows * w->cols), (size_t)1 << 20));
     oc.g.wb = oc.put<__nv_bfloat16>(nullptr, oc.g.wb_elems);
+    oc_xq(oc, (size_t)std::min(T, MV_MAXT) * w->cols);
     linear(&oc.g, dy, w->rows, dx, d, T, path);
     return op_end(oc, out, dy, (size_t)T * w->rows * 4, err);
 }
@@ -1158,6 +1495,8 @@ extern "C" int cuda_op_moe_ffn(const wt_linear *router, const float *router_bias
     float *dy = oc.put<float>(nullptr, (size_t)T * D);
     if (!b.rlog || !b.selw || !b.gate || !b.up || !b.ye || !b.sel || !dx || !dy)
         return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
+    oc_xq(oc, std::max((size_t)T * D, (size_t)T * K * F));
+    oc.g.x16 = 1; // as in a MoE model
     moe_ffn(&oc.g, m, b, dx, T, dy);
     int rc = op_end(oc, out, dy, (size_t)T * D * 4, err);
     if (rc) return rc;
