@@ -11,16 +11,21 @@
  *                backend->forward call; sampling, stop strings and detokenisation per sequence
  *   metrics.c    Prometheus counters and histograms
  *   backend_local.c   a serve_backend over a local engine (one process, one model_ctx)
+ *   backend_cluster.c a sequence-level serve_backend over the cluster coordinator
  *
- * The seam to the cluster (#5) is serve_backend: anything that can forward rows of tokens of
- * different KV slots and return their logits (a local model_ctx, or a coordinator driving a
- * pipeline of nodes) can be served. Everything above it is shared.
+ * Two kinds of backend sit under the same scheduler. A row-level backend (local) implements
+ * forward(): the scheduler batches rows of different KV slots, gets logits back and samples on
+ * the host. A sequence-level backend (cluster) implements seq_*: the scheduler submits whole
+ * requests (prompt ids + sampling parameters), the pipeline's last stage samples, and only
+ * token ids come back; detokenisation, stop strings, max_tokens, usage and disconnects stay
+ * in the scheduler. Everything above the scheduler is shared.
  */
 #ifndef STRATA_SERVE_H
 #define STRATA_SERVE_H
 
 #include "strata/base.h"
 #include "strata/model.h"
+#include "strata/sampler.h"
 #include "strata/tok.h"
 
 #include <jansson.h>
@@ -47,6 +52,20 @@ typedef struct serve_backend_info {
     int has_template;           /* chat completions need a chat template                     */
 } serve_backend_info;
 
+/* One whole request for a sequence-level backend. */
+typedef struct serve_seq_req {
+    const int32_t *prompt;      /* borrowed for the call                                     */
+    int n_prompt;
+    const smp_params *sampling; /* logit_bias is refused (ST_ERR_ARG)                         */
+    int max_tokens;             /* >= 1 (the scheduler passes the context when unlimited)     */
+    const int32_t *eos;         /* end-of-sequence ids the backend stops on                   */
+    int n_eos;
+} serve_seq_req;
+
+/* A sequence-level event: token >= 0 is one generated id; done = 1 ends the sequence (after
+ * its last token) and msg != NULL says it failed. */
+typedef void (*serve_seq_fn)(void *ud, uint64_t id, int32_t token, int done, const char *msg);
+
 typedef struct serve_backend serve_backend;
 struct serve_backend {
     void *self;
@@ -62,6 +81,16 @@ struct serve_backend {
      * calls it. logits: [T, n_vocab] for LOGITS_ALL, [n_vocab] for LOGITS_LAST. */
     int (*forward)(serve_backend *b, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
                    float *logits, logits_mode mode, st_err *err);
+    /* Sequence-level backends set these four and leave forward NULL. Only the scheduler
+     * thread calls submit/cancel/poll; wake may be called from any thread and makes a waiting
+     * poll return early. submit queues r (*id names it in events; ST_ERR_ARG for what the
+     * backend cannot do); cancel forgets a sequence at once (no further events); poll waits up
+     * to timeout_ms and reports tokens and ends through fn (returns non-zero only for a
+     * backend-wide failure, after a done event with msg for every sequence). */
+    int (*seq_submit)(serve_backend *b, const serve_seq_req *r, uint64_t *id, st_err *err);
+    void (*seq_cancel)(serve_backend *b, uint64_t id);
+    int (*seq_poll)(serve_backend *b, int timeout_ms, serve_seq_fn fn, void *ud, st_err *err);
+    void (*seq_wake)(serve_backend *b);
     /* GET /v1/cluster body: nodes, devices, links, plan, memory (new reference). */
     json_t *(*cluster_json)(serve_backend *b);
     /* Extra Prometheus lines (per-node / per-hop timings); appends to the malloc'ed *buf of
@@ -82,6 +111,21 @@ typedef struct serve_local_opts {
 /* Opens a local engine for model_spec as a serve_backend. On failure *out is NULL. */
 int serve_backend_local_open(serve_backend **out, const char *model_spec, const serve_local_opts *opts,
                              st_err *err);
+
+typedef struct serve_cluster_opts {
+    const char *peers;          /* "A:P,B:P,..." node addresses                               */
+    const char *cluster_key;    /* NULL: env STRATA_CLUSTER_KEY                                */
+    const char *model_name;     /* NULL: the directory's base name                             */
+    int n_stages;               /* 0: as many as the nodes/layers allow                        */
+    int xport_pref;             /* XPORT_PREF_AUTO / TCP / SHM for the data links               */
+    int max_ctx, n_slots, n_threads, max_batch;
+} serve_cluster_opts;
+
+/* Connects to the nodes, plans and loads model_dir (the same path on every node) and returns
+ * a sequence-level serve_backend; the tokenizer and chat template are read here from
+ * model_dir, the weights only on the nodes. On failure *out is NULL. */
+int serve_backend_cluster_open(serve_backend **out, const char *model_dir, const serve_cluster_opts *opts,
+                               st_err *err);
 
 /* ------------------------------------------------------------------------------------------ */
 /* server                                                                                     */

@@ -9,7 +9,9 @@
  * - per-hop latency: mean transfer time of each hop i -> i+1 and last -> stage 0;
  * - residency per stage: that stage's compute time per decode step / the decode token time
  *   (one stream keeps each stage busy only for its share of the pipeline);
- * - aggregate tokens/s with 1, 4 and 16 concurrent sequences (micro-batched pipeline).
+ * - aggregate tokens/s with 1, 4 and 16 concurrent sequences (micro-batched pipeline);
+ * - the placement solver's predicted tok/s for one stream against the measured decode tok/s
+ *   (the coordinator plans for throughput on matvec rates re-measured at start).
  */
 #include "app.h"
 #include "strata/bench.h"
@@ -32,8 +34,10 @@ static void on_token(void *ud, int seq, int32_t id, const float *logits, int n_v
 int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen, int conc, int threads,
                   bench_result *r, st_err *err) {
     int max_conc = conc > 16 ? conc : 16;
+    /* placed by the solver for throughput (16 sequences in flight), on matvec rates the nodes
+     * re-measure just before planning: the table then compares its prediction with the run */
     coord_opts o = {.model_dir = model_dir, .peers = peers, .max_ctx = prompt + gen + 32, .n_slots = max_conc,
-                    .max_batch = 64, .n_threads = threads};
+                    .max_batch = 64, .n_threads = threads, .objective = 1, .calib_mb = 64};
     coord *c = NULL;
     int rc = coord_init(&c, &o, err);
     if (rc) return rc;
@@ -82,6 +86,12 @@ int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen,
         printf("| hop %d -> %d (%s) | %.1f us | mean per token |\n", s, (s + 1) % st1.n_stages, st1.data_link,
                st1.hop_ms[s] * 1e3);
     printf("| orchestration | %.1f us/token | decode token time - stage compute - hops |\n", st1.orch_us_per_token);
+    coord_plan_info pi;
+    coord_get_plan(c, &pi);
+    if (pi.planned && r->decode_tok_s > 0)
+        printf("| predicted (plan) | %.1f tok/s | measured %.1f tok/s: error %+.1f%% (%d stages, plan %.3f ms/token) |\n",
+               pi.predicted_tok_s, r->decode_tok_s, 100 * (pi.predicted_tok_s - r->decode_tok_s) / r->decode_tok_s,
+               pi.n_stages, pi.predicted_token_ms);
     /* aggregate throughput with 1, 4, 16 (and --concurrency) sequences */
     int levels[4] = {1, 4, 16, conc}, nlev = conc == 1 || conc == 4 || conc == 16 ? 3 : 4;
     for (int li = 0; li < nlev; li++) {

@@ -7,6 +7,7 @@
  * --golden K takes the prompt from MODEL_DIR/golden.safetensors (prompt_K) and checks the
  * greedy ids against transformers' greedy_K. --seqs N generates N copies concurrently. */
 #include "app.h"
+#include "strata/synth.h"
 #include "strata/cluster.h"
 #include "strata/model.h"
 #include "strata/safetensors.h"
@@ -17,10 +18,17 @@
 #include <string.h>
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: strata cluster-gen MODEL_DIR (--peers A:P,B:P,... | --local) (--prompt-ids 1,2,3 | --golden K)\n"
+    fprintf(f, "usage: strata cluster-gen MODEL_DIR (--peers A:P,B:P,... | --discover PORT[:S] | --local)\n"
+               "                          (--prompt-ids 1,2,3 | --golden K)\n"
                "                          [--max-tokens N] [options]\n"
                "  --cluster-key K         (or env STRATA_CLUSTER_KEY)\n"
-               "  --stages N              pipeline stages (default: one per peer, at most one per layer)\n"
+               "  --split plan|even       placement: the solver on measured devices + links (default), or the\n"
+               "                          layers split evenly over the peers in order (implied by --stages)\n"
+               "  --objective latency|throughput   the solver's objective (default latency)\n"
+               "  --reserve F             fraction of each node's memory the plan leaves free (default 0.05)\n"
+               "  --probe-bytes N         link probe transfer per direction (default 4 MiB)\n"
+               "  --calib-mb N            nodes re-measure their decode matvec rate on N MiB before planning\n"
+               "  --stages N              even split over the first N peers (at most one stage per layer)\n"
                "  --xport auto|tcp|shm    data links (default auto: shm between nodes of one host)\n"
                "  --xport-buffers N       ring slots per link (default 8)\n"
                "  --xport-max-inflight N  outstanding frames per link (default 256)\n"
@@ -109,7 +117,7 @@ static int run_local(const char *dir, const int32_t *prompt, int n_prompt, const
     model_ctx *ctx = NULL;
     smp_sampler *smp = NULL;
     float *lg = NULL, *lg2 = NULL;
-    int rc = model_load(&m, dir, NULL, err);
+    int rc = !strncmp(dir, "synthetic:", 10) ? synth_model(&m, dir + 10, 1, NULL, err) : model_load(&m, dir, NULL, err);
     if (rc) return rc;
     int V = m->desc.n_vocab;
     model_ctx_opts co = {.max_ctx = n_prompt + max_tokens + 1, .n_slots = 1, .max_batch = chunk > 0 ? chunk : 64, .n_threads = threads};
@@ -147,18 +155,38 @@ int cmd_cluster_gen(int argc, char **argv) {
     smp_params sp = smp_params_default();
     sp.temperature = 0;
     int max_tokens = 16, local = 0, golden = -1, no_eos = 0, n_seqs = 1;
+    const char *discover = NULL;
+    char found[CLUSTER_MAX_PEERS * 64];
     double rtol = 1e-4;
     gen_out g = {.kill_sig = SIGKILL};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int more = i + 1 < argc;
         if (!strcmp(a, "--peers") && more) o.peers = argv[++i];
+        else if (!strcmp(a, "--discover") && more) discover = argv[++i];
         else if (!strcmp(a, "--local")) local = 1;
         else if (!strcmp(a, "--prompt-ids") && more) ids = argv[++i];
         else if (!strcmp(a, "--golden") && more) golden = atoi(argv[++i]);
         else if (!strcmp(a, "--max-tokens") && more) max_tokens = atoi(argv[++i]);
         else if (!strcmp(a, "--cluster-key") && more) o.cluster_key = argv[++i];
         else if (!strcmp(a, "--stages") && more) o.n_stages = atoi(argv[++i]);
+        else if (!strcmp(a, "--split") && more) {
+            const char *k = argv[++i];
+            if (strcmp(k, "even") && strcmp(k, "plan")) {
+                fprintf(stderr, "strata cluster-gen: --split is plan or even, got '%s'\n", k);
+                return 2;
+            }
+            o.split = !strcmp(k, "even") ? COORD_SPLIT_EVEN : COORD_SPLIT_PLAN;
+        } else if (!strcmp(a, "--objective") && more) {
+            const char *k = argv[++i];
+            if (strcmp(k, "latency") && strcmp(k, "throughput")) {
+                fprintf(stderr, "strata cluster-gen: --objective is latency or throughput, got '%s'\n", k);
+                return 2;
+            }
+            o.objective = !strcmp(k, "throughput");
+        } else if (!strcmp(a, "--reserve") && more) o.reserve = atof(argv[++i]);
+        else if (!strcmp(a, "--probe-bytes") && more) o.probe_bytes = strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(a, "--calib-mb") && more) o.calib_mb = atoi(argv[++i]);
         else if (!strcmp(a, "--xport") && more) {
             const char *k = argv[++i];
             o.xport_pref = !strcmp(k, "tcp") ? XPORT_PREF_TCP : !strcmp(k, "shm") ? XPORT_PREF_SHM : XPORT_PREF_AUTO;
@@ -190,6 +218,14 @@ int cmd_cluster_gen(int argc, char **argv) {
             return usage(stderr), 2;
         } else if (!dir) dir = a;
         else return usage(stderr), 2;
+    }
+    if (discover && !o.peers && !local) { /* peers from the nodes' LAN beacons */
+        st_err derr = {0};
+        if (beacon_discover(discover, o.cluster_key, found, sizeof found, NULL, &derr)) {
+            fprintf(stderr, "strata: %s\n", derr.msg);
+            return 1;
+        }
+        o.peers = found;
     }
     if (!dir || (!local && !o.peers) || (!ids && golden < 0) || max_tokens < 1 || n_seqs < 1)
         return usage(stderr), 2;
@@ -288,6 +324,21 @@ int cmd_cluster_gen(int argc, char **argv) {
         for (int k = 0; k < st.n_stages; k++)
             fprintf(stderr, "stats: stage %d compute %.3f ms, hop %d->%d %.3f ms\n", k, st.stage_compute_ms[k], k,
                     (k + 1) % st.n_stages, st.hop_ms[k]);
+        coord_plan_info pi;
+        coord_get_plan(c, &pi);
+        if (pi.planned) {
+            double meas = st.decode_token_ms > 0 ? 1e3 / st.decode_token_ms : 0;
+            fprintf(stderr, "plan: stages %d predicted %.3f ms/token %.1f tok/s, measured %.1f tok/s (error %+.1f%%); "
+                            "budget checked %d over %d\n",
+                    pi.n_stages, pi.predicted_token_ms, pi.predicted_tok_s, meas,
+                    pi.predicted_tok_s > 0 && meas > 0 ? 100 * (pi.predicted_tok_s - meas) / meas : 0, pi.budget_checked,
+                    pi.n_over_budget);
+            for (int k = 0; k < pi.n_stages; k++)
+                fprintf(stderr, "plan: stage %d budget weights %llu/%llu kv %llu/%llu rss %llu/%llu\n", k,
+                        (unsigned long long)pi.actual_weights[k], (unsigned long long)pi.budget_weights[k],
+                        (unsigned long long)pi.actual_kv[k], (unsigned long long)pi.budget_kv[k],
+                        (unsigned long long)pi.actual_rss[k], (unsigned long long)pi.budget_total[k]);
+        }
     }
     printf("ids:");
     for (int i = 0; i < n_out; i++) printf(" %d", out[i]);

@@ -22,7 +22,9 @@ static void usage(FILE *f) {
                "  --threads N           compute threads (default: all cores)\n"
                "  --xport auto|tcp      tcp: refuse shared-memory links\n"
                "  --port-file FILE      write the bound port (with --listen HOST:0)\n"
-               "  --no-bw-probe         skip the memory bandwidth measurement at start\n");
+               "  --no-bw-probe         skip the memory bandwidth measurement at start\n"
+               "  --device cpu|cuda[:N] run the stage on the CPU (default) or CUDA device N\n"
+               "  --sync-mode stream|host  GPU hand-off: stream-ordered flag (default) or host sync\n");
 }
 
 static uint64_t parse_bytes(const char *s) {
@@ -53,6 +55,22 @@ int cmd_node(int argc, char **argv) {
         else if (!strcmp(a, "--xport") && more) o.xport_pref = !strcmp(argv[++i], "tcp") ? XPORT_PREF_TCP : XPORT_PREF_AUTO;
         else if (!strcmp(a, "--port-file") && more) o.port_file = argv[++i];
         else if (!strcmp(a, "--no-bw-probe")) o.bw_probe_mb = -1;
+        else if (!strcmp(a, "--beacon") && more) {
+            o.beacon_port = atoi(argv[++i]);
+            if (o.beacon_port < 1 || o.beacon_port > 65535) {
+                fprintf(stderr, "strata node: --beacon wants a UDP port 1..65535, got '%s'\n", argv[i]);
+                return 2;
+            }
+        } else if (!strcmp(a, "--beacon-ms") && more) o.beacon_ms = atoi(argv[++i]);
+        else if (!strcmp(a, "--device") && more) o.device = argv[++i];
+        else if (!strcmp(a, "--sync-mode") && more) {
+            const char *v = argv[++i];
+            if (strcmp(v, "host") && strcmp(v, "stream")) {
+                fprintf(stderr, "strata node: --sync-mode takes host or stream, not '%s'\n", v);
+                return 2;
+            }
+            o.sync_host = !strcmp(v, "host");
+        }
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) return usage(stdout), 0;
         else {
             fprintf(stderr, "strata node: unknown or incomplete option '%s'\n", a);

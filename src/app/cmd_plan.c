@@ -6,6 +6,7 @@
  * error), 2 usage. --json prints the plan the cluster runtime consumes.
  */
 #include "app.h"
+#include "strata/cluster.h"
 #include "strata/plan.h"
 #include "strata/synth.h"
 
@@ -15,7 +16,7 @@
 static void plan_usage(FILE *f) {
     fprintf(f,
             "usage: strata plan MODEL_DIR | --config FILE | --synthetic PRESET[:QUANT]\n"
-            "                   --cluster cluster.json [options]\n"
+            "                   --cluster cluster.json | --peers A:P,B:P [options]\n"
             "\n"
             "  --cluster FILE          nodes, devices and links (docs/cluster-json.md; examples/clusters/)\n"
             "  --context N             tokens per sequence to reserve KV for (default: max_position_embeddings)\n"
@@ -27,7 +28,11 @@ static void plan_usage(FILE *f) {
             "  --chunk N               prefill chunk, tokens per forward (default 256)\n"
             "  --max-tp N              largest tensor-parallel group (default 8; 1 = pipeline only)\n"
             "  --json                  print the plan as JSON\n"
-            "  --peers ADDR,...        plan for a live cluster (needs the cluster runtime, issue #5)\n");
+            "  --peers ADDR,...        plan for a live cluster of `strata node`s: their devices and measured links\n"
+            "                          (defaults then follow the coordinator: f32 KV, context min(max, 4096), chunk 64)\n"
+            "  --discover PORT[:S]     the live cluster's nodes from their LAN beacons (`strata node --beacon PORT`)\n"
+            "  --cluster-key K         with --peers / --discover (or env STRATA_CLUSTER_KEY)\n"
+            "  --xport auto|tcp        with --peers: the transport the probes (and data links) use (default auto)\n");
 }
 
 /* Parses a non-negative integer, allowing thousands separators ("196,608"). */
@@ -154,7 +159,9 @@ static void print_plan(const plan_result *p, const plan_model *m, const plan_clu
 /* `strata plan`: parses the flags, builds the model figures and the cluster, solves, prints. */
 int cmd_plan(int argc, char **argv) {
     const char *dir = NULL, *config = NULL, *synthetic = NULL, *cluster = NULL, *kv = "bf16";
-    int json = 0;
+    const char *peers = NULL, *cluster_key = NULL, *discover = NULL;
+    char found[CLUSTER_MAX_PEERS * 64];
+    int json = 0, xport_pref = XPORT_PREF_AUTO, kv_given = 0, chunk_given = 0;
     plan_request req;
     plan_request_init(&req);
     for (int i = 1; i < argc; i++) {
@@ -183,10 +190,15 @@ int cmd_plan(int argc, char **argv) {
         if (!strcmp(a, "--config")) config = v;
         else if (!strcmp(a, "--synthetic")) synthetic = v;
         else if (!strcmp(a, "--cluster")) cluster = v;
-        else if (!strcmp(a, "--peers")) {
-            fprintf(stderr, "strata plan: --peers needs the cluster runtime (issue #5), which is not built yet; "
-                            "describe the nodes in a cluster.json and pass --cluster\n");
-            return 2;
+        else if (!strcmp(a, "--peers")) peers = v;
+        else if (!strcmp(a, "--discover")) discover = v;
+        else if (!strcmp(a, "--cluster-key")) cluster_key = v;
+        else if (!strcmp(a, "--xport")) {
+            if (strcmp(v, "auto") && strcmp(v, "tcp")) {
+                fprintf(stderr, "strata plan: --xport is auto or tcp, got '%s'\n", v);
+                return 2;
+            }
+            xport_pref = !strcmp(v, "tcp") ? XPORT_PREF_TCP : XPORT_PREF_AUTO;
         } else if (!strcmp(a, "--context") || !strcmp(a, "--slots") || !strcmp(a, "--chunk") || !strcmp(a, "--max-tp")) {
             if (parse_count(v, &n) || n < 1 || (strcmp(a, "--context") && n > 1 << 20)) {
                 fprintf(stderr, "strata plan: %s wants a positive integer, got '%s'\n", a, v);
@@ -194,7 +206,7 @@ int cmd_plan(int argc, char **argv) {
             }
             if (!strcmp(a, "--context")) req.context = n;
             else if (!strcmp(a, "--slots")) req.slots = (int)n;
-            else if (!strcmp(a, "--chunk")) req.chunk = (int)n;
+            else if (!strcmp(a, "--chunk")) req.chunk = (int)n, chunk_given = 1;
             else req.max_tp = (int)n;
         } else if (!strcmp(a, "--objective")) {
             if (!strcmp(v, "latency")) req.objective = PLAN_LATENCY;
@@ -211,6 +223,7 @@ int cmd_plan(int argc, char **argv) {
                 return 2;
             }
             kv = v;
+            kv_given = 1;
         } else if (!strcmp(a, "--reserve")) {
             char *end;
             double r = strtod(v, &end);
@@ -230,8 +243,17 @@ int cmd_plan(int argc, char **argv) {
         plan_usage(stderr);
         return 2;
     }
-    if (!cluster) {
-        fprintf(stderr, "strata plan: --cluster cluster.json is required (see examples/clusters/, docs/cluster-json.md)\n");
+    if (discover && !peers) { /* the live cluster's nodes from their LAN beacons */
+        st_err derr = {0};
+        if (beacon_discover(discover, cluster_key, found, sizeof found, NULL, &derr)) {
+            fprintf(stderr, "strata: %s\n", derr.msg);
+            return 1;
+        }
+        peers = found;
+    }
+    if (!!cluster + !!peers != 1) {
+        fprintf(stderr, "strata plan: give --cluster cluster.json (see examples/clusters/, docs/cluster-json.md) or "
+                        "--peers A:P,... (a live cluster)\n");
         return 2;
     }
 
@@ -261,7 +283,20 @@ int cmd_plan(int argc, char **argv) {
         fprintf(stderr, "strata: %s\n", err.msg);
         return 1;
     }
-    if ((rc = plan_cluster_load(&cl, cluster, &err))) {
+    if (peers) { /* a live cluster, planned as its coordinator would */
+        if (!kv_given) req.kv_elem_bytes = 4, kv = "f32";
+        if (!chunk_given) req.chunk = 64;
+        if (!req.context) req.context = pm.max_pos > 0 && pm.max_pos < 4096 ? pm.max_pos : 4096;
+        req.act_bytes = 4;
+        req.max_tp = 1; /* the runtime runs pipeline stages only */
+        coord_survey_opts so = {.peers = peers, .cluster_key = cluster_key, .xport_pref = xport_pref,
+                                .max_batch = req.chunk, .n_embd = pm.n_embd, .n_vocab = pm.n_vocab,
+                                .max_ctx = (int)req.context, .q_bits = pm.q_bits};
+        rc = coord_survey(&cl, &so, &err);
+    } else {
+        rc = plan_cluster_load(&cl, cluster, &err);
+    }
+    if (rc) {
         fprintf(stderr, "strata: %s\n", err.msg);
         plan_model_free(&pm);
         return 1;

@@ -6,6 +6,7 @@
  * stdin is a terminal); each turn re-renders the conversation and reuses the cached prefix.
  */
 #include "app.h"
+#include "strata/cluster.h"
 #include "strata/engine.h"
 
 #include <errno.h>
@@ -33,7 +34,8 @@ static void usage(void) {
             "  --no-think            enable_thinking=false for templates that support it\n"
             "  --ctx N               context length (default min(model max, 4096))\n"
             "  --threads N  --offline\n"
-            "  --peers A:P,...       generate on a cluster of `strata node` processes (MODEL_DIR on every node)\n");
+            "  --peers A:P,...       generate on a cluster of `strata node` processes (MODEL_DIR on every node)\n"
+            "  --discover PORT[:S]   the cluster's nodes from their LAN beacons (`strata node --beacon PORT`), S s\n");
 }
 
 static int on_text(void *user, const char *text, size_t len) {
@@ -94,7 +96,7 @@ static char *read_line(const char *prompt) {
 }
 
 int cmd_run(int argc, char **argv) {
-    const char *model_spec = NULL, *prompt = NULL, *system = NULL, *peers = NULL;
+    const char *model_spec = NULL, *prompt = NULL, *system = NULL, *peers = NULL, *discover = NULL;
     const char *stops[RUN_MAX_STOP];
     int n_stop = 0, raw = 0, max_tokens = 256, no_think = 0;
     engine_opts eo = {0};
@@ -110,6 +112,7 @@ int cmd_run(int argc, char **argv) {
         else if (!strcmp(a, "--synthetic") && more) eo.synthetic = argv[++i];
         else if (!strcmp(a, "--system") && more) system = argv[++i];
         else if (!strcmp(a, "--peers") && more) peers = argv[++i];
+        else if (!strcmp(a, "--discover") && more) discover = argv[++i];
         else if (!strcmp(a, "--max-tokens") && more) max_tokens = atoi(argv[++i]);
         else if (!strcmp(a, "--temperature") && more) sp.temperature = (float)atof(argv[++i]);
         else if (!strcmp(a, "--top-k") && more) sp.top_k = atoi(argv[++i]);
@@ -144,6 +147,15 @@ int cmd_run(int argc, char **argv) {
     if (!model_spec && !eo.synthetic) {
         usage();
         return 2;
+    }
+    char found[CLUSTER_MAX_PEERS * 64];
+    if (discover && !peers) { /* peers from the nodes' LAN beacons */
+        st_err derr = {0};
+        if (beacon_discover(discover, NULL, found, sizeof found, NULL, &derr)) {
+            fprintf(stderr, "strata: %s\n", derr.msg);
+            return 1;
+        }
+        peers = found;
     }
     if (peers) {
         if (!model_spec || !prompt) {

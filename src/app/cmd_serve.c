@@ -1,4 +1,6 @@
 /* cmd_serve.c — `strata serve MODEL`: the OpenAI-compatible HTTP server (see strata/serve.h).
+ * With --peers the model runs on a cluster of `strata node` processes (backend_cluster.c):
+ * this process tokenises, schedules and streams; the nodes hold the weights.
  *
  * The HTTP daemon starts first (answering 503 "loading" with Retry-After), the model loads on
  * a second thread, and the main thread waits for SIGINT/SIGTERM to shut down cleanly.
@@ -20,6 +22,7 @@ int cmd_serve(int argc, char **argv) {
 #else
 
 #include "strata/serve.h"
+#include "strata/xport.h"
 
 #include <pthread.h>
 #include <signal.h>
@@ -44,6 +47,12 @@ static void usage(void) {
             "  --max-body BYTES      request body limit, k/m suffixes (default 1m)\n"
             "  --model-name NAME     the id clients use (default: the directory's name)\n"
             "  --tokenizer DIR  --threads N  --offline\n"
+            "Cluster (MODEL is a directory with the same path on every node):\n"
+            "  --peers A:P,B:P,...   serve from these `strata node` processes (pipeline stages)\n"
+            "  --cluster-key K       shared key (default: env STRATA_CLUSTER_KEY)\n"
+            "  --stages N            pipeline stages (default: as many as nodes and layers allow)\n"
+            "  --xport tcp|shm       data links between stages (default: shm on one host, else tcp)\n"
+            "  --batch N             prefill chunk on the nodes (default 64)\n"
             "Endpoints: POST /v1/chat/completions, /v1/completions; GET /v1/models, /v1/cluster, /health,\n"
             "/metrics, / (dashboard). Test hooks (environment): STRATA_SERVE_LOAD_DELAY_MS delays the\n"
             "model load; STRATA_SERVE_FAULTS=1 honours the x-strata-fault: internal request header.\n");
@@ -87,6 +96,7 @@ typedef struct loader {
     serve_server *srv;
     const char *model;
     serve_local_opts lo;
+    serve_cluster_opts co;     /* co.peers set: serve from a cluster                         */
     int ok;
 } loader;
 
@@ -100,7 +110,9 @@ static void *load_main(void *arg) {
     double t0 = st_time_s();
     serve_backend *b = NULL;
     st_err err = {0};
-    if (serve_backend_local_open(&b, L->model, &L->lo, &err) || serve_attach(L->srv, b, &err)) {
+    int rc = L->co.peers ? serve_backend_cluster_open(&b, L->model, &L->co, &err)
+                         : serve_backend_local_open(&b, L->model, &L->lo, &err);
+    if (rc || serve_attach(L->srv, b, &err)) {
         ST_ERROR("serve: %s", err.msg);
         serve_set_load_error(L->srv, err.msg);
         return NULL;
@@ -115,6 +127,7 @@ int cmd_serve(int argc, char **argv) {
     const char *model = NULL, *port_file = NULL;
     serve_opts so = {.host = "127.0.0.1", .port = 8080, .queue_max = 64, .max_body = 1 << 20};
     serve_local_opts lo = {.n_slots = 4};
+    serve_cluster_opts co = {0};
     char *keys[SERVE_MAX_KEYS];
     int n_keys = 0, rc = 1;
     for (int i = 1; i < argc; i++) {
@@ -144,6 +157,20 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--synthetic")) { NEED(); lo.synthetic = v; }
         else if (!strcmp(a, "--model-name")) { NEED(); lo.model_name = v; }
         else if (!strcmp(a, "--offline")) lo.offline = 1;
+        else if (!strcmp(a, "--peers")) { NEED(); co.peers = v; }
+        else if (!strcmp(a, "--cluster-key")) { NEED(); co.cluster_key = v; }
+        else if (!strcmp(a, "--stages")) { NEED(); co.n_stages = atoi(v); }
+        else if (!strcmp(a, "--batch")) { NEED(); co.max_batch = atoi(v); }
+        else if (!strcmp(a, "--xport")) {
+            NEED();
+            if (!strcmp(v, "tcp")) co.xport_pref = XPORT_PREF_TCP;
+            else if (!strcmp(v, "shm")) co.xport_pref = XPORT_PREF_SHM;
+            else if (!strcmp(v, "auto")) co.xport_pref = XPORT_PREF_AUTO;
+            else {
+                fprintf(stderr, "strata serve: --xport %s: expected tcp, shm or auto\n", v);
+                goto usage_err;
+            }
+        }
         else if (!strcmp(a, "--api-key")) {
             NEED();
             if (n_keys < SERVE_MAX_KEYS) keys[n_keys++] = strdup(v);
@@ -174,6 +201,15 @@ int cmd_serve(int argc, char **argv) {
         fprintf(stderr, "strata serve: --slots must be in [1, 1024], --queue >= 0, --port in [0, 65535]\n");
         goto usage_err;
     }
+    if (co.peers && (lo.synthetic || lo.tokenizer_dir || !model)) {
+        fprintf(stderr, "strata serve: --peers serves a model directory (no --synthetic, no --tokenizer)\n");
+        goto usage_err;
+    }
+    if (co.n_stages < 0 || co.n_stages > 8 || co.max_batch < 0 || co.max_batch > 8192) {
+        fprintf(stderr, "strata serve: --stages must be in [0, 8], --batch in [0, 8192]\n");
+        goto usage_err;
+    }
+    co.n_slots = lo.n_slots, co.max_ctx = lo.max_ctx, co.n_threads = lo.n_threads, co.model_name = lo.model_name;
     so.api_keys = (const char *const *)keys;
     so.n_api_keys = n_keys;
     const char *faults = getenv("STRATA_SERVE_FAULTS");
@@ -203,7 +239,7 @@ int cmd_serve(int argc, char **argv) {
     }
     ST_INFO("serve: listening on http://%s:%d (dashboard at /, API at /v1)%s", so.host, port,
             n_keys ? ", API keys required" : "");
-    loader L = {.srv = srv, .model = model, .lo = lo};
+    loader L = {.srv = srv, .model = model, .lo = lo, .co = co};
     if (!L.model) L.model = lo.synthetic;
     pthread_t th;
     if (pthread_create(&th, NULL, load_main, &L)) {

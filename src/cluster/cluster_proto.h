@@ -18,8 +18,17 @@ enum {
     CP_PING = 0x16,     /* coord -> node: u64 t                                      */
     CP_PONG = 0x17,     /* node -> coord: u64 t                                      */
     CP_ERROR = 0x18,    /* node -> coord: char msg[]                                 */
+    CP_PROBE_REQ = 0x20, /* coord -> node: cp_probe_req (measure links to these peers) */
+    CP_PROBE_RES = 0x21, /* node -> coord: cp_probe_res                                */
     DP_ACT = 0x100,     /* stage i -> i+1: dp_act + float hidden[T * n_embd]         */
     DP_TOKEN = 0x101,   /* last stage -> stage 0: dp_token                           */
+    /* link probes (linkprobe.c), on a XPORT_ROLE_PROBE link from the measuring node */
+    LP_PING = 0x120,    /* u64 t: echoed as LP_PONG                                   */
+    LP_PONG = 0x121,
+    LP_BULK = 0x122,    /* bytes to count (push: prober -> peer; pull: peer -> prober) */
+    LP_END = 0x123,     /* push: end of the bulk bytes; the peer answers LP_ACK       */
+    LP_ACK = 0x124,     /* u64 bytes received                                         */
+    LP_PULL = 0x125,    /* lp_pull: the peer sends `bytes` in LP_BULK frames + LP_END */
 };
 
 typedef struct cp_info {
@@ -27,8 +36,43 @@ typedef struct cp_info {
     char host[64];
     uint64_t mem_total, mem_free, mem_limit;
     double bw_bytes_s;
-    int32_t cores, pad;
+    int32_t cores, threads;   /* threads: the node's compute threads (--threads, else cores) */
+    uint64_t rss_bytes;       /* the node process's resident memory now (nothing loaded: its base) */
+    double mv_bf16_bytes_s;   /* decode matvec rate with its threads, bf16 weights (calib.c; 0 = not measured) */
+    double mv_q4_bytes_s;     /* the same for MLX 4-bit weights                                */
 } cp_info;
+
+/* Link probes: node -> each listed peer, over an authenticated XPORT_ROLE_PROBE link. */
+#define CP_PROBE_MAX CLUSTER_MAX_PEERS
+typedef struct cp_probe_req {
+    int32_t n_peers, pings;   /* pings per peer (median RTT / 2 is the latency)             */
+    int32_t xport_pref;       /* the transport the data links would use                    */
+    int32_t calib_mb;         /* > 0: first re-measure the decode matvec rate (calib.c) on this
+                               * many MiB, now that the cluster is about to run              */
+    uint64_t bytes;           /* bulk bytes per direction (bandwidth)                        */
+    char addr[CP_PROBE_MAX][64];
+} cp_probe_req;
+
+typedef struct cp_probe_link {
+    int32_t status;           /* 0 ok, else ST_ERR_* (msg says why)                          */
+    char kind[8];             /* "tcp" / "shm"                                               */
+    double latency_s;         /* one way: median RTT / 2                                     */
+    double rtt_min_s;
+    double bw_out;            /* bytes/s prober -> peer                                      */
+    double bw_in;             /* bytes/s peer -> prober                                      */
+    char msg[96];
+} cp_probe_link;
+
+typedef struct cp_probe_res {
+    int32_t n_peers, pad;
+    double mv_bf16_bytes_s, mv_q4_bytes_s; /* the node's matvec rates (re-measured with calib_mb) */
+    cp_probe_link link[CP_PROBE_MAX];
+} cp_probe_res;
+
+typedef struct lp_pull {
+    uint64_t bytes;
+    uint32_t chunk, pad;
+} lp_pull;
 
 typedef struct cp_load {
     uint64_t epoch;

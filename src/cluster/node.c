@@ -5,10 +5,16 @@
  * through a queue + pipe. The main loop owns everything else: control links (coordinators),
  * the inbound data link (previous stage, or the last stage for stage 0), the outbound data
  * link, the model, its context and per-slot sequence state. */
+#include "beacon.h"
+#include "calib.h"
 #include "cluster_proto.h"
+#include "linkprobe.h"
 #include "strata/bench.h"
 #include "strata/model.h"
 #include "strata/pool.h"
+#include "strata/gpu.h"
+#include "strata/synth.h"
+#include "strata/cuda_backend.h" /* declarations only; calls are under STRATA_HAVE_CUDA */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -20,6 +26,7 @@
 #include <unistd.h>
 
 #define NODE_MAX_CTRL 8
+#define NODE_MAX_PROBE 4
 #define NODE_QUEUE 16
 #define NODE_CTRL_PAYLOAD (64u << 20)
 
@@ -44,6 +51,8 @@ typedef struct node {
     int listen_fd;
     int pipe_rd, pipe_wr;
     pthread_t acc_thread;
+    pthread_t beacon_thread;
+    char beacon_addr[80];   /* "HOST:PORT" announced by the beacon thread                  */
     volatile sig_atomic_t *stop;
     int acc_stop;
     pthread_mutex_t mu;
@@ -53,6 +62,8 @@ typedef struct node {
     xport *ctrl[NODE_MAX_CTRL];
     xport *coord;           /* the control link that sent the current LOAD                  */
     xport *data_in, *data_out;
+    xport *probe[NODE_MAX_PROBE]; /* links other nodes measure (linkprobe.c)                */
+    uint64_t probe_bulk[NODE_MAX_PROBE];
     /* device */
     cp_info info;
     /* loaded stage */
@@ -64,6 +75,18 @@ typedef struct node {
     int32_t *pos_buf, *slot_buf;
     float *logits, *logits2;
     int D, V;
+    /* GPU stage (--device cuda[:N]): the stage runs in gpu; one step at a time in flight,
+     * described by gp (completed by gpu_complete when the stream's flag is up) */
+    int cuda_dev;           /* -1: CPU stage                                                  */
+    cuda_model *gpu;        /* the stage on the GPU, or NULL                                  */
+    model_desc gdesc;       /* synthetic GPU stage: the preset's descriptor (n->m is NULL)    */
+    int gdesc_set;
+    struct {
+        int active, kind, greedy;
+        dp_act h;
+        uint64_t t0, t_in, t_last;
+    } gp;
+    int diag_every;         /* steps since the last STRATA_STAGE_DIAG line                    */
 } node;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -138,18 +161,25 @@ static void node_devices(node *n) {
     i->mem_free = meminfo("MemAvailable");
     i->mem_limit = n->o->memory_limit;
     i->cores = st_cpu_count();
+    i->threads = n->o->n_threads > 0 ? n->o->n_threads : i->cores;
+    i->rss_bytes = rss_bytes();
     if (n->o->bw_probe_mb >= 0) {
+        size_t mb = n->o->bw_probe_mb ? (size_t)n->o->bw_probe_mb : 64;
         st_pool *p = st_pool_init(n->o->n_threads > 0 ? n->o->n_threads : i->cores);
         if (p) {
-            size_t mb = n->o->bw_probe_mb ? (size_t)n->o->bw_probe_mb : 64;
             i->bw_bytes_s = bench_measure_bandwidth(p, mb << 20, 3);
             st_pool_free(p);
         }
+        calib_result cr;
+        if (calib_matvec(i->threads, mb << 20, 5, &cr) == 0)
+            i->mv_bf16_bytes_s = cr.bf16_bytes_s, i->mv_q4_bytes_s = cr.q4_bytes_s;
     }
     char a[32], b[32];
-    ST_INFO("node %s: %d cores, memory %s total / %s free, read bandwidth %.1f GB/s", n->node_id, i->cores,
-            st_fmt_bytes((double)i->mem_total, a, sizeof a), st_fmt_bytes((double)i->mem_free, b, sizeof b),
-            i->bw_bytes_s / 1e9);
+    ST_INFO("node %s: %d cores, memory %s total / %s free, read bandwidth %.1f GB/s, decode matvec %.1f GB/s bf16, "
+            "%.1f GB/s 4-bit (%d threads)",
+            n->node_id, i->cores, st_fmt_bytes((double)i->mem_total, a, sizeof a),
+            st_fmt_bytes((double)i->mem_free, b, sizeof b), i->bw_bytes_s / 1e9, i->mv_bf16_bytes_s / 1e9,
+            i->mv_q4_bytes_s / 1e9, i->threads);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -186,6 +216,30 @@ static void *accept_main(void *arg) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* beacon thread (--beacon PORT): one signed UDP announcement every beacon_ms                 */
+
+/* The beacon thread: announces n->beacon_addr every beacon_ms until the node stops. A send
+ * failure (no broadcast interface yet) is logged once and retried. */
+static void *beacon_main(void *arg) {
+    node *n = arg;
+    st_err err = {0};
+    int fd = beacon_socket(&err);
+    if (fd < 0) {
+        ST_ERROR("beacon disabled: %s", err.msg);
+        return NULL;
+    }
+    int period = n->o->beacon_ms > 0 ? n->o->beacon_ms : 1000, warned = 0;
+    while (!n->acc_stop && !*n->stop) {
+        memset(&err, 0, sizeof err);
+        if (beacon_announce(fd, n->o->beacon_port, &n->key, n->node_id, n->beacon_addr, &err) && !warned++)
+            ST_WARN("%s (will keep trying)", err.msg);
+        for (int t = 0; t < period && !n->acc_stop && !*n->stop; t += 50) usleep(50000);
+    }
+    close(fd);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* loading                                                                                    */
 
 static void stage_unload(node *n) {
@@ -197,6 +251,17 @@ static void stage_unload(node *n) {
     free(n->slots), n->slots = NULL;
     free(n->pos_buf), free(n->slot_buf), n->pos_buf = n->slot_buf = NULL;
     free(n->logits), free(n->logits2), n->logits = n->logits2 = NULL;
+#ifdef STRATA_HAVE_CUDA
+    if (n->gpu) {
+        if (n->gp.active) {
+            st_err e = {0};
+            cuda_stage_finish(n->gpu, 0, &e);
+        }
+        cuda_model_free(n->gpu);
+    }
+#endif
+    n->gpu = NULL, n->gp.active = 0;
+    if (n->gdesc_set) model_desc_free(&n->gdesc), n->gdesc_set = 0;
     model_ctx_free(n->ctx), n->ctx = NULL;
     model_free(n->m), n->m = NULL;
     xport_close(n->data_out), n->data_out = NULL;
@@ -209,6 +274,55 @@ static int load_check(const cp_load *l) {
            l->n_slots > 0 && l->n_slots <= 1024 && l->max_batch > 0 && l->max_batch <= 8192 && l->n_buffers > 0 &&
            l->n_buffers <= 1024 && l->max_inflight > 0 && memchr(l->model_dir, 0, sizeof l->model_dir) &&
            memchr(l->next_addr, 0, sizeof l->next_addr);
+}
+
+/* Weights and KV bytes of the loaded stage (host or device). */
+static void stage_memory(node *n, uint64_t *weights, uint64_t *kv) {
+#ifdef STRATA_HAVE_CUDA
+    if (n->gpu) {
+        cuda_model_info ci;
+        cuda_model_get_info(n->gpu, &ci);
+        *weights = ci.weight_bytes, *kv = ci.kv_bytes;
+        return;
+    }
+#endif
+    *weights = n->m->weight_bytes, *kv = model_ctx_kv_bytes(n->ctx);
+}
+
+/* GPU stage: binds the range on the host (mmap; synthetic: only the descriptor) and uploads
+ * it to n->cuda_dev (synthetic: generated on the device). Sets n->D / n->V. */
+static int stage_load_gpu(node *n, const cp_load *l, const model_load_opts *mo, int synthetic, st_err *err) {
+#ifdef STRATA_HAVE_CUDA
+    cuda_model_opts co = {.max_ctx = l->max_ctx, .n_slots = l->n_slots, .max_batch = l->max_batch,
+                          .device = n->cuda_dev, .layer_begin = l->layer_begin, .layer_end = l->layer_end,
+                          .with_embed = l->with_embed, .with_output = l->with_output};
+    cuda_model *cm = NULL;
+    const model_desc *d;
+    if (synthetic) {
+        int rc = synth_preset_desc(l->model_dir + 10, &n->gdesc, err);
+        if (rc) return rc;
+        n->gdesc_set = 1;
+        if (l->layer_end > n->gdesc.n_layer)
+            return st_err_set(err, ST_ERR_ARG, "layers %d..%d beyond the model's %d", l->layer_begin, l->layer_end,
+                              n->gdesc.n_layer);
+        if ((rc = cuda_model_init_synthetic(&cm, &n->gdesc, &co, 1, err))) return rc;
+        d = &n->gdesc;
+    } else {
+        int rc = model_load(&n->m, l->model_dir, mo, err);
+        if (rc) return rc;
+        if (l->layer_end > n->m->desc.n_layer)
+            return st_err_set(err, ST_ERR_ARG, "layers %d..%d beyond the model's %d", l->layer_begin, l->layer_end,
+                              n->m->desc.n_layer);
+        if ((rc = cuda_model_init(&cm, n->m, &co, err))) return rc;
+        d = &n->m->desc;
+    }
+    n->gpu = cm;
+    n->D = d->n_embd, n->V = d->n_vocab;
+    return ST_OK;
+#else
+    (void)n, (void)l, (void)mo, (void)synthetic;
+    return st_err_set(err, ST_ERR_UNSUPPORTED, "this strata was built without CUDA (--device cuda)");
+#endif
 }
 
 /* Handles LOAD: binds the layer range, allocates KV + state, connects the next hop.
@@ -225,7 +339,13 @@ static void stage_load(node *n, xport *from, const cp_load *l) {
     model_ctx_opts co = {.max_ctx = l->max_ctx, .n_slots = l->n_slots, .max_batch = l->max_batch,
                          .n_threads = l->n_threads > 0 ? l->n_threads : n->o->n_threads, .exact = l->exact};
     uint64_t t0 = st_time_ns();
-    if (model_load(&n->m, l->model_dir, &mo, &err)) goto fail;
+    const int synthetic = !strncmp(l->model_dir, "synthetic:", 10);
+    if (n->cuda_dev >= 0) {
+        if (stage_load_gpu(n, l, &mo, synthetic, &err)) goto fail;
+        goto loaded_gpu;
+    }
+    if (synthetic ? synth_model(&n->m, l->model_dir + 10, 1, &mo, &err) : model_load(&n->m, l->model_dir, &mo, &err))
+        goto fail;
     if (l->layer_end > n->m->desc.n_layer) {
         st_err_set(&err, ST_ERR_ARG, "layers %d..%d beyond the model's %d", l->layer_begin, l->layer_end, n->m->desc.n_layer);
         goto fail;
@@ -242,6 +362,7 @@ static void stage_load(node *n, xport *from, const cp_load *l) {
     }
     if (model_ctx_init(&n->ctx, n->m, &co, &err)) goto fail;
     n->D = n->m->desc.n_embd, n->V = n->m->desc.n_vocab;
+loaded_gpu:
     n->slots = calloc((size_t)l->n_slots, sizeof *n->slots);
     n->pos_buf = malloc((size_t)l->max_batch * sizeof(int32_t));
     n->slot_buf = malloc((size_t)l->max_batch * sizeof(int32_t));
@@ -267,12 +388,11 @@ static void stage_load(node *n, xport *from, const cp_load *l) {
     }
     n->loaded = 1;
     r.n_vocab = n->V, r.n_embd = n->D;
-    r.weight_bytes = n->m->weight_bytes;
-    r.kv_bytes = model_ctx_kv_bytes(n->ctx);
+    stage_memory(n, &r.weight_bytes, &r.kv_bytes);
     r.rss_bytes = rss_bytes();
     char a[32], b[32];
-    ST_INFO("stage %d/%d: layers %d..%d%s%s loaded in %.2f s: weights %s, KV %s (%d x %d), next hop %s %s",
-            l->stage, l->n_stages, l->layer_begin, l->layer_end - 1, l->with_embed ? " +embed" : "",
+    ST_INFO("stage %d/%d on %s: layers %d..%d%s%s loaded in %.2f s: weights %s, KV %s (%d x %d), next hop %s %s",
+            l->stage, l->n_stages, n->gpu ? (n->o->sync_host ? "cuda (host sync)" : "cuda (stream flag)") : "cpu", l->layer_begin, l->layer_end - 1, l->with_embed ? " +embed" : "",
             l->with_output ? " +output" : "", (double)(st_time_ns() - t0) / 1e9,
             st_fmt_bytes((double)r.weight_bytes, a, sizeof a), st_fmt_bytes((double)r.kv_bytes, b, sizeof b),
             l->n_slots, l->max_ctx, l->n_stages > 1 ? l->next_addr : "(self)", r.next_kind);
@@ -319,6 +439,22 @@ static void emit_token(node *n, int slot, int32_t pos, int32_t tok, int done, co
     if (xport_send_copy(n->data_out, DP_TOKEN, &t, sizeof t, &err)) ST_WARN("token to stage 0: %s", err.msg);
 }
 
+static void last_stage_emit(node *n, dp_act *h, int32_t greedy);
+#ifdef STRATA_HAVE_CUDA
+static void gpu_rows(node *n, dp_act *h, const int32_t *tokens, const float *hidden_in, uint64_t t_in);
+#endif
+
+/* The send buffer for T rows of hidden states to the next stage (header + [T, D] floats), or
+ * NULL with a warning when the next hop is unavailable (the step is dropped; recovery replays). */
+static uint8_t *act_send_buf(node *n, int T, size_t *len) {
+    *len = sizeof(dp_act) + (size_t)T * (size_t)n->D * 4;
+    uint8_t *b = xport_send_buf(n->data_out, *len);
+    if (!b)
+        ST_WARN("stage %d: next hop unavailable (%s), dropping step", n->load.stage,
+                n->data_out ? xport_error(n->data_out) : "not connected");
+    return b;
+}
+
 /* Runs T rows through this stage. Input: token ids (stage 0) or hidden states. h describes
  * the rows (slot, pos0, flags, timing so far); t_in is when the input arrived. */
 static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *hidden_in, uint64_t t_in) {
@@ -341,14 +477,13 @@ static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *h
             ss->n_gen = 0;
         }
     }
+#ifdef STRATA_HAVE_CUDA
+    if (n->gpu) return gpu_rows(n, h, tokens, hidden_in, t_in);
+#endif
     if (!l->with_output) {
-        size_t len = sizeof(dp_act) + (size_t)h->T * (size_t)n->D * 4;
-        uint8_t *b = xport_send_buf(n->data_out, len);
-        if (!b) {
-            ST_WARN("stage %d: next hop unavailable (%s), dropping step", l->stage,
-                    n->data_out ? xport_error(n->data_out) : "not connected");
-            return;
-        }
+        size_t len;
+        uint8_t *b = act_send_buf(n, h->T, &len);
+        if (!b) return;
         uint64_t t0 = st_time_ns();
         if (model_forward_stage(n->ctx, tokens, hidden_in, n->pos_buf, n->slot_buf, h->T, (float *)(b + sizeof(dp_act)),
                                 NULL, LOGITS_NONE, &err)) {
@@ -373,13 +508,23 @@ static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *h
     }
     h->compute_ns[l->stage] = st_time_ns() - t0;
     if (l->stage > 0) h->hop_ns[l->stage - 1] = t_in - h->t_sent;
-    if (!want) return;
+    if (want) last_stage_emit(n, h, -1);
+}
+
+/* The last stage's step is done (n->logits holds the last row's logits, or `greedy` >= 0 is
+ * the argmax the GPU computed): sample, count, and emit the token. */
+static void last_stage_emit(node *n, dp_act *h, int32_t greedy) {
+    const cp_load *l = &n->load;
+    slot_state *ss = &n->slots[h->slot];
     if (!ss->smp) {
         ST_WARN("slot %d: no sampler (sequence start lost), dropping", h->slot);
         return;
     }
-    memcpy(n->logits2, n->logits, (size_t)n->V * 4);
-    int32_t tok = smp_sample(ss->smp, n->logits);
+    int32_t tok = greedy;
+    if (tok < 0) {
+        memcpy(n->logits2, n->logits, (size_t)n->V * 4);
+        tok = smp_sample(ss->smp, n->logits);
+    }
     if (tok >= 0) smp_accept(ss->smp, tok);
     ss->n_gen++;
     int32_t pos = h->pos0 + h->T;
@@ -388,6 +533,75 @@ static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *h
         if (tok == ss->params.eos[i]) done = 1;
     emit_token(n, h->slot, pos, tok, done, h, (h->flags & ACT_FIRST) != 0);
 }
+
+#ifdef STRATA_HAVE_CUDA
+/* The GPU step in flight is complete: hand the hidden states to the next stage, or emit the
+ * token (last stage). Timing as in stage_rows; compute = submit to completion seen. */
+static void gpu_complete(node *n) {
+    st_err err = {0};
+    const cp_load *l = &n->load;
+    dp_act *h = &n->gp.h;
+    n->gp.active = 0;
+    h->compute_ns[l->stage] = st_time_ns() - n->gp.t0;
+    if (l->stage > 0) h->hop_ns[l->stage - 1] = n->gp.t_in > h->t_sent ? n->gp.t_in - h->t_sent : 0;
+    if (!l->with_output) {
+        size_t len;
+        uint8_t *b = act_send_buf(n, h->T, &len);
+        if (!b) return;
+        h->t_sent = st_time_ns();
+        memcpy(b, h, sizeof *h);
+        memcpy(b + sizeof *h, cuda_stage_output(n->gpu), (size_t)h->T * (size_t)n->D * 4);
+        if (xport_send(n->data_out, DP_ACT, len, &err)) ST_WARN("stage %d: send: %s", l->stage, err.msg);
+        return;
+    }
+    if (!(h->flags & ACT_LAST)) return;
+    if (n->gp.kind == 2) return last_stage_emit(n, h, cuda_stage_tokens(n->gpu)[h->T - 1]);
+    memcpy(n->logits, cuda_stage_output(n->gpu), (size_t)n->V * 4);
+    last_stage_emit(n, h, -1);
+}
+
+/* Waits for the step in flight (spinning on the stream's flag, or cudaStreamSynchronize with
+ * --sync-mode host) and completes it. */
+static void gpu_drain(node *n) {
+    if (!n->gp.active) return;
+    st_err err = {0};
+    if (cuda_stage_finish(n->gpu, !n->o->sync_host, &err)) {
+        ST_WARN("stage %d: GPU step failed: %s", n->load.stage, err.msg);
+        n->gp.active = 0;
+        return;
+    }
+    gpu_complete(n);
+    n->gp.t_last = st_time_ns();
+    double gms, tus;
+    if (++n->diag_every % 128 == 0 && cuda_stage_diag(n->gpu, &gms, &tus))
+        ST_INFO("stage %d: GPU %.3f ms per step, stream tail after the flag %.1f us", n->load.stage, gms, tus);
+}
+
+/* Submits T rows to the GPU stage and returns at once (stream mode: the loop completes the
+ * step when the flag is up) or after the step (host mode). A greedy sequence's last stage
+ * computes the argmax on the GPU so only the id leaves the device. */
+static void gpu_rows(node *n, dp_act *h, const int32_t *tokens, const float *hidden_in, uint64_t t_in) {
+    st_err err = {0};
+    const cp_load *l = &n->load;
+    gpu_drain(n);
+    const slot_state *ss = &n->slots[h->slot];
+    const cp_seq *p = &ss->params;
+    int kind = 0;
+    if (l->with_output) {
+        int greedy = p->temperature <= 0.0f && (p->repetition_penalty == 0.0f || p->repetition_penalty == 1.0f) &&
+                     p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f && !p->want_logits && h->T <= 8;
+        kind = greedy && (h->flags & ACT_LAST) ? 2 : 1;
+    }
+    const uint64_t t0 = st_time_ns(); /* compute includes the launch */
+    if (cuda_stage_submit(n->gpu, l->with_embed ? tokens : NULL, l->with_embed ? NULL : hidden_in, n->pos_buf,
+                          n->slot_buf, h->T, kind, &err)) {
+        ST_WARN("stage %d: GPU submit failed: %s", l->stage, err.msg);
+        return;
+    }
+    n->gp.active = 1, n->gp.kind = kind, n->gp.h = *h, n->gp.t0 = t0, n->gp.t_in = t_in;
+    if (n->o->sync_host) gpu_drain(n);
+}
+#endif
 
 /* Stage 0: one prefill chunk of a slot. */
 static void prefill_chunk(node *n, int s) {
@@ -452,10 +666,53 @@ static void on_token(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
     decode_step(n, t.slot, t.token, t.pos, t_in - t.t_sent);
 }
 
+/* Handles PROBE_REQ: measures the link to each listed peer, one after the other, and replies
+ * PROBE_RES. Blocks this loop for the duration (the coordinator probes before loading). */
+static void on_probe_req(node *n, xport *from, const xport_msg *m) {
+    cp_probe_req rq;
+    st_err err = {0};
+    cp_probe_res *res = calloc(1, sizeof *res);
+    if (!res) return;
+    if (m->len != sizeof rq) {
+        ST_WARN("PROBE: wrong size, dropped");
+        res->n_peers = -1;
+    } else {
+        memcpy(&rq, m->data, sizeof rq);
+        if (rq.n_peers < 0 || rq.n_peers > CP_PROBE_MAX || rq.pings < 1 || rq.pings > 1000 || rq.bytes > (1ull << 30)) {
+            ST_WARN("PROBE: fields out of range, dropped");
+            res->n_peers = -1;
+        } else {
+            res->n_peers = rq.n_peers;
+            calib_result cr;
+            if (rq.calib_mb > 0 && rq.calib_mb <= 4096 && calib_matvec(n->info.threads, (size_t)rq.calib_mb << 20, 9, &cr) == 0) {
+                n->info.mv_bf16_bytes_s = cr.bf16_bytes_s, n->info.mv_q4_bytes_s = cr.q4_bytes_s;
+                ST_INFO("decode matvec (%d threads): %.2f GB/s bf16, %.2f GB/s 4-bit", n->info.threads, cr.bf16_bytes_s / 1e9,
+                        cr.q4_bytes_s / 1e9);
+            }
+            res->mv_bf16_bytes_s = n->info.mv_bf16_bytes_s, res->mv_q4_bytes_s = n->info.mv_q4_bytes_s;
+            for (int k = 0; k < rq.n_peers; k++) {
+                rq.addr[k][sizeof rq.addr[k] - 1] = 0;
+                cp_probe_link *l = &res->link[k];
+                if (lp_probe_peer(rq.addr[k], &n->key, n->node_id, rq.xport_pref, rq.pings, rq.bytes, l))
+                    ST_WARN("probe of %s failed: %s", rq.addr[k], l->msg);
+                else
+                    ST_INFO("link to %s (%s): latency %.1f us, bandwidth out %.2f GB/s, in %.2f GB/s", rq.addr[k], l->kind,
+                            l->latency_s * 1e6, l->bw_out / 1e9, l->bw_in / 1e9);
+            }
+        }
+    }
+    xport_send_copy(from, CP_PROBE_RES, res, sizeof *res, &err);
+    free(res);
+}
+
 static void on_control(node *n, xport *x, const xport_msg *m) {
     st_err err = {0};
     switch (m->type) {
+    case CP_PROBE_REQ:
+        on_probe_req(n, x, m);
+        break;
     case CP_INFO_REQ:
+        n->info.rss_bytes = rss_bytes();
         n->info.mem_free = meminfo("MemAvailable");
         xport_send_copy(x, CP_INFO, &n->info, sizeof n->info, &err);
         break;
@@ -525,7 +782,15 @@ static void take_new_links(node *n) {
                         (unsigned long long)p->epoch);
             }
         } else {
-            xport_close(x); /* probe: authenticated and done */
+            int k = 0;
+            while (k < NODE_MAX_PROBE && n->probe[k]) k++;
+            if (k == NODE_MAX_PROBE) {
+                ST_WARN("too many probe links, dropping %s", p->addr);
+                xport_close(x);
+            } else {
+                n->probe[k] = x, n->probe_bulk[k] = 0;
+                ST_DEBUG("probe link from %s (node %s, %s)", p->addr, p->node_id, xport_kind_name(x));
+            }
         }
     }
     n->n_queue = 0;
@@ -541,8 +806,14 @@ static int node_loop(node *n) {
             for (int s = 0; s < n->load.n_slots; s++)
                 if ((n->slots[s].active && n->slots[s].prefilled < n->slots[s].n_prompt) || n->slots[s].pending_local)
                     busy = 1;
-        xport *xs[NODE_MAX_CTRL + 2];
+        /* a GPU step in flight: poll its flag without sleeping; a GPU stage that ran a step in
+         * the last 20 ms keeps polling its links too (a core per GPU node, like NCCL's proxy
+         * threads): waking from poll() costs tens of microseconds per hop */
+        if (n->gp.active || (n->gpu && st_time_ns() - n->gp.t_last < 20000000ull)) busy = 1;
+        xport *xs[NODE_MAX_PROBE + NODE_MAX_CTRL + 2];
         int nx = 0;
+        /* probe links first: xport_wait sleeps on the first shared-memory ring it finds */
+        for (int i = 0; i < NODE_MAX_PROBE; i++) xs[nx++] = n->probe[i];
         for (int i = 0; i < NODE_MAX_CTRL; i++) xs[nx++] = n->ctrl[i];
         xs[nx++] = n->data_in;
         xs[nx++] = n->data_out;
@@ -561,6 +832,19 @@ static int node_loop(node *n) {
                 if (n->ctrl[i] == x) xport_release(x);
             }
         }
+        for (int i = 0; i < NODE_MAX_PROBE; i++) {
+            while (n->probe[i]) {
+                int r = xport_recv(n->probe[i], &m, &err);
+                if (r == 0) break;
+                if (r < 0 || lp_serve(n->probe[i], &m, &n->probe_bulk[i]) < 0) {
+                    if (r > 0) ST_WARN("probe link %s: bad frame 0x%x, closed", xport_get_peer(n->probe[i])->addr, m.type);
+                    xport_close(n->probe[i]); /* the prober closed it: done */
+                    n->probe[i] = NULL;
+                    break;
+                }
+                xport_release(n->probe[i]);
+            }
+        }
         while (n->data_in) {
             int r = xport_recv(n->data_in, &m, &err);
             if (r < 0) {
@@ -575,6 +859,9 @@ static int node_loop(node *n) {
             else ST_WARN("data message type 0x%x dropped", m.type);
             if (n->data_in) xport_release(n->data_in);
         }
+#ifdef STRATA_HAVE_CUDA
+        if (n->gp.active && cuda_stage_done(n->gpu)) gpu_drain(n);
+#endif
         if (n->data_out) {
             xport_flush(n->data_out);
             int r = xport_recv(n->data_out, &m, &err);
@@ -610,6 +897,23 @@ int node_run(const node_opts *o, volatile sig_atomic_t *stop, st_err *err) {
     n->listen_fd = n->pipe_rd = n->pipe_wr = -1;
     int rc = 0, port = 0, thread = 0;
     pthread_mutex_init(&n->mu, NULL);
+    n->cuda_dev = -1;
+    if (o->device && strcmp(o->device, "cpu")) {
+        char *end = NULL;
+        if (!strcmp(o->device, "cuda")) n->cuda_dev = 0;
+        else if (!strncmp(o->device, "cuda:", 5) && o->device[5]) n->cuda_dev = (int)strtol(o->device + 5, &end, 10);
+        if (n->cuda_dev < 0 || (end && *end)) {
+            rc = st_err_set(err, ST_ERR_ARG, "--device: expected cpu, cuda or cuda:N, got '%s'", o->device);
+            goto out;
+        }
+        char why[256] = "";
+        int ng = st_gpu_count(why, sizeof why);
+        if (n->cuda_dev >= ng) {
+            if (ng == 0) ST_WARN("--device %s: no usable GPU (%s); this node runs its stages on the CPU", o->device, why);
+            else ST_WARN("--device %s: only %d CUDA device(s); this node runs its stages on the CPU", o->device, ng);
+            n->cuda_dev = -1;
+        }
+    }
     if ((rc = xport_key_init(&n->key, o->cluster_key, err))) goto out;
     if ((rc = node_identity(n, err))) goto out;
     node_devices(n);
@@ -627,6 +931,20 @@ int node_run(const node_opts *o, volatile sig_atomic_t *stop, st_err *err) {
     }
     thread = 1;
     ST_INFO("node %s listening on %s (port %d)", n->node_id, o->listen, port);
+    if (o->beacon_port > 0) {
+        const char *colon = strrchr(o->listen, ':');
+        int hl = colon ? (int)(colon - o->listen) : 0;
+        snprintf(n->beacon_addr, sizeof n->beacon_addr, "%.*s:%d", hl, o->listen, port);
+        if (!strncmp(n->beacon_addr, "127.", 4) || !strncmp(n->beacon_addr, "localhost:", 10))
+            ST_WARN("beacon: announcing a loopback address (%s): only this host can use it", n->beacon_addr);
+        if (pthread_create(&n->beacon_thread, NULL, beacon_main, n)) {
+            rc = st_err_set(err, ST_ERR_INTERNAL, "cannot start the beacon thread");
+            goto out;
+        }
+        thread = 2;
+        ST_INFO("beacon: announcing %s on UDP port %d every %d ms", n->beacon_addr, o->beacon_port,
+                o->beacon_ms > 0 ? o->beacon_ms : 1000);
+    }
     if (o->port_file) {
         char tmp[4096];
         snprintf(tmp, sizeof tmp, "%s.tmp", o->port_file);
@@ -641,8 +959,10 @@ int node_run(const node_opts *o, volatile sig_atomic_t *stop, st_err *err) {
 out:
     n->acc_stop = 1;
     if (thread) pthread_join(n->acc_thread, NULL);
+    if (thread == 2) pthread_join(n->beacon_thread, NULL);
     for (int i = 0; i < n->n_queue; i++) xport_close(n->queue[i]);
     for (int i = 0; i < NODE_MAX_CTRL; i++) xport_close(n->ctrl[i]);
+    for (int i = 0; i < NODE_MAX_PROBE; i++) xport_close(n->probe[i]);
     xport_close(n->data_in);
     stage_unload(n);
     if (n->listen_fd >= 0) close(n->listen_fd);

@@ -12,6 +12,12 @@
  * New sequences join and finished ones leave between steps, so a long prefill delays the
  * decoders by at most one chunk. Text goes to the request under its mutex and wakes the HTTP
  * thread waiting on it.
+ *
+ * A sequence-level backend (the cluster, b->seq_submit set) replaces steps 3-4: admission
+ * submits the whole request (prompt ids, sampling parameters, max_tokens, EOS ids), the
+ * backend samples remotely and seq_poll delivers token ids, which go through the same
+ * detokenise / stop-string / max_tokens path; a stop-string match or a disconnect cancels
+ * the sequence in the backend, which frees its KV slot at once.
  */
 #include "serve_internal.h"
 
@@ -381,29 +387,136 @@ static void decode_step(sched *s) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// sequence-level backends
+
+/* Admits r into a free scheduler slot and submits it whole to the backend; a refusal fails
+ * the request (503: the backend cannot run it now). */
+static void admit_seq(sched *s, sreq *r) {
+    int i = 0;
+    while (i < s->n_slots && s->active[i]) i++;
+    ST_ASSERT(i < s->n_slots);
+    r->slot = i;
+    r->n_past = (int)r->n_prompt;
+    r->state = SREQ_PREFILL;
+    r->t_admit = st_time_s();
+    s->active[i] = r;
+    pthread_mutex_lock(&s->met->mu);
+    met_hist_observe(&s->met->queue, r->t_admit - r->t_submit);
+    s->met->prompt_tokens += r->n_prompt;
+    pthread_mutex_unlock(&s->met->mu);
+    if (r->fault) {
+        finish(s, r, "stop", 500, "injected fault (x-strata-fault header)");
+        return;
+    }
+    int limit = r->max_tokens > 0 ? r->max_tokens : s->max_ctx;
+    serve_seq_req q = {.prompt = r->prompt, .n_prompt = (int)r->n_prompt, .sampling = &r->sampling,
+                       .max_tokens = limit, .eos = s->b->info.eos, .n_eos = s->b->info.n_eos};
+    st_err err = {0};
+    if (s->b->seq_submit(s->b, &q, &r->bseq, &err)) finish(s, r, "stop", err.code == ST_ERR_ARG ? 400 : 503, err.msg);
+}
+
+/* seq_poll's callback: one token and/or the end of sequence id. */
+static void on_seq_event(void *ud, uint64_t id, int32_t token, int done, const char *msg) {
+    sched *s = ud;
+    sreq *r = NULL;
+    for (int i = 0; i < s->n_slots && !r; i++)
+        if (s->active[i] && s->active[i]->bseq == id) r = s->active[i];
+    if (!r) return; /* already finished here (stop string, EOS, cancel) */
+    if (token >= 0) {
+        r->n_past = (int)r->n_prompt + r->n_gen + 1; /* positions the sequence holds with this token */
+        pthread_mutex_lock(&s->met->mu);
+        s->met->decode_rows++;
+        pthread_mutex_unlock(&s->met->mu);
+        if (seq_token(s, r, token, 0, 0)) {
+            if (!done) s->b->seq_cancel(s->b, id); /* stop string or limit: free the remote slot now */
+            return;
+        }
+    }
+    if (!done) return;
+    if (msg) {
+        finish(s, r, "stop", 503, msg);
+        return;
+    }
+    flush_all(r->priv, r);
+    finish(s, r, "length", 0, NULL); /* EOS would have ended it above: the stage hit a limit */
+}
+
+/* Moves queued requests into free slots while the KV budget allows (the first always fits:
+ * its prompt was checked against the context). Caller holds s->mu; returns how many went to
+ * adm (at most the free slots). */
+static int take_admissions(sched *s, sreq **adm) {
+    int n_adm = 0;
+    while (s->qhead && s->n_active < s->n_slots) {
+        sreq *r = s->qhead;
+        int64_t need = kv_need(s, r);
+        if (s->n_active > 0 && s->kv_reserved + need > s->kv_budget) break;
+        s->qhead = r->qnext;
+        if (!s->qhead) s->qtail = NULL;
+        s->qlen--;
+        s->n_active++;
+        s->kv_reserved += need;
+        adm[n_adm++] = r;
+    }
+    return n_adm;
+}
+
+/* The scheduler loop for sequence-level backends: admit + submit, cancel, poll. */
+static void sched_loop_seq(sched *s, sreq **adm) {
+    serve_backend *b = s->b;
+    for (;;) {
+        /* no condition wait: seq_poll is the wait (woken by submissions and cancellations),
+         * and it keeps polling while idle so the backend's heartbeats keep going */
+        pthread_mutex_lock(&s->mu);
+        if (s->stop) {
+            pthread_mutex_unlock(&s->mu);
+            break;
+        }
+        int n_adm = take_admissions(s, adm);
+        int busy = s->n_active > 0;
+        pthread_mutex_unlock(&s->mu);
+        /* cancellations first: their slots go to the admissions below */
+        for (int i = 0; i < s->n_slots; i++) {
+            sreq *r = s->active[i];
+            if (r && atomic_load(&r->cancelled)) {
+                b->seq_cancel(b, r->bseq);
+                finish(s, r, "cancelled", 0, NULL);
+            }
+        }
+        for (int i = 0; i < n_adm; i++) admit_seq(s, adm[i]);
+        st_err err = {0};
+        double t0 = st_time_s();
+        if (b->seq_poll(b, busy ? 50 : 100, on_seq_event, s, &err)) ST_ERROR("serve: the backend failed: %s", err.msg);
+        if (busy) {
+            pthread_mutex_lock(&s->met->mu);
+            s->met->decode_steps++;
+            s->met->forward_s += st_time_s() - t0;
+            pthread_mutex_unlock(&s->met->mu);
+        }
+        int64_t used = 0;
+        for (int i = 0; i < s->n_slots; i++)
+            if (s->active[i]) used += s->active[i]->n_past;
+        pthread_mutex_lock(&s->mu);
+        s->kv_used = used;
+        pthread_mutex_unlock(&s->mu);
+    }
+    for (int i = 0; i < s->n_slots; i++)
+        if (s->active[i]) b->seq_cancel(b, s->active[i]->bseq);
+}
+
 static void *sched_main(void *arg) {
     sched *s = arg;
     sreq **adm = calloc((size_t)s->n_slots, sizeof *adm);
     ST_ASSERT(adm);
-    for (;;) {
+    if (s->b->seq_submit) sched_loop_seq(s, adm);
+    while (!s->b->seq_submit) { /* row-level backends: steps 1-4 of the file comment */
         pthread_mutex_lock(&s->mu);
         while (!s->stop && !s->qhead && s->n_active == 0) pthread_cond_wait(&s->cv, &s->mu);
         if (s->stop) {
             pthread_mutex_unlock(&s->mu);
             break;
         }
-        int n_adm = 0;
-        while (s->qhead && s->n_active < s->n_slots) {
-            sreq *r = s->qhead;
-            int64_t need = kv_need(s, r);
-            if (s->n_active > 0 && s->kv_reserved + need > s->kv_budget) break;
-            s->qhead = r->qnext;
-            if (!s->qhead) s->qtail = NULL;
-            s->qlen--;
-            s->n_active++;
-            s->kv_reserved += need;
-            adm[n_adm++] = r;
-        }
+        int n_adm = take_admissions(s, adm);
         pthread_mutex_unlock(&s->mu);
         for (int i = 0; i < n_adm; i++) admit(s, adm[i]);
         /* cancellations: the client went away; its slot is free for the next admission */
@@ -500,6 +613,7 @@ void sched_halt(sched *s) {
     s->stop = 1;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+    if (s->b->seq_wake) s->b->seq_wake(s->b);
     pthread_join(s->th, NULL);
     s->started = 0;
 }
@@ -528,6 +642,14 @@ int sched_submit(sched *s, sreq *r, st_err *err) {
                           "the prompt has %zu tokens but the context holds %d tokens (the prompt must be shorter, to "
                           "leave room for the answer)",
                           r->n_prompt, s->max_ctx);
+    if (s->b->seq_submit && r->logprobs)
+        return st_err_set(err, ST_ERR_ARG,
+                          "logprobs are not available when serving from a cluster: the last pipeline stage samples "
+                          "and only token ids come back");
+    if (s->b->seq_submit && r->sampling.n_logit_bias > 0)
+        return st_err_set(err, ST_ERR_ARG,
+                          "logit_bias is not supported when serving from a cluster: the last pipeline stage samples "
+                          "without it");
     int rc = priv_create(s, r, err);
     if (rc) return rc;
     pthread_mutex_lock(&s->mu);
@@ -549,6 +671,7 @@ int sched_submit(sched *s, sreq *r, st_err *err) {
     s->qlen++;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+    if (s->b->seq_wake) s->b->seq_wake(s->b);
     return ST_OK;
 }
 
@@ -566,6 +689,7 @@ void sched_cancel(sched *s, sreq *r) {
     }
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+    if (s->b->seq_wake) s->b->seq_wake(s->b);
     if (q) finish(s, r, "cancelled", 0, NULL);
 }
 

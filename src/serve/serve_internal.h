@@ -178,6 +178,7 @@ typedef struct sreq {
     uint64_t pf_iter;          /* scheduler iteration of the last prefill chunk              */
     double t_submit, t_admit, t_first, t_last;
     void *priv;                /* sampler, stop matcher, tok stream                          */
+    uint64_t bseq;             /* sequence-level backend: the backend's id of this request   */
     struct sreq *qnext;
 } sreq;
 

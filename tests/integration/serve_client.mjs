@@ -3,7 +3,7 @@
 //   node serve_client.mjs basic BASE_URL API_KEY MODEL NPM_DIR
 //       the official `openai` npm client (from NPM_DIR/node_modules): non-streaming and streaming
 //       chat, completions, models list, and error cases (bad key -> 401, n=2 -> 400)
-//   node serve_client.mjs model OUT_DIR TOKENIZER_DIR
+//   node serve_client.mjs model OUT_DIR TOKENIZER_DIR [LAYERS]
 //       writes the test model: a tiny random Qwen3 (hidden 64, 2 layers, bf16) with the real
 //       Qwen3 vocabulary (151936) and copies tokenizer.json / tokenizer_config.json next to it
 //       (the synth presets' tiny models have a 512-token vocabulary the real tokenizer can't drive)
@@ -105,8 +105,8 @@ async function basic(key, model, npmDir) {
   }
 }
 
-function writeModel(out, tokdir) {
-  const [V, H, L, NH, NKV, HD, FF] = [151936, 64, 2, 2, 1, 32, 128];
+function writeModel(out, tokdir, layers) {
+  const [V, H, L, NH, NKV, HD, FF] = [151936, 64, layers || 2, 2, 1, 32, 128];
   fs.mkdirSync(out, { recursive: true });
   const cfg = { architectures: ["Qwen3ForCausalLM"], model_type: "qwen3", hidden_size: H, intermediate_size: FF,
     num_hidden_layers: L, num_attention_heads: NH, num_key_value_heads: NKV, head_dim: HD, vocab_size: V,
@@ -207,7 +207,7 @@ async function load(clients, seconds, maxTokens) {
 
 try {
   if (mode === "basic") await basic(rest[0], rest[1], rest[2]);
-  else if (mode === "model") writeModel(base, rest[0]);
+  else if (mode === "model") writeModel(base, rest[0], parseInt(rest[1] || "2"));
   else if (mode === "load") await load(parseInt(rest[0]), parseFloat(rest[1]), parseInt(rest[2] || "16"));
   else fail("usage: serve_client.mjs basic|model|load ...");
 } catch (e) {

@@ -5,6 +5,10 @@
 #
 # Checks, in order:
 #   formation     3 nodes join, each loads one stage, persistent node ids in their state dirs
+#   planner       the coordinator measures every link, plans with the solver, loads what it says,
+#                 and each node's reported weights / KV / rss stay within its planned budget;
+#                 nothing fits: the solver's binding line and max context; `strata plan --peers`
+#   (every other check uses --split even: the old fixed even split over the peers in order)
 #   auth          wrong key / another protocol version / no key: refused, logged on both sides
 #   equivalence   every fixture model, 2 and 3 stages, tcp and shm (and --data-mac): the greedy
 #                 ids equal the single-node run (--local) and transformers' greedy_3 (200-token
@@ -62,7 +66,8 @@ peers() {
     for i in "$@"; do s="$s${s:+,}127.0.0.1:${NODE_PORT[$i]}"; done
     echo "$s"
 }
-gen() { timeout 60 "$bin" cluster-gen "$@"; }
+gen() { timeout 60 "$bin" cluster-gen --split even "$@"; }
+pgen() { timeout 60 "$bin" cluster-gen "$@"; } # planner mode (the default)
 alive() { kill -0 "${NODE_PID[$1]}" 2>/dev/null; }
 
 for i in 0 1 2; do start_node $i; done
@@ -74,11 +79,63 @@ m=$fx/models/qwen3-bf16
 if out=$(gen "$m" --peers "$P3" --golden 1 --max-tokens 8 2>"$tmp/err"); then ok; else fail "formation: cluster-gen failed: $(tail -3 "$tmp/err")"; fi
 grep -q "golden: greedy 8/8 match" <<<"$out" && ok || fail "formation: greedy differs from transformers: $out"
 for i in 0 1 2; do
-    grep -q "stage $i/3: layers $i..$i" "$tmp/n$i.log" && ok || fail "formation: node $i did not load stage $i"
+    grep -qE "stage $i/3( on [^:]*)?: layers $i\.\.$i" "$tmp/n$i.log" && ok || fail "formation: node $i did not load stage $i"
     id=$(cat "$tmp/s$i/node_id" 2>/dev/null)
     [ -n "$id" ] && grep -q "node $id listening" "$tmp/n$i.log" && ok || fail "formation: node $i has no persistent id"
 done
 grep -q "next hop shm" "$tmp/err" && ok || fail "formation: nodes on one host did not negotiate shm"
+
+# ---------------------------------------------------------------------------------------------
+# planner: link probes, the solver's stages, budgets after a real load
+for m in "$fx/models/qwen3-bf16" "$fx/models/llama-mlx-q3g32-mixed"; do
+    name=$(basename "$m")
+    if out=$(pgen "$m" --peers "$P3" --objective throughput --slots 2 --golden 1 --max-tokens 8 2>"$tmp/err"); then ok; else
+        fail "planner $name: cluster-gen failed: $(tail -3 "$tmp/err")"
+        continue
+    fi
+    grep -q "golden: greedy 8/8 match" <<<"$out" && ok || fail "planner $name: greedy differs from transformers"
+    # every directed pair measured (3 x 2 lines), with a latency and a bandwidth
+    [ "$(grep -cE 'link 127.0.0.1:[0-9]+ -> 127.0.0.1:[0-9]+ \((shm|tcp)\): latency [0-9.]+ us .*bandwidth [0-9.]+ GB/s' "$tmp/err")" = 6 ] \
+        && ok || fail "planner $name: link matrix not logged: $(grep 'link ' "$tmp/err" | head -3)"
+    ns=$(grep -c "plan: stage [0-9] on " "$tmp/err")
+    [ "$ns" -ge 2 ] && ok || fail "planner $name: throughput objective over 3 equal nodes gave $ns stage(s)"
+    grep -q "plan: predicted .* tok/s (one stream)" "$tmp/err" && ok || fail "planner $name: no predicted tok/s"
+    # the nodes loaded exactly what the plan said
+    while read -r s addr lb le; do
+        port=${addr##*:}
+        i=""
+        for k in 0 1 2; do [ "${NODE_PORT[$k]}" = "$port" ] && i=$k; done
+        [ -n "$i" ] && grep -qE "stage $s/$ns( on [^:]*)?: layers $lb\.\.$le" "$tmp/n$i.log" && ok ||
+            fail "planner $name: node on port $port did not load stage $s layers $lb..$le"
+    done < <(sed -nE 's/.*plan: stage ([0-9]+) on ([0-9.:]+): layers ([0-9]+)\.\.([0-9]+).*/\1 \2 \3 \4/p' "$tmp/err")
+    # after the load: actual weights, KV and rss <= the stage's planned budget, all stages checked
+    grep -q "budget checked $ns over 0" "$tmp/err" && ok || fail "planner $name: budget check: $(grep 'budget' "$tmp/err")"
+    nb=$(grep "^plan: stage [0-9] budget" "$tmp/err" | awk '{split($6,w,"/"); split($8,k,"/"); split($10,r,"/");
+        if (w[1] > 0 && w[1] <= w[2] && k[1] > 0 && k[1] <= k[2] && r[1] > 0 && r[1] <= r[2]) n++} END {print n+0}')
+    [ "$nb" = "$ns" ] && ok || fail "planner $name: $nb of $ns stages within budget: $(grep '^plan: stage' "$tmp/err")"
+done
+echo "ok: planner: measured links, solver stages loaded, every node within its budget"
+grep -E "^plan: " "$tmp/err" | head -4
+
+# plan --peers: the same plan output as --cluster, from the live nodes
+if out=$(timeout 60 "$bin" plan "$fx/models/qwen3-bf16" --peers "$P3" --objective throughput 2>"$tmp/err"); then ok; else
+    fail "plan --peers failed: $(tail -3 "$tmp/err")"
+fi
+grep -q "^cluster  live: 3 devices" <<<"$out" && ok || fail "plan --peers: no live cluster in: $out"
+grep -q "predicted time per token" <<<"$out" && grep -q "^max context: " <<<"$out" && ok || fail "plan --peers: plan not printed"
+[ "$(grep -c ' -> 127.0.0.1:.*latency' "$tmp/err")" = 6 ] && ok || fail "plan --peers: links not measured"
+timeout 60 "$bin" plan "$fx/models/qwen3-bf16" --peers "$P3" --json 2>/dev/null | grep -q '"fits": true' && ok ||
+    fail "plan --peers --json"
+
+# nothing fits: the coordinator refuses with the solver's binding constraint and max context
+start_node 4 --memory-limit 600M # above the resident size of a CUDA + ASan build
+if pgen "$fx/models/qwen3-bf16" --peers "$(peers 4)" --prompt-ids 1 --max-tokens 2 --slots 64 >/dev/null 2>"$tmp/err"; then
+    fail "planner: a cluster that cannot hold the model was accepted"
+else ok; fi
+grep -qE "does not fit: node 127.0.0.1:[0-9]+/cpu: .* usable, needs .* for 3 layers at [0-9,]+ tokens x 64 slots; max context for 64 slots: [1-9]" "$tmp/err" \
+    && ok || fail "planner: no binding line: $(tail -2 "$tmp/err")"
+grep -q "LOAD\|stage 0/1" "$tmp/n4.log" && fail "planner: a LOAD was sent although nothing fits" || ok
+kill -TERM "${NODE_PID[4]}" 2>/dev/null
 
 # ---------------------------------------------------------------------------------------------
 # auth refusal
@@ -175,6 +232,14 @@ grep -q "node 127.0.0.1:[0-9]* (.*) lost: " "$tmp/err" && ok || fail "kill: loss
 alive 1 && fail "kill: node 1 still alive" || ok
 start_node 1
 P3=$(peers 0 1 2)
+# the same in planner mode: the coordinator re-plans with the solver on the two live nodes
+out=$(pgen "$m" --peers "$P3" --objective throughput --prompt-ids 3,1,4,1,5,9,2,6 --max-tokens 60 --no-eos --kill-at 20 \
+    "${NODE_PID[1]}" 2>"$tmp/err" | grep '^ids:')
+[ "$out" = "$base" ] && ok || fail "planner kill: ids after recovery differ: $(tail -3 "$tmp/err")"
+grep -q "recoveries 1" "$tmp/err" && ok || fail "planner kill: no recovery reported"
+[ "$(grep -c 'plan: predicted' "$tmp/err")" -ge 2 ] && ok || fail "planner kill: no re-plan by the solver"
+start_node 1
+P3=$(peers 0 1 2)
 out=$(gen "$m" --peers "$P3" --prompt-ids 3,1,4,1,5,9,2,6 --max-tokens 60 --no-eos --kill-at 20 "${NODE_PID[2]}" \
     --kill-signal 19 2>"$tmp/err" | grep '^ids:')
 [ "$out" = "$base" ] && ok || fail "stop: ids after recovery differ: $(tail -3 "$tmp/err")"
@@ -183,6 +248,29 @@ gap=$(grep -o 'max_gap [0-9.]*' "$tmp/err" | awk '{print $2}')
 awk -v g="${gap:-99}" 'BEGIN { exit !(g < 2.0) }' && ok || fail "stop: detection + recovery took ${gap:-?} s (limit 2 s)"
 echo "ok: node loss: SIGKILL and SIGSTOP recovered, same ids; SIGSTOP gap ${gap:-?} s"
 grep -h "^stats:" "$tmp/err" | head -4
+
+# ---------------------------------------------------------------------------------------------
+# --device: a bad value is refused; "cuda" stages run on the GPU where there is one, else the node
+# says in one line that it runs them on the CPU; either way the output equals the CPU pipeline's
+if "$bin" node --listen 127.0.0.1:0 --device tpu:0 --no-bw-probe >"$tmp/dev.err" 2>&1; then
+    fail "--device tpu:0 accepted"
+else grep -q "expected cpu, cuda or cuda:N, got 'tpu:0'" "$tmp/dev.err" && ok || fail "--device error: $(cat "$tmp/dev.err")"; fi
+start_node 7 --device cuda --sync-mode stream
+start_node 8 --device cuda:0 --sync-mode host
+m=$fx/models/qwen3-mlx-q4g64
+ref=$(gen "$m" --local --golden 3 --max-tokens 12 2>/dev/null | grep '^ids:')
+if out=$(gen "$m" --peers "$(peers 7 8)" --stages 2 --golden 3 --max-tokens 12 2>"$tmp/err"); then ok; else
+    fail "--device cuda: cluster-gen failed: $(tail -3 "$tmp/err")"
+fi
+grep -q "golden: greedy 12/12 match" <<<"$out" && ok || fail "--device cuda: greedy differs from transformers: $out"
+if grep -q "no usable GPU" "$tmp/n7.log"; then # no GPU here: the CPU kernels, so the very same ids
+    [ "$(grep '^ids:' <<<"$out")" = "$ref" ] && ok || fail "--device cuda (CPU fallback): ids differ from the CPU pipeline"
+    grep -q "stage 0/2 on cpu" "$tmp/n7.log" && ok || fail "--device cuda (CPU fallback): stage not on the CPU"
+else
+    grep -q "stage 0/2 on cuda (stream flag)" "$tmp/n7.log" && ok || fail "--device cuda: stage 0 not on the GPU"
+    grep -q "stage 1/2 on cuda (host sync)" "$tmp/n8.log" && ok || fail "--device cuda:0 --sync-mode host: stage 1 not on the GPU"
+fi
+kill -TERM "${NODE_PID[7]}" "${NODE_PID[8]}" 2>/dev/null
 
 # clean shutdown (SIGTERM) of every node; no sanitizer report anywhere (ASan build)
 for i in 0 1 2; do
