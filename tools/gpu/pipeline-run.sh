@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# tools/gpu/pipeline-run.sh — the GPU-resident pipeline on the GPU machine (issue #9), from the
+# repo root with .devcarry/ carried (tools/gpu/prepare.sh). Stage processes (`strata node
+# --device cuda:N`) on loopback, every phase bounded:
+#   1. correctness: fixture models through 1, 2 and 3 GPU stages (same GPU, separate
+#      processes), and GPU + CPU stages: greedy ids against transformers' (golden) and logits
+#      against the 1-stage GPU run;
+#   2. figures: a synthetic qwen3-8b (bf16) decoded through 1/2/3 GPU stages in stream mode
+#      (the stream raises a mapped flag, no host synchronisation) and host mode
+#      (cudaStreamSynchronize + send): token time, per-stage compute, per-hop hand-off,
+#      orchestration; then a GPU stage feeding a CPU stage;
+#   3. with GPUS=2: the same model over two GPUs (one stage per GPU).
+# Output under $OUT; a summary is printed last.
+set -uo pipefail
+OUT=${OUT:-/tmp/strata-pipeline-out}
+mkdir -p "$OUT"
+C=.devcarry
+S=$C/bin/strata
+T_START=$(date +%s)
+BUDGET=${BUDGET:-420}
+GPUS=${GPUS:-1}
+BENCH_MODEL=${BENCH_MODEL:-synthetic:qwen3-8b:bf16}
+NTOK=${NTOK:-128}
+PHASES=${PHASES:-123}      # which of the phases below to run
+MODES=${MODES:-stream host}
+export LD_LIBRARY_PATH="$C/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=0
+export STRATA_CLUSTER_KEY="pipeline-$$"
+tmp=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; pids=(); }
+trap 'cleanup; rm -rf "$tmp"' EXIT
+left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
+SUM="$OUT/summary.txt"
+: > "$SUM"
+
+# nodes MODE DEV1 DEV2 ... : starts one node per device ("cpu" or "cuda:N"), sets PEERS
+nodes() {
+  cleanup
+  local mode=$1 i=0
+  shift
+  PEERS=""
+  for dev in "$@"; do
+    rm -f "$tmp/p$i"
+    "$S" node --listen 127.0.0.1:0 --port-file "$tmp/p$i" --no-bw-probe --device "$dev" --sync-mode "$mode" \
+      --threads 8 > "$OUT/node-$mode-$i-$dev.log" 2>&1 &
+    pids+=($!)
+    i=$((i + 1))
+  done
+  for j in $(seq 0 $((i - 1))); do
+    for _ in $(seq 200); do [ -s "$tmp/p$j" ] && break; sleep 0.05; done
+    PEERS="$PEERS${PEERS:+,}127.0.0.1:$(cat "$tmp/p$j")"
+  done
+}
+
+gen() { timeout "${GEN_TIMEOUT:-120}" "$S" cluster-gen "$@"; }
+
+echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
+
+echo "== 1. correctness" | tee -a "$SUM"
+[[ $PHASES == *1* ]] && for m in qwen3-bf16 llama-mlx-q3g32-mixed qwen3_moe-mlx-q4g64 minimax_m2-mlx-q5g64; do
+  d=$C/fixtures/models/$m
+  [ -d "$d" ] || continue
+  [ "$(left)" -gt 120 ] || { echo "skipped $m: time" | tee -a "$SUM"; continue; }
+  nodes stream cuda:0 cuda:0 cuda:0
+  r1=$(gen "$d" --peers "$PEERS" --stages 1 --golden 3 --max-tokens 12 --print-logits "$tmp/$m.ref" 2>"$OUT/c-$m-1.err")
+  echo "$m 1 GPU stage: $(grep -E '^golden' <<<"$r1" | head -1)" | tee -a "$SUM"
+  for st in 2 3; do
+    r=$(gen "$d" --peers "$PEERS" --stages $st --golden 3 --max-tokens 12 --check-logits "$tmp/$m.ref" 2>"$OUT/c-$m-$st.err")
+    echo "$m $st GPU stages: $(grep -E '^golden|^logits' <<<"$r" | tr '\n' ' ') ids $( [ "$(grep '^ids' <<<"$r")" = "$(grep '^ids' <<<"$r1")" ] && echo equal || echo DIFFER)" | tee -a "$SUM"
+  done
+  nodes host cuda:0 cuda:0
+  r=$(gen "$d" --peers "$PEERS" --stages 2 --golden 3 --max-tokens 12 --check-logits "$tmp/$m.ref" 2>"$OUT/c-$m-host.err")
+  echo "$m 2 GPU stages, host sync: $(grep -E '^golden|^logits' <<<"$r" | tr '\n' ' ')" | tee -a "$SUM"
+  nodes stream cuda:0 cpu
+  r=$(gen "$d" --peers "$PEERS" --stages 2 --golden 3 --max-tokens 12 --check-logits "$tmp/$m.ref" --rtol 3e-2 2>"$OUT/c-$m-mixed.err")
+  echo "$m GPU + CPU stages: $(grep -E '^golden|^logits' <<<"$r" | tr '\n' ' ')" | tee -a "$SUM"
+done
+
+echo "== 2. figures: $BENCH_MODEL, $NTOK tokens" | tee -a "$SUM"
+bench() { # LABEL STAGES : cluster-gen on the running nodes, prints its stats lines
+  local label=$1 st=$2
+  GEN_TIMEOUT=200 gen "$BENCH_MODEL" --peers "$PEERS" --stages "$st" --prompt-ids 1,2,3,4,5,6,7,8 --max-tokens "$NTOK" \
+    --no-eos --ctx "${CTX:-1024}" 2>&1 >/dev/null | grep -E '^stats' | sed "s/^stats:/$label:/" | tee -a "$SUM"
+}
+[[ $PHASES == *2* ]] && for mode in $MODES; do
+  [ "$(left)" -gt 90 ] || { echo "skipped $mode: time" | tee -a "$SUM"; continue; }
+  nodes $mode cuda:0 cuda:0 cuda:0
+  for st in 1 2 3; do bench "$mode $st-stage" $st; done
+done
+if [[ $PHASES == *2* ]] && [ "$(left)" -gt 60 ]; then # a GPU stage feeding a CPU stage (small model)
+  nodes stream cuda:0 cpu
+  BENCH_MODEL=${MIXED_MODEL:-synthetic:qwen3-0.6b:bf16} NTOK=32 bench "gpu+cpu stream" 2
+fi
+if [[ $PHASES == *3* ]] && [ "$GPUS" -ge 2 ] && [ "$(left)" -gt 60 ]; then
+  echo "== 3. two GPUs" | tee -a "$SUM"
+  for mode in $MODES; do
+    nodes $mode cuda:0 cuda:1
+    bench "$mode 2 GPUs" 2
+  done
+fi
+cleanup
+echo "== summary (total $(( $(date +%s) - T_START )) s)"
+cat "$SUM"
