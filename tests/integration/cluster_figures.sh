@@ -26,7 +26,7 @@ done
 run() { # LABEL ARGS...
     local label=$1
     shift
-    timeout 300 "$bin" cluster-gen "$model" --peers "$peers" --prompt-ids 1,2,3,4,5,6,7,8 --max-tokens "$ntok" \
+    timeout 300 "$bin" cluster-gen "$model" --peers "$peers" --stages 3 --prompt-ids 1,2,3,4,5,6,7,8 --max-tokens "$ntok" \
         --no-eos --threads "$threads" "$@" 2>&1 >/dev/null | grep '^stats:' | sed "s/^stats:/$label:/"
 }
 echo "model $model, 3 stages, $ntok tokens per sequence, $threads thread(s) per node, $(nproc) cores"
