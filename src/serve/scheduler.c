@@ -442,6 +442,16 @@ static void on_seq_event(void *ud, uint64_t id, int32_t token, int done, const c
     finish(s, r, "length", 0, NULL); /* EOS would have ended it above: the stage hit a limit */
 }
 
+/* The KV gauge for /metrics: positions held by the sequences in slots (scheduler thread). */
+static void update_kv_gauge(sched *s) {
+    int64_t used = 0;
+    for (int i = 0; i < s->n_slots; i++)
+        if (s->active[i]) used += s->active[i]->n_past;
+    pthread_mutex_lock(&s->mu);
+    s->kv_used = used;
+    pthread_mutex_unlock(&s->mu);
+}
+
 /* Moves queued requests into free slots while the KV budget allows (the first always fits:
  * its prompt was checked against the context). Caller holds s->mu; returns how many went to
  * adm (at most the free slots). */
@@ -493,12 +503,7 @@ static void sched_loop_seq(sched *s, sreq **adm) {
             s->met->forward_s += st_time_s() - t0;
             pthread_mutex_unlock(&s->met->mu);
         }
-        int64_t used = 0;
-        for (int i = 0; i < s->n_slots; i++)
-            if (s->active[i]) used += s->active[i]->n_past;
-        pthread_mutex_lock(&s->mu);
-        s->kv_used = used;
-        pthread_mutex_unlock(&s->mu);
+        update_kv_gauge(s);
     }
     for (int i = 0; i < s->n_slots; i++)
         if (s->active[i]) b->seq_cancel(b, s->active[i]->bseq);
@@ -540,13 +545,7 @@ static void *sched_main(void *arg) {
         }
         s->iter++;
         decode_step(s);
-        /* the KV gauge: positions held by the sequences in slots */
-        int64_t used = 0;
-        for (int i = 0; i < s->n_slots; i++)
-            if (s->active[i]) used += s->active[i]->n_past;
-        pthread_mutex_lock(&s->mu);
-        s->kv_used = used;
-        pthread_mutex_unlock(&s->mu);
+        update_kv_gauge(s);
     }
     /* shutdown: fail what is left */
     for (int i = 0; i < s->n_slots; i++)
