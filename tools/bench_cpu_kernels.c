@@ -9,10 +9,12 @@
  *           per-token total as tok/s and model-bandwidth utilisation (MBU);
  *   attention  one layer's attention for a 256-token prefill chunk at 256..511 and a decode
  *           token at 512;
+ *   hot     the fast decode linear on one 3072 x 1024 weight that stays in L3: the kernel's
+ *           compute ceiling (GB/s of weight bytes without DRAM), to compare with `linear`;
  *   model   a synthetic qwen3-0.6b (random weights, built in memory) through model_forward:
  *           decode tok/s + MBU (p50 and min step), and a 512-token prefill. --pos N decodes from
  *           position N (after the prefill's K/V; default 16); --no-prefill skips the prefill.
- * usage: bench_cpu_kernels [bw|linear|attention|model|all] [--fmt q4g64|bf16|both] [--threads N]
+ * usage: bench_cpu_kernels [bw|linear|attention|model|hot|all] [--fmt q4g64|bf16|both] [--threads N]
  *                          [--iters N] [--gen N] [--pos N] [--no-prefill] [--no-exact] [--cpu-time]
  * --iters also sets the attention part's repetitions (best of max(iters, 5)). STRATA_NO_ACTQ_GEMM=1
  * and STRATA_ATTN_NOSPLIT=1 switch off the int16 prefill GEMM and split-K decode attention (A/B).
@@ -445,11 +447,12 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int start_pos, 
            m->weight_bytes / 1e6, st_time_s() - t0);
     const int V = m->desc.n_vocab, P = 512;
     float *logits = malloc((size_t)V * sizeof(float));
-    int32_t *toks = malloc((size_t)(P + gen + 1) * sizeof(int32_t));
-    for (int i = 0; i < P + gen + 1; i++) toks[i] = (int32_t)(rng_u64() % (uint64_t)V);
+    const int ntok = (start_pos > P ? start_pos : P) + gen + 8; /* decode reads toks[start_pos + i], i < gen + 4 */
+    int32_t *toks = malloc((size_t)ntok * sizeof(int32_t));
+    for (int i = 0; i < ntok; i++) toks[i] = (int32_t)(rng_u64() % (uint64_t)V);
     float *ref_logits = malloc((size_t)V * sizeof(float));
     for (int exact = do_exact ? 1 : 0; exact >= 0; exact--) {
-        model_ctx_opts o = {.max_ctx = 1024, .n_slots = 1, .max_batch = 256, .n_threads = threads, .exact = exact};
+        model_ctx_opts o = {.max_ctx = ntok > 1024 ? ntok : 1024, .n_slots = 1, .max_batch = 256, .n_threads = threads, .exact = exact};
         model_ctx *c = NULL;
         st_err err = {0};
         if (model_ctx_init(&c, m, &o, &err)) {
@@ -477,7 +480,10 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int start_pos, 
         double *st = malloc((size_t)g * sizeof(double)), sum = 0;
         for (int i = 0; i < g; i++) {
             double a = now_ns() / 1e9;
-            model_forward_seq(c, &toks[start + i], 1, start + i, logits, LOGITS_LAST, &err);
+            if (model_forward_seq(c, &toks[start + i], 1, start + i, logits, LOGITS_LAST, &err)) {
+                fprintf(stderr, "%s\n", err.msg);
+                exit(1);
+            }
             st[i] = now_ns() / 1e9 - a;
             sum += st[i];
         }
@@ -522,6 +528,41 @@ static void bench_model(const fmt_spec *f, int threads, int gen, int start_pos, 
 }
 
 // ----------------------------------------------------------------------------
+// hot: the decode kernel with its weight in cache
+
+/* The fast decode linear (T = 1) on one gate_proj-shaped weight (3072 x 1024, 1.8 MB at
+ * q4g64: stays in L3), called `iters` x 50 times: the kernel's compute ceiling in GB/s of
+ * weight bytes, without DRAM. Against `linear` (the real, DRAM-streaming sequence) it says
+ * whether decode is bound by instructions or by memory. Best of 5 rounds. */
+static void bench_hot(const fmt_spec *f, int threads, int iters) {
+    wt_linear w;
+    if (weight_make(&w, Q_FF, Q_D, f->qbits, f->group)) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    float *x = st_alloc_aligned((size_t)Q_FF * 4), *y = st_alloc_aligned((size_t)Q_FF * 4);
+    for (int i = 0; i < Q_FF; i++) x[i] = rng_f();
+    st_pool *pool = st_pool_init(threads);
+    cpu_scratch sc;
+    if (cpu_scratch_init(&sc, st_pool_threads(pool), Q_FF, 8, 0)) exit(1);
+    const int n = 50 * iters;
+    double best = 1e30;
+    for (int round = 0; round < 5; round++) {
+        uint64_t t0 = now_ns();
+        for (int i = 0; i < n; i++) cpu_linear(pool, &sc, y, x, &w, 1);
+        const double dt = (double)(now_ns() - t0) / n;
+        best = dt < best ? dt : best;
+    }
+    printf("hot %s %lld x %lld, T=1, %d threads: %.1f us/call, %.2f GB/s of weights (best of 5 x %d calls)\n", f->name,
+           (long long)w.rows, (long long)w.cols, st_pool_threads(pool), best * 1e-3, (double)wt_linear_bytes(&w) / best, n);
+    cpu_scratch_free(&sc);
+    st_pool_free(pool);
+    st_free_aligned(x);
+    st_free_aligned(y);
+    weight_drop(&w);
+}
+
+// ----------------------------------------------------------------------------
 // main
 
 int main(int argc, char **argv) {
@@ -538,7 +579,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--no-prefill")) g_no_prefill = 1;
         else if (argv[i][0] != '-') what = argv[i];
         else {
-            fprintf(stderr, "usage: bench_cpu_kernels [bw|linear|attention|model|all] [--fmt q4g64|bf16|both] [--threads N] "
+            fprintf(stderr, "usage: bench_cpu_kernels [bw|linear|attention|model|hot|all] [--fmt q4g64|bf16|both] [--threads N] "
                             "[--iters N] [--gen N] [--pos N] [--no-prefill] [--no-exact] [--cpu-time]\n");
             return 2;
         }
@@ -558,6 +599,7 @@ int main(int argc, char **argv) {
         if (strcmp(fmt, "both") && strcmp(fmt, fmts[k].name)) continue;
         if (!strcmp(what, "linear") || !strcmp(what, "all")) bench_linear(&fmts[k], threads, iters, do_exact);
         if (!strcmp(what, "model") || !strcmp(what, "all")) bench_model(&fmts[k], threads, gen, start_pos, do_exact);
+        if (!strcmp(what, "hot")) bench_hot(&fmts[k], threads, iters);
     }
     if (!strcmp(what, "attention") || !strcmp(what, "all")) bench_attention(threads, iters, do_exact);
     return 0;

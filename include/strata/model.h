@@ -221,6 +221,9 @@ void model_ctx_timers_reset(model_ctx *c);
 /* Bytes of the KV cache allocation. */
 size_t model_ctx_kv_bytes(const model_ctx *c);
 
+/* Bytes per KV cache element: 4 (float32: the exact path) or 2 (float16: the fast CPU path). */
+size_t model_ctx_kv_elem_bytes(const model_ctx *c);
+
 /* Writes n_tokens positions of pseudo-random K/V into `slot` without running the model (to
  * measure decode at the end of a full context in seconds instead of hours). The cache then
  * holds no real history: use only for benchmarks. */

@@ -167,7 +167,8 @@ int cplan_init(cplan **out, const coord_opts *o, const model_desc *d, size_t ctr
     p->req.slots = o->n_slots;
     p->req.chunk = o->max_batch;
     p->req.objective = o->objective == 1 ? PLAN_THROUGHPUT : PLAN_LATENCY;
-    p->req.kv_elem_bytes = 4; /* the CPU runtime keeps K/V in float32 */
+    p->req.kv_elem_bytes = 4; /* conservative: a CPU stage keeps K/V in float16 where AVX2+F16C
+                               * and head_dim % 8 allow, else float32; GPU stages in bf16 */
     p->req.act_bytes = 4;     /* activations travel as float32 */
     p->req.reserve = o->reserve > 0 ? o->reserve : 0.05;
     p->rt = (lp_runtime){.max_batch = o->max_batch, .n_buffers = o->n_buffers, .ctrl_payload = ctrl_payload,

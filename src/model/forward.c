@@ -38,13 +38,18 @@ struct model_ctx {
     float *e_w;            /* [n_expert, B]      matching weights                           */
     float *xe;             /* [B, n_embd]        gathered expert input                      */
     float *ye;             /* [B, n_embd]        expert output                              */
-    const float **kp;      /* [B] per-token K cache base for the current layer              */
+    const float **kp;      /* [B] per-token K cache base for the current layer (f32 cache)  */
     const float **vp;      /* [B]                                                           */
+    const uint16_t **kh;   /* [B] the same for a float16 cache                              */
+    const uint16_t **vh;   /* [B]                                                           */
     int32_t *pos_tmp;      /* [B]                                                           */
     int32_t *slot_tmp;     /* [B]                                                           */
-    /* KV cache: [n_slots][n_local_layers][max_ctx][n_head_kv*hd] f32 */
-    float *kc, *vc;
-    size_t kv_layer_stride, kv_slot_stride;
+    /* KV cache: [n_slots][n_local_layers][max_ctx][n_head_kv*hd] of kv_es-byte elements:
+     * float32 on the exact path, IEEE float16 on the fast path where cpu_kv_f16_ok (halves the
+     * K/V bytes decode attention reads; STRATA_KV_F32=1 keeps float32 for A/B runs) */
+    void *kc, *vc;
+    int kv_es;             /* 4 (float32) or 2 (float16)                                    */
+    size_t kv_layer_stride, kv_slot_stride; /* in elements                                  */
     /* timers */
     uint64_t compute_ns;   /* wall time inside forward chunks (all kernels), since reset    */
     uint64_t n_forward;    /* forward chunks run                                            */
@@ -132,6 +137,8 @@ int model_ctx_init(model_ctx **out, const model *m, const model_ctx_opts *opts, 
     c->ye = xalloc(B * D, 4, &fail);
     c->kp = xalloc(B, sizeof(float *), &fail);
     c->vp = xalloc(B, sizeof(float *), &fail);
+    c->kh = xalloc(B, sizeof(uint16_t *), &fail);
+    c->vh = xalloc(B, sizeof(uint16_t *), &fail);
     c->pos_tmp = xalloc(B, 4, &fail);
     c->slot_tmp = xalloc(B, 4, &fail);
     size_t n_local = (size_t)(m->layer_end - m->layer_begin);
@@ -139,14 +146,16 @@ int model_ctx_init(model_ctx **out, const model *m, const model_ctx_opts *opts, 
     c->kv_slot_stride = n_local * c->kv_layer_stride;
     size_t kv_elems = 0;
     if (!fail && st_mul_size(c->kv_slot_stride, (size_t)c->o.n_slots, &kv_elems)) fail = 1;
+    const char *kv32 = getenv("STRATA_KV_F32");
+    c->kv_es = !fail && cpu_kv_f16_ok(&c->scratch, d->head_dim) && !(kv32 && *kv32 && strcmp(kv32, "0")) ? 2 : 4;
     if (!fail) {
-        c->kc = xalloc(kv_elems, 4, &fail);
-        c->vc = xalloc(kv_elems, 4, &fail);
+        c->kc = xalloc(kv_elems, (size_t)c->kv_es, &fail);
+        c->vc = xalloc(kv_elems, (size_t)c->kv_es, &fail);
     }
     if (fail) {
         char b[32];
         int rc = st_err_set(err, ST_ERR_NOMEM, "cannot allocate run state (KV cache %s for %d tokens x %d slots)",
-                            st_fmt_bytes(2.0 * (double)kv_elems * 4, b, sizeof b), c->o.max_ctx, c->o.n_slots);
+                            st_fmt_bytes(2.0 * (double)kv_elems * c->kv_es, b, sizeof b), c->o.max_ctx, c->o.n_slots);
         model_ctx_free(c);
         return rc;
     }
@@ -161,7 +170,7 @@ void model_ctx_free(model_ctx *c) {
     cpu_scratch_free(&c->scratch);
     void *bufs[] = {c->inv_freq, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->ff_gate, c->ff_up, c->cs, c->router,
                     c->sel, c->selw, c->e_count, c->e_rows, c->e_w, c->xe, c->ye, (void *)c->kp, (void *)c->vp,
-                    c->pos_tmp, c->slot_tmp, c->kc, c->vc};
+                    (void *)c->kh, (void *)c->vh, c->pos_tmp, c->slot_tmp, c->kc, c->vc};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) st_free_aligned(bufs[i]);
     free(c);
 }
@@ -242,7 +251,7 @@ static void moe_forward(model_ctx *c, const layer_weights *L, float *out, const 
         for (int i = 0; i < n; i++) memcpy(c->xe + (size_t)i * D, xn + (size_t)rows[i] * D, (size_t)D * sizeof(float));
         cpu_linear(c->pool, &c->scratch, c->ff_gate, c->xe, &L->exp_gate[e], n);
         cpu_linear(c->pool, &c->scratch, c->ff_up, c->xe, &L->exp_up[e], n);
-        cpu_swiglu_s(&c->scratch, c->ff_gate, c->ff_gate, c->ff_up, (int64_t)n * F);
+        cpu_swiglu_p(c->pool, &c->scratch, c->ff_gate, c->ff_gate, c->ff_up, (int64_t)n * F);
         cpu_linear(c->pool, &c->scratch, c->ye, c->ff_gate, &L->exp_down[e], n);
         for (int i = 0; i < n; i++) {
             float w = c->e_w[(size_t)e * B + i];
@@ -286,16 +295,27 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const float *hidd
         }
         cpu_rope_s(S, c->q, c->cs, T, H, hd, d->n_rot);
         cpu_rope_s(S, c->k, c->cs, T, Hkv, hd, d->n_rot);
-        for (int t = 0; t < T; t++) {
-            size_t base = (size_t)slot[t] * c->kv_slot_stride + lo;
-            memcpy(c->kc + base + (size_t)pos[t] * kvd, c->k + (size_t)t * kvd, (size_t)kvd * 4);
-            memcpy(c->vc + base + (size_t)pos[t] * kvd, c->v + (size_t)t * kvd, (size_t)kvd * 4);
-            c->kp[t] = c->kc + base;
-            c->vp[t] = c->vc + base;
+        if (c->kv_es == 2) {
+            for (int t = 0; t < T; t++) {
+                const size_t base = (size_t)slot[t] * c->kv_slot_stride + lo, row = base + (size_t)pos[t] * kvd;
+                cpu_kv_store_f16(S, (uint16_t *)c->kc + row, c->k + (size_t)t * kvd, kvd);
+                cpu_kv_store_f16(S, (uint16_t *)c->vc + row, c->v + (size_t)t * kvd, kvd);
+                c->kh[t] = (const uint16_t *)c->kc + base;
+                c->vh[t] = (const uint16_t *)c->vc + base;
+            }
+            cpu_attention_f16(P, S, c->att, c->q, c->kh, c->vh, pos, T, H, Hkv, hd, scale);
+        } else {
+            for (int t = 0; t < T; t++) {
+                const size_t base = (size_t)slot[t] * c->kv_slot_stride + lo;
+                memcpy((float *)c->kc + base + (size_t)pos[t] * kvd, c->k + (size_t)t * kvd, (size_t)kvd * 4);
+                memcpy((float *)c->vc + base + (size_t)pos[t] * kvd, c->v + (size_t)t * kvd, (size_t)kvd * 4);
+                c->kp[t] = (const float *)c->kc + base;
+                c->vp[t] = (const float *)c->vc + base;
+            }
+            cpu_attention(P, S, c->att, c->q, c->kp, c->vp, pos, T, H, Hkv, hd, scale);
         }
-        cpu_attention(P, S, c->att, c->q, c->kp, c->vp, pos, T, H, Hkv, hd, scale);
         cpu_linear(P, S, c->tmp, c->att, &L->wo, T);
-        cpu_add(c->x, c->tmp, (int64_t)T * D);
+        cpu_add_p(P, c->x, c->tmp, (int64_t)T * D);
         /* feed-forward */
         cpu_rmsnorm_s(P, S, c->xn, c->x, L->ffn_norm, T, D, d->norm_eps);
         if (d->layer_moe[l]) {
@@ -303,10 +323,10 @@ static void forward_chunk(model_ctx *c, const int32_t *tokens, const float *hidd
         } else {
             cpu_linear(P, S, c->ff_gate, c->xn, &L->w_gate, T);
             cpu_linear(P, S, c->ff_up, c->xn, &L->w_up, T);
-            cpu_swiglu_s(S, c->ff_gate, c->ff_gate, c->ff_up, (int64_t)T * d->n_ff);
+            cpu_swiglu_p(P, S, c->ff_gate, c->ff_gate, c->ff_up, (int64_t)T * d->n_ff);
             cpu_linear(P, S, c->tmp, c->ff_gate, &L->w_down, T);
         }
-        cpu_add(c->x, c->tmp, (int64_t)T * D);
+        cpu_add_p(P, c->x, c->tmp, (int64_t)T * D);
     }
     if (hidden_out) memcpy(hidden_out, c->x, (size_t)T * D * sizeof(float));
     if (mode == LOGITS_NONE) return;
@@ -431,7 +451,9 @@ void model_ctx_timers_reset(model_ctx *c) {
 
 const model_ctx_opts *model_ctx_get_opts(const model_ctx *c) { return &c->o; }
 
-size_t model_ctx_kv_bytes(const model_ctx *c) { return 2 * c->kv_slot_stride * (size_t)c->o.n_slots * sizeof(float); }
+size_t model_ctx_kv_bytes(const model_ctx *c) { return 2 * c->kv_slot_stride * (size_t)c->o.n_slots * (size_t)c->kv_es; }
+
+size_t model_ctx_kv_elem_bytes(const model_ctx *c) { return (size_t)c->kv_es; }
 
 int model_ctx_kv_fill_synthetic(model_ctx *c, int slot, int n_tokens, uint64_t seed, st_err *err) {
     if (slot < 0 || slot >= c->o.n_slots || n_tokens < 0 || n_tokens > c->o.max_ctx)
@@ -441,13 +463,17 @@ int model_ctx_kv_fill_synthetic(model_ctx *c, int slot, int n_tokens, uint64_t s
     const size_t kvd = (size_t)d->n_head_kv * d->head_dim, n_local = (size_t)(c->m->layer_end - c->m->layer_begin);
     uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
     for (size_t l = 0; l < n_local; l++) {
-        float *k = c->kc + (size_t)slot * c->kv_slot_stride + l * c->kv_layer_stride;
-        float *v = c->vc + (size_t)slot * c->kv_slot_stride + l * c->kv_layer_stride;
+        const size_t off = (size_t)slot * c->kv_slot_stride + l * c->kv_layer_stride;
         for (size_t i = 0; i < (size_t)n_tokens * kvd; i++) {
             x ^= x << 13, x ^= x >> 7, x ^= x << 17;
             float r = (float)((x >> 40) & 0xffff) / 65536.0f - 0.5f;
-            k[i] = r;
-            v[i] = -r;
+            if (c->kv_es == 2) {
+                ((uint16_t *)c->kc)[off + i] = st_f32_to_f16(r);
+                ((uint16_t *)c->vc)[off + i] = st_f32_to_f16(-r);
+            } else {
+                ((float *)c->kc)[off + i] = r;
+                ((float *)c->vc)[off + i] = -r;
+            }
         }
     }
     return ST_OK;

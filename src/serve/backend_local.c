@@ -101,7 +101,7 @@ static json_t *lb_cluster(serve_backend *b) {
                              "layer_begin", 0, "layer_end", m->desc.n_layer, "tp", 1);
     json_t *mem = json_pack("{s:I, s:I, s:I, s:i, s:i}", "weights_bytes", (json_int_t)m->weight_bytes, "kv_bytes",
                             (json_int_t)kv, "kv_bytes_per_token",
-                            (json_int_t)(model_desc_kv_bytes_per_token(&m->desc, 4) * (size_t)m->desc.n_layer),
+                            (json_int_t)(model_desc_kv_bytes_per_token(&m->desc, model_ctx_kv_elem_bytes(c)) * (size_t)m->desc.n_layer),
                             "kv_slots", b->info.n_slots, "ctx_per_slot", b->info.max_ctx);
     return json_pack("{s:s, s:[o], s:[], s:o, s:o}", "mode", "single-node", "nodes", node, "links", "plan", plan,
                      "memory", mem);

@@ -513,6 +513,150 @@ static void test_attention(void **state) {
     assert_int_equal(fails, 0);
 }
 
+/* Rounds x[n] to float16 with cpu_kv_store_f16 into h and widens it back into w (exactly):
+ * the values a float16 cache holds. */
+static void kv_to_f16(const cpu_scratch *s, const float *x, uint16_t *h, float *w, size_t n) {
+    cpu_kv_store_f16(s, h, x, (int64_t)n);
+    for (size_t i = 0; i < n; i++) w[i] = st_f16_to_f32(h[i]);
+}
+
+/* The float16 KV cache of the fast path: cpu_kv_store_f16 rounds as the scalar st_f32_to_f16
+ * (nearest even) for every finite float16 value, clamps beyond +-65504 instead of producing
+ * inf and keeps NaN; cpu_attention_f16 (prefill tokens sharing a slot, alternating slots, and
+ * split-K decode at 0..2100 positions with exactly sized buffers) equals the double
+ * computation on the widened float16 values within 1e-5, and a decode token's result does not
+ * depend on the other tokens of its batch. */
+static void test_attention_f16(void **state) {
+    (void)state;
+    if (cpu_simd_level() < CPU_SIMD_AVX2) skip();
+    int lv[2], nlv = simd_levels(lv), fails = 0;
+    { /* the store */
+        cpu_scratch s;
+        assert_int_equal(cpu_scratch_init(&s, 1, 64, 4, 0), ST_OK);
+        assert_true(cpu_kv_f16_ok(&s, 128) && !cpu_kv_f16_ok(&s, 36));
+        enum { N = 4099 };
+        float *x = malloc(N * sizeof(float));
+        uint16_t *h = malloc(N * sizeof(uint16_t));
+        assert_true(x && h);
+        for (int i = 0; i < N; i++) { /* magnitudes 2^-30 .. 2^20, some exact ties of float16 */
+            const double e = -30.0 + 50.0 * rng_unif(0, 1);
+            x[i] = (float)(ldexp(1.0, (int)e) * rng_unif(-2, 2));
+            if (i % 7 == 0) x[i] = (float)ldexp(1.0 + (2 * (i % 64) + 1) / 2048.0, i % 10); /* halfway between float16s */
+        }
+        x[1] = 65504.0f, x[2] = -65519.0f, x[3] = 65520.0f, x[4] = -1e30f, x[5] = NAN, x[6] = 0.0f, x[8] = -0.0f;
+        cpu_kv_store_f16(&s, h, x, N);
+        for (int i = 0; i < N; i++) {
+            uint16_t want;
+            if (isnan(x[i])) {
+                if ((h[i] & 0x7c00) != 0x7c00 || !(h[i] & 0x3ff)) print_message("f16 store: NaN at %d became 0x%04x\n", i, h[i]), fails++;
+                continue;
+            }
+            want = fabsf(x[i]) > 65504.0f ? (uint16_t)(x[i] < 0 ? 0xfbff : 0x7bff) : st_f32_to_f16(x[i]);
+            if (h[i] != want) {
+                print_message("f16 store: x[%d] = %a -> 0x%04x, want 0x%04x\n", i, (double)x[i], h[i], want);
+                fails++;
+            }
+        }
+        free(x);
+        free(h);
+        cpu_scratch_free(&s);
+    }
+    const int cfg[][3] = {{16, 8, 128}, {12, 2, 128}, {7, 1, 40}, {4, 4, 8}}; /* H, Hkv, hd */
+    for (size_t ci = 0; ci < sizeof cfg / sizeof cfg[0]; ci++) {
+        const int H = cfg[ci][0], Hkv = cfg[ci][1], hd = cfg[ci][2], kvw = Hkv * hd;
+        const float scale = 1.0f / sqrtf((float)hd);
+        /* prefill: T = 5 (alternating slots) and 17 (one slot, consecutive positions) */
+        for (int T = 5; T <= 17; T += 12) {
+            const int ctx = 80;
+            float *q = rand_vec((size_t)T * H * hd, -2, 2);
+            float *k32 = rand_vec((size_t)2 * ctx * kvw, -2, 2), *v32 = rand_vec((size_t)2 * ctx * kvw, -1, 1);
+            float *kw = malloc((size_t)2 * ctx * kvw * sizeof(float)), *vw = malloc((size_t)2 * ctx * kvw * sizeof(float));
+            uint16_t *kh = malloc((size_t)2 * ctx * kvw * 2), *vh = malloc((size_t)2 * ctx * kvw * 2);
+            const size_t n = (size_t)T * H * hd;
+            double *want = malloc(n * sizeof(double)), *one = malloc(n * sizeof(double));
+            float *got = malloc(n * sizeof(float));
+            assert_true(kw && vw && kh && vh && want && one && got);
+            const float *kp[17], *vp[17];
+            const uint16_t *khp[17], *vhp[17];
+            int32_t pos[17];
+            for (int l = 0; l < nlv; l++) {
+                cpu_scratch s;
+                assert_int_equal(cpu_scratch_init(&s, 2, ctx, 64, 0), ST_OK);
+                s.simd = lv[l];
+                kv_to_f16(&s, k32, kh, kw, (size_t)2 * ctx * kvw);
+                kv_to_f16(&s, v32, vh, vw, (size_t)2 * ctx * kvw);
+                for (int t = 0; t < T; t++) {
+                    const int slot = T == 5 ? t & 1 : 0;
+                    kp[t] = kw + (size_t)slot * ctx * kvw, vp[t] = vw + (size_t)slot * ctx * kvw;
+                    khp[t] = kh + (size_t)slot * ctx * kvw, vhp[t] = vh + (size_t)slot * ctx * kvw;
+                    pos[t] = T == 5 ? (int32_t)((t * 37 + 11) % 76) : (int32_t)(40 + t);
+                }
+                for (size_t i = 0; i < n; i++) one[i] = 1.0;
+                attention_naive(q, kp, vp, pos, T, H, Hkv, hd, scale, want);
+                cpu_attention_f16(g_pool, &s, got, q, khp, vhp, pos, T, H, Hkv, hd, scale);
+                char what[128];
+                snprintf(what, sizeof what, "f16 attention H=%d Hkv=%d hd=%d T=%d %s", H, Hkv, hd, T,
+                         lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2");
+                fails += !(rel_err(got, want, one, n, 1e-5, what) <= 1e-5);
+                cpu_scratch_free(&s);
+            }
+            free(q), free(k32), free(v32), free(kw), free(vw), free(kh), free(vh), free(want), free(one), free(got);
+        }
+        /* decode: split-K, each token's cache exactly pos + 1 rows */
+        const int32_t plist[] = {0, 31, 64, 200, 1100, 2100};
+        for (int T = 1; T <= 4; T++) {
+            int32_t pos[4], maxp = 0;
+            float *kw[4], *vw[4];
+            uint16_t *kb[4], *vb[4];
+            const float *kp[4], *vp[4];
+            const uint16_t *khp[4], *vhp[4];
+            cpu_scratch s;
+            for (int t = 0; t < T; t++) maxp = plist[(ci + 2 * (size_t)t + (size_t)T) % 6] > maxp ? plist[(ci + 2 * (size_t)t + (size_t)T) % 6] : maxp;
+            const size_t cap = (size_t)(maxp + 1) > (size_t)H * hd ? (size_t)(maxp + 1) : (size_t)H * hd;
+            assert_int_equal(cpu_scratch_init(&s, 2, cap, 64, 0), ST_OK);
+            for (int t = 0; t < T; t++) {
+                pos[t] = plist[(ci + 2 * (size_t)t + (size_t)T) % 6];
+                const size_t nr = (size_t)(pos[t] + 1) * kvw;
+                float *k32 = rand_vec(nr, -2, 2), *v32 = rand_vec(nr, -1, 1);
+                kw[t] = malloc(nr * sizeof(float)), vw[t] = malloc(nr * sizeof(float));
+                kb[t] = malloc(nr * 2), vb[t] = malloc(nr * 2);
+                assert_true(kw[t] && vw[t] && kb[t] && vb[t]);
+                kv_to_f16(&s, k32, kb[t], kw[t], nr);
+                kv_to_f16(&s, v32, vb[t], vw[t], nr);
+                free(k32), free(v32);
+                kp[t] = kw[t], vp[t] = vw[t], khp[t] = kb[t], vhp[t] = vb[t];
+            }
+            float *q = rand_vec((size_t)T * H * hd, -2, 2);
+            const size_t n = (size_t)T * H * hd;
+            double *want = malloc(n * sizeof(double)), *one = malloc(n * sizeof(double));
+            float *got = malloc(n * sizeof(float)), *alone = malloc((size_t)H * hd * sizeof(float));
+            assert_true(want && one && got && alone);
+            for (size_t i = 0; i < n; i++) one[i] = 1.0;
+            attention_naive(q, kp, vp, pos, T, H, Hkv, hd, scale, want);
+            for (int l = 0; l < nlv; l++) {
+                s.simd = lv[l];
+                cpu_attention_f16(g_pool, &s, got, q, khp, vhp, pos, T, H, Hkv, hd, scale);
+                char what[160];
+                snprintf(what, sizeof what, "f16 decode attention H=%d Hkv=%d hd=%d T=%d pos[0]=%d %s", H, Hkv, hd, T, pos[0],
+                         lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2");
+                fails += !(rel_err(got, want, one, n, 1e-5, what) <= 1e-5);
+                for (int t = 0; t < T && T > 1; t++) {
+                    cpu_attention_f16(t & 1 ? NULL : g_pool, &s, alone, q + (size_t)t * H * hd, &khp[t], &vhp[t], &pos[t], 1, H,
+                                      Hkv, hd, scale);
+                    if (memcmp(alone, got + (size_t)t * H * hd, (size_t)H * hd * sizeof(float))) {
+                        print_message("%s: token %d alone differs from the batch\n", what, t);
+                        fails++;
+                    }
+                }
+            }
+            cpu_scratch_free(&s);
+            for (int t = 0; t < T; t++) free(kw[t]), free(vw[t]), free(kb[t]), free(vb[t]);
+            free(q), free(want), free(one), free(got), free(alone);
+        }
+    }
+    assert_int_equal(fails, 0);
+}
+
 /* The split-K decode attention (T <= 4; chunks of >= 32 positions, up to 16 per token, online
  * softmax over 64-position sub-blocks): against the double computation at contexts that give
  * one chunk, several, and chunks of several sub-blocks, with each token's K/V in a buffer of
@@ -660,6 +804,35 @@ static void test_swiglu(void **state) {
     free(b);
 }
 
+/* cpu_swiglu_p / cpu_add_p (split over the pool above 32768 values): bit-identical to the
+ * serial ops at sizes below, at and above the threshold (with a tail that is not a multiple
+ * of 8), in place (out == gate) as forward.c calls them, on both paths. */
+static void test_elementwise_pool(void **state) {
+    (void)state;
+    const int64_t sizes[] = {3072, 32768, 3 * 32768 + 13, 256 * 3072 + 5};
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        const int64_t n = sizes[si];
+        float *g = rand_vec((size_t)n, -30, 30), *u = rand_vec((size_t)n, -3, 3);
+        float *want = malloc((size_t)n * sizeof(float)), *got = malloc((size_t)n * sizeof(float));
+        assert_true(want && got);
+        for (int exact = 0; exact < 2; exact++) {
+            cpu_scratch s;
+            assert_int_equal(cpu_scratch_init(&s, 2, 64, 8, exact), ST_OK);
+            cpu_swiglu_s(&s, want, g, u, n);
+            memcpy(got, g, (size_t)n * sizeof(float));
+            cpu_swiglu_p(g_pool, &s, got, got, u, n);
+            if (memcmp(got, want, (size_t)n * sizeof(float))) fail_msg("cpu_swiglu_p n=%lld exact=%d differs from serial", (long long)n, exact);
+            cpu_scratch_free(&s);
+        }
+        memcpy(want, g, (size_t)n * sizeof(float));
+        cpu_add(want, u, n);
+        memcpy(got, g, (size_t)n * sizeof(float));
+        cpu_add_p(g_pool, got, u, n);
+        if (memcmp(got, want, (size_t)n * sizeof(float))) fail_msg("cpu_add_p n=%lld differs from serial", (long long)n);
+        free(g), free(u), free(want), free(got);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mlx_q_get),
@@ -668,8 +841,10 @@ int main(void) {
         cmocka_unit_test(test_linear_prefill_shape),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_decode),
+        cmocka_unit_test(test_attention_f16),
         cmocka_unit_test(test_norm_rope),
         cmocka_unit_test(test_swiglu),
+        cmocka_unit_test(test_elementwise_pool),
     };
     printf("cpu_simd_level: %d\n", cpu_simd_level());
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -290,6 +290,48 @@ void cpu_add(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+/* Element-wise ops split over the pool in chunks of `per` values (a multiple of 16: chunk
+ * borders fall on cache lines and on the 8-lane steps of the vector kernels, so every element
+ * takes the same code path, and gets the same bits, as in one serial call). */
+typedef struct ew_job {
+    float *out;
+    const float *a, *b;
+    int64_t n, per;
+    int swiglu;           /* 1: out = silu(a) * b; 0: out += a (out == x of cpu_add) */
+    const cpu_scratch *s;
+} ew_job;
+
+static void ew_task(void *ctx, int task, int n_tasks, int thread) {
+    (void)n_tasks;
+    (void)thread;
+    const ew_job *j = ctx;
+    const int64_t i0 = task * j->per, i1 = i0 + j->per < j->n ? i0 + j->per : j->n;
+    if (j->swiglu) cpu_swiglu_s(j->s, j->out + i0, j->a + i0, j->b + i0, i1 - i0);
+    else cpu_add(j->out + i0, j->a + i0, i1 - i0);
+}
+
+#define EW_MIN 32768 /* values below which a pool hand-out costs more than the op (decode sizes) */
+
+static void ew_run(st_pool *pool, ew_job *j) {
+    const int nt = pool ? st_pool_threads(pool) : 1;
+    if (nt == 1 || j->n < EW_MIN) {
+        ew_task(j, 0, 1, 0);
+        return;
+    }
+    j->per = ((j->n + 4 * nt - 1) / (4 * nt) + 15) & ~(int64_t)15;
+    st_pool_run(pool, ew_task, j, (int)((j->n + j->per - 1) / j->per));
+}
+
+void cpu_swiglu_p(st_pool *pool, const cpu_scratch *s, float *out, const float *gate, const float *up, int64_t n) {
+    ew_job j = {.out = out, .a = gate, .b = up, .n = n, .per = n, .swiglu = 1, .s = s};
+    ew_run(pool, &j);
+}
+
+void cpu_add_p(st_pool *pool, float *x, const float *y, int64_t n) {
+    ew_job j = {.out = x, .a = y, .n = n, .per = n, .swiglu = 0};
+    ew_run(pool, &j);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* attention */
 
@@ -347,10 +389,26 @@ void cpu_attention_kv(st_pool *pool, cpu_scratch *s, float *out, const float *q,
                       size_t kv_stride, float scale) {
     ST_ASSERT(kv_stride >= (size_t)n_head_kv * hd);
     if (!s->exact && s->simd >= CPU_SIMD_AVX2 && hd % 8 == 0) {
-        cpu_attention_fast(pool, s, out, q, kslot, vslot, pos, T, n_head, n_head_kv, hd, kv_stride, scale);
+        cpu_attention_fast(pool, s, out, q, (const void *const *)kslot, (const void *const *)vslot, 4, pos, T, n_head,
+                           n_head_kv, hd, kv_stride, scale);
         return;
     }
     for (int t = 0; t < T; t++) ST_ASSERT((size_t)pos[t] < s->row_cap);
     attn_job j = {out, q, kslot, vslot, pos, n_head, n_head_kv, hd, scale, s, kv_stride};
     st_pool_run(pool, attn_task, &j, T * n_head);
+}
+
+int cpu_kv_f16_ok(const cpu_scratch *s, int hd) { return !s->exact && s->simd >= CPU_SIMD_AVX2 && hd % 8 == 0; }
+
+void cpu_kv_store_f16(const cpu_scratch *s, uint16_t *dst, const float *x, int64_t n) {
+    ST_ASSERT(s->simd >= CPU_SIMD_AVX2);
+    cpu_f16_row_fast(dst, x, n);
+}
+
+void cpu_attention_f16(st_pool *pool, cpu_scratch *s, float *out, const float *q, const uint16_t *const *kslot,
+                       const uint16_t *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+                       float scale) {
+    ST_ASSERT(cpu_kv_f16_ok(s, hd));
+    cpu_attention_fast(pool, s, out, q, (const void *const *)kslot, (const void *const *)vslot, 2, pos, T, n_head,
+                       n_head_kv, hd, (size_t)n_head_kv * hd, scale);
 }

@@ -97,6 +97,23 @@ void cpu_attention_kv(st_pool *pool, cpu_scratch *s, float *out, const float *q,
                       const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
                       size_t kv_stride, float scale);
 
+/* 1 if this scratch's path keeps a float16 KV cache for heads of hd dims: the fast path
+ * (!s->exact) with AVX2+F16C and hd % 8 == 0. The exact path always keeps float32. */
+int cpu_kv_f16_ok(const cpu_scratch *s, int hd);
+
+/* dst[n] = x[n] rounded to IEEE float16 (nearest even; |x| > 65504 clamped to 65504 rather
+ * than inf; NaN stays NaN): one K or V row into a float16 cache. Needs cpu_kv_f16_ok. */
+void cpu_kv_store_f16(const cpu_scratch *s, uint16_t *dst, const float *x, int64_t n);
+
+/* cpu_attention over a float16 KV cache (rows as cpu_kv_store_f16 writes them, same layout as
+ * cpu_attention's float32 one). Fast path only (asserts cpu_kv_f16_ok): the result is that of
+ * the fast float32 kernels on the float16 values widened to float32 (exact), so it differs
+ * from float32 K/V only by their rounding to float16 (relative 2^-11 per element). The same
+ * split-K / batch-invariance properties as cpu_attention. */
+void cpu_attention_f16(st_pool *pool, cpu_scratch *s, float *out, const float *q, const uint16_t *const *kslot,
+                       const uint16_t *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+                       float scale);
+
 /* out[i] = silu(gate[i]) * up[i] for n elements (out may alias gate). */
 void cpu_swiglu(float *out, const float *gate, const float *up, int64_t n);
 
@@ -107,6 +124,13 @@ void cpu_swiglu_s(const cpu_scratch *s, float *out, const float *gate, const flo
 
 /* x[i] += y[i]. */
 void cpu_add(float *x, const float *y, int64_t n);
+
+/* cpu_swiglu_s and cpu_add split over the pool when n >= 32768 (prefill; decode-sized calls
+ * run serially on the caller). Bit-identical to the serial calls: chunk borders are multiples
+ * of 16 values, so each element goes through the same code as in one call. out may alias
+ * gate (not up). pool may be NULL (serial). */
+void cpu_swiglu_p(st_pool *pool, const cpu_scratch *s, float *out, const float *gate, const float *up, int64_t n);
+void cpu_add_p(st_pool *pool, float *x, const float *y, int64_t n);
 
 /* AVX2-or-scalar dot product. */
 float cpu_dot(const float *a, const float *b, int64_t n);

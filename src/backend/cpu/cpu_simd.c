@@ -1278,8 +1278,8 @@ void cpu_linear_fast(st_pool *pool, cpu_scratch *s, float *out, const float *x, 
 typedef struct fa_job {
     float *out;
     const float *q;
-    const float *const *k;
-    const float *const *v;
+    const void *const *k; /* per token: its slot's K rows, float32 or float16 (es)  */
+    const void *const *v;
     const int32_t *pos;
     int T, n_head, n_head_kv, hd;
     float scale;
@@ -1287,7 +1287,8 @@ typedef struct fa_job {
     int nh;       /* query heads per task (of one KV group), tb*nh <= 8 */
     int n_hg;     /* head groups per KV head                           */
     cpu_scratch *s;
-    int kvw;      /* floats between the cache rows of consecutive positions */
+    int kvw;      /* elements between the cache rows of consecutive positions */
+    int es;       /* bytes per cache element: 4 (float32) or 2 (float16)   */
 } fa_job;
 
 #ifndef FA_VPF
@@ -1298,6 +1299,13 @@ typedef struct fa_job {
                  * apart (4 KiB for qwen3): every row is its own page, beyond the hardware
                  * prefetchers' reach                                                          */
 #endif
+/* 8 cache values starting at element i of p as float32: p holds float32 (es == 4) or IEEE
+ * float16 (es == 2, widened exactly by vcvtph2ps). es is a constant in every caller. */
+AVX2_INL __m256 kv_load8(const void *p, size_t i, const int es) {
+    if (es == 2) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
 /* Lane i of the result = sum of the 8 lanes of a[i]. */
 AVX2_INL __m256 reduce8(const __m256 *a) {
     const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -1308,23 +1316,24 @@ AVX2_INL __m256 reduce8(const __m256 *a) {
 /* Scores of NR (1..4) rows (queries qr[], visible lengths np[]) at NP (1 or 2) positions p,
  * p+1: sc[8 q + r] = qr[r] . K[q] * scale, -inf where q >= np[r]. NR x NP accumulators,
  * per 8 dims NP K loads + NR query loads. */
-AVX2_INL void fa_scores(const float *const *qr, const int *np, const float *kc, const float *vc, int p, int hd, int kvw,
-                        float scale, float *sc, const int NR, const int NP) {
-    const float *k0 = kc + (size_t)p * kvw, *k1 = k0 + kvw;
+AVX2_INL void fa_scores(const float *const *qr, const int *np, const char *kc, const char *vc, int p, int hd, int kvw,
+                        float scale, float *sc, const int NR, const int NP, const int es) {
+    const size_t rb = (size_t)kvw * es; /* bytes between positions */
+    const char *k0 = kc + (size_t)p * rb, *k1 = k0 + rb;
     if (vc) /* the V rows P V will read, into L2 */
-        for (int i = 0; i < hd; i += 16) {
-            _mm_prefetch((const char *)(vc + (size_t)(p + FA_PF) * kvw + i), _MM_HINT_T1);
-            if (NP == 2) _mm_prefetch((const char *)(vc + (size_t)(p + 1 + FA_PF) * kvw + i), _MM_HINT_T1);
+        for (int i = 0; i < hd * es; i += 64) {
+            _mm_prefetch(vc + (size_t)(p + FA_PF) * rb + i, _MM_HINT_T1);
+            if (NP == 2) _mm_prefetch(vc + (size_t)(p + 1 + FA_PF) * rb + i, _MM_HINT_T1);
         }
-    for (int i = 0; i < hd; i += 16) {
-        _mm_prefetch((const char *)(k0 + (size_t)FA_PF * kvw + i), _MM_HINT_T0);
-        if (NP == 2) _mm_prefetch((const char *)(k1 + (size_t)FA_PF * kvw + i), _MM_HINT_T0);
+    for (int i = 0; i < hd * es; i += 64) {
+        _mm_prefetch(k0 + (size_t)FA_PF * rb + i, _MM_HINT_T0);
+        if (NP == 2) _mm_prefetch(k1 + (size_t)FA_PF * rb + i, _MM_HINT_T0);
     }
     __m256 acc[8];
 #pragma GCC unroll 8
     for (int a = 0; a < 8; a++) acc[a] = _mm256_setzero_ps();
     for (int i = 0; i < hd; i += 8) {
-        const __m256 kv0 = _mm256_loadu_ps(k0 + i), kv1 = NP == 2 ? _mm256_loadu_ps(k1 + i) : kv0;
+        const __m256 kv0 = kv_load8(k0, (size_t)i, es), kv1 = NP == 2 ? kv_load8(k1, (size_t)i, es) : kv0;
 #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) {
             const __m256 qv = _mm256_loadu_ps(qr[r] + i);
@@ -1351,7 +1360,8 @@ AVX2_INL void fa_scores(const float *const *qr, const int *np, const float *kc, 
  * r of P (P + 8p: the [n, 8] layout of fa_rows, offset to the first row). C chunks of 8 output
  * floats per row stay in registers over all n positions (NR*C accumulators; per position C V
  * loads + NR broadcasts for NR*C FMAs). (Software prefetch of V lines measured slower.) */
-AVX2_INL void fa_pv(float *const *orow, const float *P, const float *vc, int n, int hd, int kvw, const int NR, const int C) {
+AVX2_INL void fa_pv(float *const *orow, const float *P, const char *vc, int n, int hd, int kvw, const int NR, const int C,
+                    const int es) {
     int c0 = 0;
     for (; c0 + 8 * C <= hd; c0 += 8 * C) {
         __m256 acc[4][4];
@@ -1360,10 +1370,10 @@ AVX2_INL void fa_pv(float *const *orow, const float *P, const float *vc, int n, 
 #pragma GCC unroll 4
             for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
         for (int p = 0; p < n; p++) {
-            const float *vr = vc + (size_t)p * kvw + c0;
+            const char *vr = vc + ((size_t)p * kvw + (size_t)c0) * es;
             __m256 v[4];
 #pragma GCC unroll 4
-            for (int c = 0; c < C; c++) v[c] = _mm256_loadu_ps(vr + 8 * c);
+            for (int c = 0; c < C; c++) v[c] = kv_load8(vr, (size_t)(8 * c), es);
 #pragma GCC unroll 4
             for (int r = 0; r < NR; r++) {
                 const __m256 b = _mm256_broadcast_ss(P + 8 * (size_t)p + r);
@@ -1381,7 +1391,7 @@ AVX2_INL void fa_pv(float *const *orow, const float *P, const float *vc, int n, 
 #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
         for (int p = 0; p < n; p++) {
-            const __m256 v = _mm256_loadu_ps(vc + (size_t)p * kvw + c0);
+            const __m256 v = kv_load8(vc, (size_t)p * kvw + (size_t)c0, es);
 #pragma GCC unroll 4
             for (int r = 0; r < NR; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(P + 8 * (size_t)p + r), v, acc[r]);
         }
@@ -1394,8 +1404,8 @@ AVX2_INL void fa_pv(float *const *orow, const float *P, const float *vc, int n, 
  * output orow[j] and sees positions 0..npos[j]-1 of K rows kc / V rows vc (row stride kvw).
  * One vector lane per row: sc [n, 8] holds scores, then probabilities (0 where masked).
  * K rows are read once for all rows; P V in fa_pv. */
-AVX2_INL void fa_rows(const float *const *qr, float *const *orow, const int *npos, const float *kc, const float *vc, int hd,
-                      int kvw, float scale, float *sc, const int NQ) {
+AVX2_INL void fa_rows(const float *const *qr, float *const *orow, const int *npos, const char *kc, const char *vc, int hd,
+                      int kvw, float scale, float *sc, const int NQ, const int es) {
     int np8[8] = {0}, nmax = 0;
     #pragma GCC unroll 8
     for (int j = 0; j < NQ; j++) {
@@ -1408,12 +1418,12 @@ AVX2_INL void fa_rows(const float *const *qr, float *const *orow, const int *npo
     const int NA = NQ < 4 ? NQ : 4, NB = NQ > 4 ? NQ - 4 : 1; /* rows 0..3, 4..7 (NB unused if NQ <= 4) */
     int p = 0;
     for (; p + 2 <= nmax; p += 2) {
-        fa_scores(qr, np8, kc, FA_VPF ? vc : NULL, p, hd, kvw, scale, sc, NA, 2);
-        if (NQ > 4) fa_scores(qr + 4, np8 + 4, kc, NULL, p, hd, kvw, scale, sc + 4, NB, 2);
+        fa_scores(qr, np8, kc, FA_VPF ? vc : NULL, p, hd, kvw, scale, sc, NA, 2, es);
+        if (NQ > 4) fa_scores(qr + 4, np8 + 4, kc, NULL, p, hd, kvw, scale, sc + 4, NB, 2, es);
     }
     if (p < nmax) {
-        fa_scores(qr, np8, kc, NULL, p, hd, kvw, scale, sc, NA, 1);
-        if (NQ > 4) fa_scores(qr + 4, np8 + 4, kc, NULL, p, hd, kvw, scale, sc + 4, NB, 1);
+        fa_scores(qr, np8, kc, NULL, p, hd, kvw, scale, sc, NA, 1, es);
+        if (NQ > 4) fa_scores(qr + 4, np8 + 4, kc, NULL, p, hd, kvw, scale, sc + 4, NB, 1, es);
     }
     /* 2. softmax per lane */
     __m256 mx = ninf, sum = _mm256_setzero_ps();
@@ -1428,15 +1438,13 @@ AVX2_INL void fa_rows(const float *const *qr, float *const *orow, const int *npo
                                      _mm256_cmp_ps(sum, _mm256_setzero_ps(), _CMP_GT_OQ)); /* unused lanes: 0 */
     for (int p = 0; p < nmax; p++) _mm256_storeu_ps(sc + 8 * (size_t)p, _mm256_mul_ps(_mm256_loadu_ps(sc + 8 * (size_t)p), inv));
     /* 3. out = P V in passes of up to 4 rows */
-    fa_pv(orow, sc, vc, nmax, hd, kvw, NA, NA <= 2 ? 4 : 2);
-    if (NQ > 4) fa_pv(orow + 4, sc + 4, vc, nmax, hd, kvw, NB, NB <= 2 ? 4 : 2);
+    fa_pv(orow, sc, vc, nmax, hd, kvw, NA, NA <= 2 ? 4 : 2, es);
+    if (NQ > 4) fa_pv(orow + 4, sc + 4, vc, nmax, hd, kvw, NB, NB <= 2 ? 4 : 2, es);
 }
 
 /* One task: tokens [t0, t0 + tb) x query heads [hg*nh, hg*nh + nh) of KV head kvh. Tokens
  * that share a KV cache slot (the usual prefill case) go through fa_rows together. */
-static AVX2_FN void fa_task(void *ctx, int task, int n_tasks, int thread) {
-    (void)n_tasks;
-    const fa_job *j = ctx;
+AVX2_INL void fa_task_es(const fa_job *j, int task, int thread, const int es) {
     const int Hkv = j->n_head_kv, rep = j->n_head / Hkv, hd = j->hd;
     const int n_tb = (j->T + j->tb - 1) / j->tb; /* KV-head-major: a thread's next task reuses the K/V in L2 */
     const int hg = task % j->n_hg, tbi = (task / j->n_hg) % n_tb, kvh = task / (j->n_hg * n_tb);
@@ -1456,20 +1464,28 @@ static AVX2_FN void fa_task(void *ctx, int task, int n_tasks, int thread) {
                 orow[nq] = j->out + head * hd;
                 npos[nq++] = j->pos[t] + 1;
             }
-        const float *kc = j->k[ta] + (size_t)kvh * hd, *vc = j->v[ta] + (size_t)kvh * hd;
+        const char *kc = (const char *)j->k[ta] + (size_t)kvh * hd * es, *vc = (const char *)j->v[ta] + (size_t)kvh * hd * es;
         const int kvw = j->kvw;
         switch (nq) {
-        case 1: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 1); break;
-        case 2: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 2); break;
-        case 3: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 3); break;
-        case 4: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 4); break;
-        case 5: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 5); break;
-        case 6: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 6); break;
-        case 7: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 7); break;
-        default: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 8); break;
+        case 1: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 1, es); break;
+        case 2: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 2, es); break;
+        case 3: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 3, es); break;
+        case 4: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 4, es); break;
+        case 5: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 5, es); break;
+        case 6: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 6, es); break;
+        case 7: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 7, es); break;
+        default: fa_rows(qr, orow, npos, kc, vc, hd, kvw, j->scale, sc, 8, es); break;
         }
         ta = tz;
     }
+}
+
+/* One prefill attention task (fa_task_es) for a float32 or a float16 cache. */
+static AVX2_FN void fa_task(void *ctx, int task, int n_tasks, int thread) {
+    (void)n_tasks;
+    const fa_job *j = ctx;
+    if (j->es == 2) fa_task_es(j, task, thread, 2);
+    else fa_task_es(j, task, thread, 4);
 }
 
 /* Decode attention (T <= MV_MAX_T): split-K over positions. Token t's positions 0..npos-1 are
@@ -1495,10 +1511,11 @@ size_t cpu_simd_attn_floats(size_t row_cap) { return (size_t)MV_MAX_T * FD_MAX_C
 typedef struct fd_job {
     float *out;
     const float *q;
-    const float *const *k;
-    const float *const *v;
+    const void *const *k;             /* per token: its slot's K rows (es bytes each)     */
+    const void *const *v;
     int T, n_head, n_head_kv, hd, hp; /* hp: n_head rounded up to 8                     */
-    int kvw;                          /* floats between consecutive positions' cache rows */
+    int kvw;                          /* elements between consecutive positions' rows     */
+    int es;                           /* bytes per cache element: 4 (f32) or 2 (f16)      */
     float scale;
     int n_ch[MV_MAX_T], ch_len[MV_MAX_T], npos[MV_MAX_T], task0[MV_MAX_T + 1];
     float *part;                      /* [T, FD_MAX_CH, n_head, hd] unnormalised outputs  */
@@ -1507,9 +1524,11 @@ typedef struct fd_job {
 } fd_job;
 
 /* Positions [p0, p1) of token t for all query heads: o[n_head, hd] (unnormalised), m/l[hp]. */
-static AVX2_FN void fd_chunk(const fd_job *j, int t, int p0, int p1, float *o, float *m, float *l, float *sc) {
+AVX2_INL void fd_chunk_es(const fd_job *j, int t, int p0, int p1, float *o, float *m, float *l, float *sc, const int es) {
     const int H = j->n_head, hd = j->hd, hp = j->hp, rep = H / j->n_head_kv, kvw = j->kvw;
-    const float *q = j->q + (size_t)t * H * hd, *kc = j->k[t], *vc = j->v[t];
+    const size_t rb = (size_t)kvw * es; /* bytes between positions */
+    const float *q = j->q + (size_t)t * H * hd;
+    const char *kc = j->k[t], *vc = j->v[t];
     const __m256 scale = _mm256_set1_ps(j->scale);
     int koff[FD_MAX_H + 8]; /* head h's K/V offset within a cache row (no division in the loops) */
     for (int h = 0; h < H; h++) koff[h] = (h / rep) * hd;
@@ -1522,9 +1541,9 @@ static AVX2_FN void fd_chunk(const fd_job *j, int t, int p0, int p1, float *o, f
         const int b1 = b0 + FD_SB < p1 ? b0 + FD_SB : p1;
         /* 1. scores sc[p - b0][h], 8 heads per register block, K rows read in order */
         for (int p = b0; p < b1; p++) {
-            const float *kr = kc + (size_t)p * kvw;
+            const char *kr = kc + (size_t)p * rb;
 #if FD_PF
-            for (int i = 0; i < kvw; i += 16) _mm_prefetch((const char *)(kr + (size_t)FD_PF * kvw + i), _MM_HINT_T0);
+            for (size_t i = 0; i < rb; i += 64) _mm_prefetch(kr + (size_t)FD_PF * rb + i, _MM_HINT_T0);
 #endif
             for (int g = 0; g < H; g += 8) {
                 const int nr = H - g < 8 ? H - g : 8;
@@ -1536,12 +1555,12 @@ static AVX2_FN void fd_chunk(const fd_job *j, int t, int p0, int p1, float *o, f
 #pragma GCC unroll 8
                         for (int r = 0; r < 8; r++)
                             acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(g + r) * hd + i),
-                                                     _mm256_loadu_ps(kr + koff[g + r] + i), acc[r]);
+                                                     kv_load8(kr, (size_t)(koff[g + r] + i), es), acc[r]);
                 } else {
                     for (int r = 0; r < nr; r++)
                         for (int i = 0; i < hd; i += 8)
                             acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(g + r) * hd + i),
-                                                     _mm256_loadu_ps(kr + koff[g + r] + i), acc[r]);
+                                                     kv_load8(kr, (size_t)(koff[g + r] + i), es), acc[r]);
                 }
                 _mm256_storeu_ps(sc + (size_t)(p - b0) * hp + g, _mm256_mul_ps(reduce8(acc), scale));
             }
@@ -1573,22 +1592,22 @@ static AVX2_FN void fd_chunk(const fd_job *j, int t, int p0, int p1, float *o, f
         /* 3. o += P V: 4 positions per pass over the heads, V rows read in order */
         int p = b0;
         for (; p + 4 <= b1; p += 4) {
-            const float *v0 = vc + (size_t)p * kvw;
+            const char *v0 = vc + (size_t)p * rb;
             const float *sp = sc + (size_t)(p - b0) * hp;
 #if FD_PF
-            for (int i = 0; i < 4 * kvw; i += 16) _mm_prefetch((const char *)(v0 + (size_t)FD_PF * kvw + i), _MM_HINT_T0);
+            for (size_t i = 0; i < 4 * rb; i += 64) _mm_prefetch(v0 + (size_t)FD_PF * rb + i, _MM_HINT_T0);
 #endif
             for (int h = 0; h < H; h++) {
                 const __m256 a0 = _mm256_broadcast_ss(sp + h), a1 = _mm256_broadcast_ss(sp + hp + h);
                 const __m256 a2 = _mm256_broadcast_ss(sp + 2 * hp + h), a3 = _mm256_broadcast_ss(sp + 3 * hp + h);
-                const float *vr = v0 + koff[h];
+                const char *vr = v0 + (size_t)koff[h] * es;
                 float *orow = o + (size_t)h * hd;
                 for (int i = 0; i < hd; i += 8) {
                     __m256 acc = _mm256_loadu_ps(orow + i);
-                    acc = _mm256_fmadd_ps(a0, _mm256_loadu_ps(vr + i), acc);
-                    acc = _mm256_fmadd_ps(a1, _mm256_loadu_ps(vr + kvw + i), acc);
-                    acc = _mm256_fmadd_ps(a2, _mm256_loadu_ps(vr + 2 * kvw + i), acc);
-                    acc = _mm256_fmadd_ps(a3, _mm256_loadu_ps(vr + 3 * kvw + i), acc);
+                    acc = _mm256_fmadd_ps(a0, kv_load8(vr, (size_t)i, es), acc);
+                    acc = _mm256_fmadd_ps(a1, kv_load8(vr, (size_t)(kvw + i), es), acc);
+                    acc = _mm256_fmadd_ps(a2, kv_load8(vr, (size_t)(2 * kvw + i), es), acc);
+                    acc = _mm256_fmadd_ps(a3, kv_load8(vr, (size_t)(3 * kvw + i), es), acc);
                     _mm256_storeu_ps(orow + i, acc);
                 }
             }
@@ -1597,13 +1616,19 @@ static AVX2_FN void fd_chunk(const fd_job *j, int t, int p0, int p1, float *o, f
             const float *sp = sc + (size_t)(p - b0) * hp;
             for (int h = 0; h < H; h++) {
                 const __m256 a0 = _mm256_broadcast_ss(sp + h);
-                const float *vr = vc + (size_t)p * kvw + koff[h];
+                const char *vr = vc + (size_t)p * rb + (size_t)koff[h] * es;
                 float *orow = o + (size_t)h * hd;
                 for (int i = 0; i < hd; i += 8)
-                    _mm256_storeu_ps(orow + i, _mm256_fmadd_ps(a0, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(orow + i)));
+                    _mm256_storeu_ps(orow + i, _mm256_fmadd_ps(a0, kv_load8(vr, (size_t)i, es), _mm256_loadu_ps(orow + i)));
             }
         }
     }
+}
+
+/* fd_chunk_es for a float32 or a float16 cache. */
+static AVX2_FN void fd_chunk(const fd_job *j, int t, int p0, int p1, float *o, float *m, float *l, float *sc) {
+    if (j->es == 2) fd_chunk_es(j, t, p0, p1, o, m, l, sc, 2);
+    else fd_chunk_es(j, t, p0, p1, o, m, l, sc, 4);
 }
 
 static void fd_task(void *ctx, int task, int n_tasks, int thread) {
@@ -1654,15 +1679,17 @@ static int fd_fits(const cpu_scratch *s, int T, int n_head, int hd) {
            (size_t)FD_SB * hp <= s->tbuf_cap;
 }
 
-void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
-                        const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *q, const void *const *kslot,
+                        const void *const *vslot, int kv_es, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
                         size_t kv_stride, float scale) {
+    ST_ASSERT(kv_es == 4 || kv_es == 2);
     ST_ASSERT(s->simd >= CPU_SIMD_AVX2 && hd % 8 == 0 && n_head % n_head_kv == 0 && s->tbuf &&
               s->tbuf_cap >= 8 * s->row_cap);
     for (int t = 0; t < T; t++) ST_ASSERT((size_t)pos[t] < s->row_cap);
     if (fd_fits(s, T, n_head, hd)) {
         fd_job j = {.out = out, .q = q, .k = kslot, .v = vslot, .T = T, .n_head = n_head, .n_head_kv = n_head_kv,
-                    .hd = hd, .hp = (n_head + 7) & ~7, .kvw = (int)kv_stride, .scale = scale, .part = s->ap, .s = s};
+                    .hd = hd, .hp = (n_head + 7) & ~7, .kvw = (int)kv_stride, .es = kv_es, .scale = scale, .part = s->ap,
+                    .s = s};
         j.ml = s->ap + (size_t)T * FD_MAX_CH * n_head * hd;
         for (int t = 0; t < T; t++) {
             const int np = pos[t] + 1;
@@ -1678,12 +1705,29 @@ void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *
         return;
     }
     const int rep = n_head / n_head_kv, nh = rep < 8 ? rep : 8;
-    fa_job j = {out, q, kslot, vslot, pos, T, n_head, n_head_kv, hd, scale, 8 / nh, nh, (rep + nh - 1) / nh, s, (int)kv_stride};
+    fa_job j = {out, q, kslot, vslot, pos, T, n_head, n_head_kv, hd, scale, 8 / nh, nh, (rep + nh - 1) / nh, s, (int)kv_stride,
+                kv_es};
     st_pool_run(pool, fa_task, &j, ((T + j.tb - 1) / j.tb) * n_head_kv * j.n_hg);
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* elementwise                                                                                */
+
+/* dst[i] = x[i] as IEEE float16, round to nearest even, |x| clamped to 65504 first (a value
+ * beyond float16's range becomes the largest finite one, not inf, which would turn softmax and
+ * P V into NaN); NaN stays NaN. */
+AVX2_FN void cpu_f16_row_fast(uint16_t *dst, const float *x, int64_t n) {
+    const __m256 hi = _mm256_set1_ps(65504.0f), lo = _mm256_set1_ps(-65504.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) { /* max/min return their second operand when one is NaN: x's NaN survives */
+        const __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(x + i)));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    for (; i < n; i++) {
+        const float v = x[i] > 65504.0f ? 65504.0f : x[i] < -65504.0f ? -65504.0f : x[i];
+        dst[i] = st_f32_to_f16(v);
+    }
+}
 
 AVX2_FN void cpu_swiglu_fast(float *out, const float *gate, const float *up, int64_t n) {
     int64_t i = 0;

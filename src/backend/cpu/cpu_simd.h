@@ -47,10 +47,15 @@ int cpu_simd_actq(const wt_linear *w, int T);
 /* Fast out[T, rows] = x[T, cols] W^T (contract of cpu_linear); needs s->simd >= AVX2. */
 void cpu_linear_fast(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T);
 
-/* Fast causal attention (contract of cpu_attention); needs s->simd >= AVX2 and hd % 8 == 0. */
-void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *q, const float *const *kslot,
-                        const float *const *vslot, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+/* Fast causal attention (contract of cpu_attention_kv); needs s->simd >= AVX2 and hd % 8 == 0.
+ * kslot/vslot point at float32 rows (kv_es == 4) or IEEE float16 rows (kv_es == 2, widened with
+ * vcvtph2ps as they are read); kv_stride counts elements. */
+void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *q, const void *const *kslot,
+                        const void *const *vslot, int kv_es, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
                         size_t kv_stride, float scale);
+
+/* dst[n] = x[n] as float16 (nearest even, clamped to +-65504, NaN kept); needs AVX2 (F16C). */
+void cpu_f16_row_fast(uint16_t *dst, const float *x, int64_t n);
 
 /* Rows [r0, r1) of cpu_rmsnorm, vectorised (double sum of squares; may differ from the
  * reference in the last bit); needs AVX2. */
