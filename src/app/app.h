@@ -15,6 +15,7 @@ int cmd_node(int argc, char **argv);
 int cmd_cluster_gen(int argc, char **argv);
 int cmd_chat_template(int argc, char **argv);
 int cmd_cuda_parity(int argc, char **argv);
+int cmd_comm_bench(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 
 /* bench_cluster.c: the bench table on a running cluster (fills r; prints stage/hop table). */

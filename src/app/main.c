@@ -24,6 +24,7 @@ static const app_command g_commands[] = {
     {"cluster-gen", cmd_cluster_gen, "MODEL_DIR --peers A:P,...: generate ids on a cluster (tests, figures)"},
     {"chat-template", cmd_chat_template, "TOKENIZER_CONFIG_JSON MESSAGES_JSON: render a conversation with the model's chat template"},
     {"cuda-parity", cmd_cuda_parity, "check every CUDA op against the CPU reference op (random inputs, all dtypes/bits)"},
+    {"comm-bench", cmd_comm_bench, "[--gpus N] [--sizes 6K,12K,...]: NCCL and peer all-reduce latency between GPUs"},
     {"serve", cmd_serve, "MODEL: OpenAI-compatible HTTP API with streaming, dashboard and metrics"},
 };
 

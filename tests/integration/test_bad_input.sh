@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # test_bad_input.sh — the CLI on corrupted checkpoints: `strata inspect` and `strata eval-golden`
-# must fail cleanly on each broken copy of a fixture model.
+# must fail cleanly on each broken copy of a fixture model; `strata comm-bench` on bad arguments
+# and without a GPU.
 #
 # usage: bash tests/integration/test_bad_input.sh STRATA_BINARY REPO_ROOT
 #
@@ -155,6 +156,37 @@ expect bad-golden "$d/golden.safetensors" "truncated file" "$bin" eval-golden "$
 
 # 14. a directory that does not exist
 expect no-dir "$tmp/does-not-exist/config.json" "cannot open" "$bin" inspect "$tmp/does-not-exist"
+
+# 15. strata comm-bench: argument errors and a machine without a GPU give exit status 2 and one
+#     "strata: " line (and nothing else) on stderr
+expect_usage() {
+    local name=$1 problem=$2
+    shift 2
+    local err=$tmp/err.txt rc
+    "$@" >/dev/null 2>"$err"
+    rc=$?
+    checks=$((checks + 1))
+    [ "$rc" -eq 2 ] || fail "$name: exit status $rc, want 2"
+    local n
+    n=$(wc -l <"$err")
+    [ "$n" -eq 1 ] || { fail "$name: $n lines on stderr, want 1"; sed 's/^/    /' "$err" | head -20 >&2; }
+    grep -q "^strata: .*$problem" "$err" || fail "$name: stderr does not say '$problem': $(head -c 300 "$err")"
+}
+expect_usage comm-bench-size 'not a message size' "$bin" comm-bench --sizes 6K,12X
+expect_usage comm-bench-odd-size 'not a message size' "$bin" comm-bench --sizes 6
+expect_usage comm-bench-zero-size 'not a message size' "$bin" comm-bench --sizes 0K
+expect_usage comm-bench-empty-sizes 'empty list' "$bin" comm-bench --sizes ,
+expect_usage comm-bench-gpus 'not a GPU count' "$bin" comm-bench --gpus 0
+expect_usage comm-bench-iters 'not a count' "$bin" comm-bench --iters 1x
+expect_usage comm-bench-option 'unknown or incomplete option' "$bin" comm-bench --bogus
+expect_usage comm-bench-missing 'unknown or incomplete option' "$bin" comm-bench --gpus
+if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    expect_usage comm-bench-no-gpu 'no CUDA device' "$bin" comm-bench
+    expect_usage comm-bench-no-gpu-args 'no CUDA device' "$bin" comm-bench --gpus 2 --sizes 12K --iters 10
+fi
+"$bin" comm-bench --help >"$tmp/out.txt" 2>&1 || fail "comm-bench --help: non-zero exit status"
+grep -q 'usage: strata comm-bench' "$tmp/out.txt" || fail "comm-bench --help: no usage line"
+checks=$((checks + 1))
 
 if [ "$failures" -ne 0 ]; then
     echo "test_bad_input: $failures of $checks checks failed" >&2

@@ -2,7 +2,8 @@
 # tools/gpu/device-run.sh — runs on the GPU machine from the repo root with .devcarry/ carried
 # (made by tools/gpu/prepare.sh). Phases, each timed and bounded so the whole run stays under
 # 8 minutes: nvidia-smi, test_cuda_host (GPU vs CPU forward on tiny presets), strata
-# cuda-parity (incl. the whole MoE FFN for T = 1..200), eval-golden --device cuda on every
+# cuda-parity (incl. the whole MoE FFN for T = 1..200), strata comm-bench when >= 2 GPUs are
+# visible (NCCL from the nvidia-nccl-cu13 Python package), eval-golden --device cuda on every
 # fixture, then benches (qwen3-8b bf16 with a 2048-token prefill, qwen3-8b q4g64, qwen3-30b-a3b
 # q4g64, and last, if time is left, minimax-m2.5 q4g64 at a 4096-token context with its ~120 GiB
 # of weights generated on the device). Everything goes under $OUT; a summary table is printed
@@ -48,6 +49,17 @@ echo "== ldd"; ldd "$S" | grep -E "not found|cublas|cudart" | tee "$OUT/ldd.txt"
 
 if [ -x "$C/bin/test_cuda_host" ]; then phase test_cuda_host 30 90 "$C/bin/test_cuda_host"; fi
 phase cuda-parity 30 90 "$S" cuda-parity
+
+# comm-bench (only with >= 2 GPUs): NCCL send/recv + all-reduce and the peer all-reduce, plain and
+# in graphs. NCCL comes from the Python package nvidia-nccl-cu13 here (strata dlopens it).
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+if [ "${NGPU:-0}" -ge 2 ]; then
+  PYNCCL=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+  phase comm-bench 20 90 env LD_LIBRARY_PATH="${PYNCCL:+$PYNCCL:}$LD_LIBRARY_PATH" NCCL_NVLS_ENABLE=0 \
+    "$S" comm-bench --json "$OUT/comm-bench.json"
+else
+  echo "| comm-bench | skipped | 0 | ${NGPU:-0} GPU(s) visible, needs 2 |" >> "$SUMMARY"
+fi
 
 golden_all() {
   local fail=0 n=0
