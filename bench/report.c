@@ -120,8 +120,18 @@ static json_t *to_json(const bench_result *r) {
                      "unused", 0.0);
 }
 
-int bench_write_json(const bench_result *r, const char *path, st_err *err) {
+/* to_json plus the fields added after the seed's set (appended, so older readers ignore them) */
+static json_t *to_json_all(const bench_result *r) {
     json_t *j = to_json(r);
+    if (j && r->matrix_tflops > 0) {
+        json_object_set_new(j, "prefill_tflops", json_real(r->prefill_tflops));
+        json_object_set_new(j, "matrix_tflops", json_real(r->matrix_tflops));
+    }
+    return j;
+}
+
+int bench_write_json(const bench_result *r, const char *path, st_err *err) {
+    json_t *j = to_json_all(r);
     if (!j) return st_err_set(err, ST_ERR_NOMEM, "cannot build report JSON");
     json_object_del(j, "unused");
     int rc = json_dump_file(j, path, JSON_INDENT(2) | JSON_PRESERVE_ORDER) ? st_err_set(err, ST_ERR_IO, "%s: cannot write", path) : ST_OK;
@@ -154,6 +164,9 @@ static void table(const bench_result *r, FILE *f) {
     if (r->mem_bw_gbs > 0)
         fprintf(f, "| MBU | %.2f | %s per token / %.2f ms / %.1f GB/s measured read bandwidth |\n", r->mbu,
                 st_fmt_bytes(r->bytes_per_token, b2, sizeof b2), r->lat_mean_ms, r->mem_bw_gbs);
+    if (r->matrix_tflops > 0)
+        fprintf(f, "| Prefill compute | %.1f TFLOPS | %.0f%% of the measured bf16 matrix rate %.1f TFLOPS; %s |\n",
+                r->prefill_tflops, 100 * r->prefill_tflops / r->matrix_tflops, r->matrix_tflops, r->prefill_note);
     if (r->predicted_tok_s > 0)
         fprintf(f, "| Predicted vs achieved | %.1f / %.1f TPS | planner prediction |\n", r->predicted_tok_s, r->decode_tok_s);
     fprintf(f, "\nMachine: %s. Backend: %s. Model: %s (%s, %s weights). Flags: %s.\n", r->machine, r->backend, r->model,
@@ -175,7 +188,7 @@ int bench_compare(const bench_result *r, const char *old_path, FILE *f, st_err *
     json_error_t je;
     json_t *old = json_load_file(old_path, 0, &je);
     if (!old) return st_err_set(err, ST_ERR_FORMAT, "%s: invalid JSON at line %d: %s", old_path, je.line, je.text);
-    json_t *now = to_json(r);
+    json_t *now = to_json_all(r);
     fprintf(f, "| Metric | Old | New | New/Old |\n| :--- | ---: | ---: | ---: |\n");
     const char *key;
     json_t *v;

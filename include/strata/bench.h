@@ -48,6 +48,10 @@ typedef struct bench_result {
     char max_ctx_note[256];
     /* planner */
     double predicted_tok_s;       /* 0 when no prediction                                    */
+    /* prefill compute (CUDA): FLOP rate of the prefill vs the device's measured matrix rate  */
+    double prefill_tflops;        /* prefill FLOP / TTFT, TFLOP/s (0: not measured)          */
+    double matrix_tflops;         /* measured bf16 GEMM rate, TFLOP/s (0: not measured)      */
+    char prefill_note[256];       /* how the FLOP were counted                               */
 } bench_result;
 
 /* p-th percentile (0..100) of n values by linear interpolation between order statistics

@@ -42,6 +42,8 @@ typedef struct cuda_model_opts {
      * (both ends). cuda_model_init takes the range the host model binds instead. */
     int layer_begin, layer_end;
     int with_embed, with_output;
+    /* Tensor parallelism: set by cuda_tp_init for each rank (0, 0: none). */
+    int tp_rank, tp_size;
 } cuda_model_opts;
 
 /* Uploads m (whole model: embedding, all layers, output) to the device. *out is NULL on
@@ -127,10 +129,22 @@ void cuda_model_get_info(const cuda_model *cm, cuda_model_info *info);
  * buffer of `bytes`, best of reps; 0 on failure. */
 double cuda_measure_copy_bandwidth(int device, size_t bytes, int reps);
 
+/* bf16 matrix rate in TFLOP/s (2*m*n*k per GEMM) of one GEMM shape as the prefill linears
+ * run it: cuBLAS GemmEx, y[n, m] (fp32) = x[n, k] (bf16) W[m, k]^T (bf16), fp32 accumulation;
+ * best of reps timed runs after one warm-up. Allocates and frees the three operands on the
+ * device. 0 on failure (no device, out of memory, cuBLAS error). */
+double cuda_measure_gemm_tflops_shape(int device, int64_t m, int64_t n, int64_t k, int reps);
+/* The device's bf16 matrix rate: the 8192^3 shape above, best of 5. */
+double cuda_measure_gemm_tflops(int device);
+
 /* Per-kernel breakdown of one decode step (B = 1, position pos of slot 0), timed with CUDA
  * events around each launch outside the graph. Prints "kernel  calls  us  share" lines to f
  * (a FILE *), largest first. */
 int cuda_model_profile_step(cuda_model *cm, int pos, void *f, st_err *err);
+/* The same for one prefill chunk: T rows (T <= max_batch) of token 1 at positions 0..T-1 of
+ * slot 0 (overwrites that slot's K/V there), logits of the last row. Every kernel group of the
+ * forward pass, summed over the layers, largest first. */
+int cuda_model_profile_prefill(cuda_model *cm, int T, void *f, st_err *err);
 
 /* ------------------------------------------------------------------------------------------ */
 /* single ops on host buffers, for the parity harness (each allocates, runs, copies back)      */
@@ -148,10 +162,20 @@ int cuda_op_rope(float *x, const int32_t *pos, int T, int n_heads, int hd, int n
  * to bf16 on upload); token t sees rows 0..pos[t]. */
 int cuda_op_attention(const float *q, const float *k, const float *v, int n_ctx, const int32_t *pos, int T, int H,
                       int Hkv, int hd, float scale, float *out, st_err *err);
+/* The same with the kernel chosen: path 0 as the forward pass chooses (the tiled tensor-core
+ * prefill kernel for >= 16 rows at consecutive positions, head_dim 64/128, <= 64 q heads per kv
+ * head; q and the softmax weights in bf16, error within 1e-2), 1 the decode kernels, 2 the
+ * prefill kernel for any T (ST_ERR_UNSUPPORTED if the shape or the positions do not fit it). */
+int cuda_op_attention_path(const float *q, const float *k, const float *v, int n_ctx, const int32_t *pos, int T, int H,
+                           int Hkv, int hd, float scale, int path, float *out, st_err *err);
 int cuda_op_swiglu(const float *gate, const float *up, int64_t n, float *out, st_err *err);
 /* Router: logits[T, E] -> sel[T, K], w[T, K] exactly as forward.c's moe_route. */
 int cuda_op_moe_route(const float *logits, const float *bias, int T, int E, int K, int sigmoid, int norm_topk,
                       int32_t *sel, float *w, st_err *err);
+/* Router linear + routing fused (the model's k_moe_router): x[T, D] -> logits[T, E] (fp32 x),
+ * sel[T, K], w[T, K] as cuda_op_moe_route would route those logits. */
+int cuda_op_moe_router(const wt_linear *router, const float *router_bias, int E, int K, int sigmoid, int norm_topk,
+                       const float *x, int T, float *logits, int32_t *sel, float *w, st_err *err);
 /* The whole MoE feed-forward of forward.c's moe_forward on x[T, D]: router logits (fp32 for
  * every T), routing as cuda_op_moe_route, experts exp_*[E] (identical shapes), weighted sum into
  * out[T, D]; sel_out[T, K] (may be NULL) receives the chosen experts. */
@@ -159,6 +183,33 @@ int cuda_op_moe_ffn(const wt_linear *router, const float *router_bias, const wt_
                     const wt_linear *exp_up, const wt_linear *exp_down, int E, int K, int sigmoid, int norm_topk,
                     const float *x, int T, float *out, int32_t *sel_out, st_err *err);
 int cuda_op_argmax(const float *x, int rows, int n, int32_t *out, st_err *err);
+
+/* ---- tensor parallelism over the GPUs of this process ----------------------------------------
+ * Each of n GPUs holds 1/n of every layer's attention heads, KV heads (and KV cache), FFN and
+ * expert widths (q/k/v and gate/up split by rows, o and down by columns; routers, norms, the
+ * embedding and the output layer whole). After the attention output projection and after the
+ * FFN the ranks' partial sums are all-reduced over CUDA peer access (one-shot: each GPU pushes
+ * its part to the others over NVLink and sums in rank order, so every GPU holds bitwise the same
+ * residual stream), fused with the residual add and the next RMSNorm; a full-width QK-norm
+ * (minimax-m2) all-reduces its sums of squares. Every all-reduce is inside each GPU's decode
+ * graph; a stalled peer is reported (bounded wait), never a hung GPU. Needs n to divide the
+ * heads, KV heads and widths (quantized: whole groups). */
+typedef struct cuda_tp cuda_tp;
+int cuda_tp_init(cuda_tp **out, const model *m, const cuda_model_opts *o, const int *devices, int n, st_err *err);
+int cuda_tp_init_synthetic(cuda_tp **out, const model_desc *d, const cuda_model_opts *o, const int *devices, int n,
+                           uint64_t seed, st_err *err);
+void cuda_tp_free(cuda_tp *tp);
+int cuda_tp_size(const cuda_tp *tp);
+/* As cuda_model_forward / cuda_model_generate_greedy / cuda_model_kv_fill_synthetic, over all
+ * ranks (rank 0's logits and tokens; generation checks that every rank produced the same). */
+int cuda_tp_forward(cuda_tp *tp, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
+                    float *logits_host, logits_mode mode, st_err *err);
+int cuda_tp_generate_greedy(cuda_tp *tp, int32_t token, int pos0, int slot, int n, int32_t *out, float *step_ms,
+                            st_err *err);
+int cuda_tp_kv_fill_synthetic(cuda_tp *tp, int slot, int n_tokens, st_err *err);
+void cuda_tp_get_info(const cuda_tp *tp, int rank, cuda_model_info *info);
+/* cuda_model_profile_step for rank 0 of the group (the all-reduces appear in "add + rmsnorm"). */
+int cuda_tp_profile_step(cuda_tp *tp, int pos, void *f, st_err *err);
 
 #ifdef __cplusplus
 }

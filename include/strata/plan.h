@@ -162,6 +162,7 @@ typedef struct plan_request {
     int chunk;                 /* prefill chunk: tokens per forward (scratch rows)             */
     int act_bytes;             /* bytes per activation element on links (2: bf16)              */
     int max_tp;                /* largest TP group (1 = pipeline only)                         */
+    int min_tp;                /* smallest unit (1 = any; N > 1: only TP groups of >= N)       */
 } plan_request;
 
 /* Defaults: context 0 (model max), 1 slot, latency, bf16 KV, reserve 0.05, chunk 256,

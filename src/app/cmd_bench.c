@@ -36,6 +36,7 @@ static void usage(void) {
             "  --threads N       CPU threads (default: all)\n"
             "  --exact           float32 reference kernels\n"
             "  --device cuda     run on the GPU (graph-replayed greedy decode, MBU vs copy bandwidth)\n"
+            "  --tp N            with --synthetic and --device cuda: tensor parallel over GPUs 0..N-1\n"
             "  --out DIR         where report.md and report.json go (default .)\n"
             "  --compare FILE    print ratios against an earlier report.json\n");
 }
@@ -103,6 +104,87 @@ static int die(const st_err *e) {
 #ifdef STRATA_HAVE_CUDA
 #include "strata/cuda_backend.h"
 
+/* FLOP of a prefill of T tokens from position 0 (LOGITS_LAST): 2 x the parameters a token
+ * passes through in layers [l0, l1) (q/k/v/o; the dense MLP, or the router + n_expert_used
+ * experts) x T, the causal attention 4 x n_head x head_dim x sum(pos + 1) per layer (QK^T and
+ * PV), and the output layer for the last row. Writes the formula into note. */
+static double prefill_flops(const model_desc *d, int l0, int l1, int T, char *note, size_t cap) {
+    const double D = d->n_embd, qd = (double)d->n_head * d->head_dim, kvd = (double)d->n_head_kv * d->head_dim;
+    double params = 0;
+    for (int l = l0; l < l1; l++) {
+        params += D * qd * 2 + D * kvd * 2;
+        if (d->layer_moe && d->layer_moe[l]) params += D * d->n_expert + 3.0 * D * d->n_ff_expert * d->n_expert_used;
+        else params += 3.0 * D * d->n_ff;
+    }
+    const double attn = 4.0 * qd * ((double)T * (T + 1) / 2) * (l1 - l0), head = 2.0 * D * d->n_vocab;
+    const double total = 2.0 * params * T + attn + head;
+    snprintf(note, cap,
+             "prefill FLOP = 2 x %.3g active params x %d tokens + causal attention 4 x %d heads x %d x sum(pos+1) x %d "
+             "layers (%.3g) + lm_head of the last row = %.4g; rate = FLOP / TTFT",
+             params, T, d->n_head, d->head_dim, l1 - l0, attn, total);
+    return total;
+}
+
+/* The device's bf16 matrix rate: cuBLAS 8192^3 and the model's prefill GEMM shapes (rows x cols
+ * of q, k/v, o, gate/up, down at `tokens` columns), best of each; prints every figure on f.
+ * Returns the best (0: not measured). */
+static double measure_matrix_rate(const model_desc *d, int tokens, FILE *f) {
+    const int64_t D = d->n_embd, qd = (int64_t)d->n_head * d->head_dim, kvd = (int64_t)d->n_head_kv * d->head_dim;
+    const int64_t F = d->n_ff > 0 ? d->n_ff : d->n_ff_expert;
+    const struct {
+        const char *name;
+        int64_t rows, cols;
+    } sh[] = {{"q/o", qd, D}, {"k/v", kvd, D}, {"gate/up", F, D}, {"down", D, F}};
+    double best = cuda_measure_gemm_tflops(0);
+    fprintf(f, "cuda: bf16 matrix rate (cuBLAS GemmEx, bf16 in, fp32 accumulate and out, best of 5): 8192^3 %.1f TFLOPS",
+            best);
+    for (size_t i = 0; i < sizeof sh / sizeof sh[0]; i++) {
+        if (sh[i].rows < 1 || sh[i].cols < 1) continue;
+        double t = cuda_measure_gemm_tflops_shape(0, sh[i].rows, tokens, sh[i].cols, 5);
+        fprintf(f, "; %s %lldx%lld @%d %.1f", sh[i].name, (long long)sh[i].rows, (long long)sh[i].cols, tokens, t);
+        if (t > best) best = t;
+    }
+    fprintf(f, "; best %.1f TFLOPS\n", best);
+    return best;
+}
+
+
+/* A fixed pseudo-random prompt of n ids below V at positions 0..n-1 (the same every run). */
+static void random_prompt(int32_t *toks, int32_t *pos, int n, int V) {
+    uint64_t rng = 0x1234567;
+    for (int i = 0; i < n; i++) {
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        toks[i] = (int32_t)(rng % (uint64_t)V);
+        pos[i] = i;
+    }
+}
+
+/* r->quant for a synthetic preset's descriptor. */
+static void quant_name(bench_result *r, const model_desc *d) {
+    if (d->q_bits) snprintf(r->quant, sizeof r->quant, "MLX affine %d-bit g%d", d->q_bits, d->q_group);
+    else snprintf(r->quant, sizeof r->quant, "bf16");
+}
+
+/* Decode figures from `gen` per-step times in ms (lat: scratch of gen doubles): mean, tok/s,
+ * p50/p90/p99 (one stream: aggregate = decode rate). */
+static void step_stats(bench_result *r, const float *step, double *lat, int gen) {
+    double sum = 0;
+    for (int i = 0; i < gen; i++) lat[i] = step[i], sum += step[i];
+    r->lat_mean_ms = sum / gen;
+    r->decode_tok_s = 1000.0 / r->lat_mean_ms;
+    r->aggregate_tok_s = r->decode_tok_s;
+    r->lat_p50_ms = bench_percentile(lat, (size_t)gen, 50);
+    r->lat_p90_ms = bench_percentile(lat, (size_t)gen, 90);
+    r->lat_p99_ms = bench_percentile(lat, (size_t)gen, 99);
+}
+
+/* Index of the largest of x[0..n) (the first on ties). */
+static int32_t argmax_f(const float *x, int n) {
+    int32_t k = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[k]) k = i;
+    return k;
+}
 
 /* --device cuda: prefill (second of two runs, wall time incl. the logits copy), then `gen`
  * greedy steps replayed as a CUDA graph entirely on the device (per-step time from CUDA events),
@@ -118,6 +200,7 @@ static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char
     double *lat = malloc((size_t)gen * sizeof(double));
     cuda_model_opts o = {.max_ctx = prompt + gen + 8, .n_slots = 1, .max_batch = prompt < 2048 ? prompt : 2048};
     if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    r->matrix_tflops = measure_matrix_rate(&m->desc, o.max_batch, stdout); /* before the weights take the memory */
     if (cuda_model_init(&cm, m, &o, &err)) {
         die(&err);
         goto out;
@@ -130,12 +213,7 @@ static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char
     fprintf(stderr, "strata: weights %.2f GB on the device, KV %.2f GB, activations %.2f GB\n", info.weight_bytes / 1e9,
             info.kv_bytes / 1e9, info.act_bytes / 1e9);
     r->mem_bw_gbs = cuda_measure_copy_bandwidth(0, (size_t)2 << 30, 5) / 1e9;
-    uint64_t rng = 0x1234567;
-    for (int i = 0; i < prompt; i++) {
-        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-        toks[i] = (int32_t)(rng % (uint64_t)V);
-        pos[i] = i;
-    }
+    random_prompt(toks, pos, prompt, V);
     uint64_t t0 = 0;
     for (int rep = 0; rep < 2; rep++) {
         t0 = st_time_ns();
@@ -144,11 +222,11 @@ static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char
             goto out;
         }
     }
-    int32_t next = 0;
-    for (int i = 1; i < V; i++)
-        if (logits[i] > logits[next]) next = i;
+    const int32_t next = argmax_f(logits, V);
     r->ttft_s = (double)(st_time_ns() - t0) * 1e-9;
     r->prefill_tok_s = prompt / r->ttft_s;
+    r->prefill_tflops = prefill_flops(&m->desc, m->layer_begin, m->layer_end, prompt, r->prefill_note,
+                                      sizeof r->prefill_note) / r->ttft_s / 1e12;
     /* warm-up (captures the graph), then the timed run from the same position */
     if (cuda_model_generate_greedy(cm, next, prompt, 0, 4, outt, NULL, &err)) {
         die(&err);
@@ -179,6 +257,7 @@ static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char
     printf("\ncuda: weights on device %.2f GB, bytes/token %.2f GB, %.1f tok/s, MBU %.3f (copy bw %.0f GB/s)\n",
            info.weight_bytes / 1e9, r->bytes_per_token / 1e9, r->decode_tok_s, r->mbu, r->mem_bw_gbs);
     if (cuda_model_profile_step(cm, prompt, stdout, &err)) fprintf(stderr, "strata: profile: %s\n", err.msg);
+    if (cuda_model_profile_prefill(cm, o.max_batch, stdout, &err)) fprintf(stderr, "strata: prefill profile: %s\n", err.msg);
     write_reports(r, out_dir, compare);
     rc = 0;
 out:
@@ -208,6 +287,7 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
     double *lat = malloc((size_t)gen * sizeof(double));
     cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = 1, .max_batch = prompt < 512 ? prompt : 512};
     if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    r->matrix_tflops = measure_matrix_rate(&d, o.max_batch, stdout); /* before the weights take the memory */
     fprintf(stderr, "strata: generating %s on the device (weights never on the host) ...\n", spec);
     uint64_t g0 = st_time_ns();
     if (cuda_model_init_synthetic(&cm, &d, &o, 1, &err)) {
@@ -220,16 +300,10 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
             info.weight_bytes / 1e9, (double)(st_time_ns() - g0) * 1e-9, info.kv_bytes / 1e9, info.act_bytes / 1e9);
     snprintf(r->backend, sizeof r->backend, "CUDA %s", info.device);
     snprintf(r->model, sizeof r->model, "synthetic %s (random weights generated on the device)", spec);
-    if (d.q_bits) snprintf(r->quant, sizeof r->quant, "MLX affine %d-bit g%d", d.q_bits, d.q_group);
-    else snprintf(r->quant, sizeof r->quant, "bf16");
+    quant_name(r, &d);
     r->weight_bytes = (double)info.weight_bytes;
     r->mem_bw_gbs = cuda_measure_copy_bandwidth(0, (size_t)2 << 30, 5) / 1e9;
-    uint64_t rng = 0x1234567;
-    for (int i = 0; i < prompt; i++) {
-        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-        toks[i] = (int32_t)(rng % (uint64_t)V);
-        pos[i] = i;
-    }
+    random_prompt(toks, pos, prompt, V);
     uint64_t t0 = 0;
     for (int rep = 0; rep < 2; rep++) {
         t0 = st_time_ns();
@@ -240,9 +314,8 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
     }
     r->ttft_s = (double)(st_time_ns() - t0) * 1e-9;
     r->prefill_tok_s = prompt / r->ttft_s;
-    int32_t next = 0;
-    for (int i = 1; i < V; i++)
-        if (logits[i] > logits[next]) next = i;
+    r->prefill_tflops = prefill_flops(&d, 0, d.n_layer, prompt, r->prefill_note, sizeof r->prefill_note) / r->ttft_s / 1e12;
+    const int32_t next = argmax_f(logits, V);
     if (pos0 > prompt && cuda_model_kv_fill_synthetic(cm, 0, pos0, &err)) {
         die(&err);
         goto out;
@@ -253,14 +326,7 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
         die(&err);
         goto out;
     }
-    double sum = 0;
-    for (int i = 0; i < gen; i++) lat[i] = step[i], sum += step[i];
-    r->lat_mean_ms = sum / gen;
-    r->decode_tok_s = 1000.0 / r->lat_mean_ms;
-    r->aggregate_tok_s = r->decode_tok_s;
-    r->lat_p50_ms = bench_percentile(lat, (size_t)gen, 50);
-    r->lat_p90_ms = bench_percentile(lat, (size_t)gen, 90);
-    r->lat_p99_ms = bench_percentile(lat, (size_t)gen, 99);
+    step_stats(r, step, lat, gen);
     r->bytes_per_token = (double)info.active_bytes + (double)model_desc_kv_bytes_per_token(&d, 2) * d.n_layer * (p0 + gen / 2);
     r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
     r->max_ctx_target = d.max_pos;
@@ -272,6 +338,7 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
            info.weight_bytes / 1e9, r->bytes_per_token / 1e9, info.active_bytes / 1e9, r->decode_tok_s, r->mbu,
            r->mem_bw_gbs);
     if (cuda_model_profile_step(cm, p0, stdout, &err)) fprintf(stderr, "strata: profile: %s\n", err.msg);
+    if (cuda_model_profile_prefill(cm, o.max_batch, stdout, &err)) fprintf(stderr, "strata: prefill profile: %s\n", err.msg);
     write_reports(r, out_dir, NULL);
     rc = 0;
 out:
@@ -280,11 +347,109 @@ out:
     free(logits), free(step), free(toks), free(pos), free(slot), free(outt), free(lat);
     return rc;
 }
+
+/* --synthetic SPEC --device cuda --tp N: the preset split over N GPUs of this process (tensor
+ * parallel, weights generated on each GPU); prefill of `prompt` tokens, KV filled to ctx, then
+ * `gen` graph-replayed greedy steps timed on GPU 0's stream (its step ends after the last
+ * all-reduce, i.e. after every GPU's layers). MBU per GPU: each GPU's bytes per token (its
+ * weight share + its KV share) / time / that GPU's copy bandwidth. */
+static int bench_cuda_tp(const char *spec, bench_result *r, int prompt, int gen, int64_t ctx, int tp, const char *out_dir) {
+    st_err err = {0};
+    model_desc d;
+    memset(&d, 0, sizeof d);
+    if (synth_preset_desc(spec, &d, &err)) return die(&err);
+    cuda_tp *ct = NULL;
+    const int V = d.n_vocab;
+    int rc = 1;
+    if (ctx < prompt + gen + 8) ctx = prompt + gen + 8;
+    if (ctx > d.max_pos) ctx = d.max_pos;
+    const int pos0 = (int)ctx - gen - 8;
+    float *logits = malloc((size_t)V * 4), *step = malloc((size_t)gen * sizeof(float));
+    int32_t *toks = malloc((size_t)prompt * 4), *pos = malloc((size_t)prompt * 4), *slot = calloc((size_t)prompt, 4),
+            *outt = malloc((size_t)gen * 4);
+    double *lat = malloc((size_t)gen * sizeof(double));
+    int devs[8];
+    for (int i = 0; i < 8; i++) devs[i] = i;
+    cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = 1, .max_batch = prompt < 512 ? prompt : 512};
+    if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    fprintf(stderr, "strata: generating %s on %d GPUs (tensor parallel; weights never on the host) ...\n", spec, tp);
+    uint64_t g0 = st_time_ns();
+    if (cuda_tp_init_synthetic(&ct, &d, &o, devs, tp, 1, &err)) {
+        die(&err);
+        goto out;
+    }
+    cuda_model_info info[8];
+    size_t wsum = 0, kvsum = 0, act_max = 0;
+    for (int i = 0; i < tp; i++) {
+        cuda_tp_get_info(ct, i, &info[i]);
+        wsum += info[i].weight_bytes, kvsum += info[i].kv_bytes;
+        if (info[i].active_bytes > act_max) act_max = info[i].active_bytes;
+        fprintf(stderr, "strata: GPU %d: weights %.2f GB, KV %.2f GB (%d tokens), activations %.2f GB, free %.1f of %.1f GB\n",
+                i, info[i].weight_bytes / 1e9, info[i].kv_bytes / 1e9, (int)ctx, info[i].act_bytes / 1e9,
+                info[i].mem_free / 1e9, info[i].mem_total / 1e9);
+    }
+    fprintf(stderr, "strata: generated in %.1f s\n", (double)(st_time_ns() - g0) * 1e-9);
+    snprintf(r->backend, sizeof r->backend, "CUDA %d x %s, tensor parallel (peer all-reduce)", tp, info[0].device);
+    snprintf(r->model, sizeof r->model, "synthetic %s (random weights generated on the devices)", spec);
+    quant_name(r, &d);
+    snprintf(r->flags + strlen(r->flags), sizeof r->flags - strlen(r->flags), " --tp %d --context %lld", tp, (long long)ctx);
+    r->weight_bytes = (double)wsum;
+    r->mem_bw_gbs = cuda_measure_copy_bandwidth(0, (size_t)2 << 30, 5) / 1e9;
+    random_prompt(toks, pos, prompt, V);
+    uint64_t t0 = 0;
+    for (int rep = 0; rep < 2; rep++) {
+        t0 = st_time_ns();
+        if (cuda_tp_forward(ct, toks, pos, slot, prompt, logits, LOGITS_LAST, &err)) {
+            die(&err);
+            goto out;
+        }
+    }
+    r->ttft_s = (double)(st_time_ns() - t0) * 1e-9;
+    r->prefill_tok_s = prompt / r->ttft_s;
+    const int32_t next = argmax_f(logits, V);
+    if (pos0 > prompt) {
+        fprintf(stderr, "strata: filling the KV cache of every GPU to position %d ...\n", pos0);
+        if (cuda_tp_kv_fill_synthetic(ct, 0, pos0, &err)) {
+            die(&err);
+            goto out;
+        }
+    }
+    const int p0 = pos0 > prompt ? pos0 : prompt;
+    if (cuda_tp_generate_greedy(ct, next, p0, 0, 4, outt, NULL, &err) ||
+        cuda_tp_generate_greedy(ct, next, p0, 0, gen, outt, step, &err)) {
+        die(&err);
+        goto out;
+    }
+    step_stats(r, step, lat, gen);
+    /* per GPU: its weight share + its share of the KV read at the mean decode position */
+    const double kv_tok = (double)model_desc_kv_bytes_per_token(&d, 2) * d.n_layer * (p0 + gen / 2);
+    r->bytes_per_token = (double)act_max + kv_tok / tp;
+    r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
+    r->max_ctx_target = d.max_pos;
+    r->max_ctx_stable = ctx;
+    r->kv_bytes = (double)kvsum;
+    snprintf(r->max_ctx_note, sizeof r->max_ctx_note,
+             "decode from position %d (KV of every GPU filled synthetically); KV split over %d GPUs; CUDA events per "
+             "graph replay; MBU per GPU",
+             p0, tp);
+    bench_print_table(r, stdout);
+    printf("\ncuda tp=%d: weights %.2f GB in all, per GPU bytes/token %.2f GB (weights %.2f GB), %.1f tok/s, MBU per GPU "
+           "%.3f (copy bw %.0f GB/s)\n",
+           tp, wsum / 1e9, r->bytes_per_token / 1e9, act_max / 1e9, r->decode_tok_s, r->mbu, r->mem_bw_gbs);
+    if (cuda_tp_profile_step(ct, p0, stdout, &err)) fprintf(stderr, "strata: profile: %s\n", err.msg);
+    write_reports(r, out_dir, NULL);
+    rc = 0;
+out:
+    cuda_tp_free(ct);
+    model_desc_free(&d);
+    free(logits), free(step), free(toks), free(pos), free(slot), free(outt), free(lat);
+    return rc;
+}
 #endif
 
 int cmd_bench(int argc, char **argv) {
     const char *dir = NULL, *synthetic = NULL, *out_dir = ".", *compare = NULL, *peers = NULL;
-    int prompt = 128, gen = 64, conc = 1, threads = 0, exact = 0, do_max = 1, cuda = 0;
+    int prompt = 128, gen = 64, conc = 1, threads = 0, exact = 0, do_max = 1, cuda = 0, tp = 1;
     int64_t ctx_target = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -296,6 +461,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "--concurrency") && more) conc = atoi(argv[++i]);
         else if (!strcmp(a, "--context") && more) ctx_target = atoll(argv[++i]);
         else if (!strcmp(a, "--threads") && more) threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--tp") && more) tp = atoi(argv[++i]);
         else if (!strcmp(a, "--out") && more) out_dir = argv[++i];
         else if (!strcmp(a, "--compare") && more) compare = argv[++i];
         else if (!strcmp(a, "--exact")) exact = 1;
@@ -313,6 +479,10 @@ int cmd_bench(int argc, char **argv) {
     }
     if ((!dir) == (!synthetic) || prompt < 1 || gen < 4 || conc < 1) {
         usage();
+        return 2;
+    }
+    if (tp < 1 || tp > 8 || (tp > 1 && (!synthetic || !cuda))) {
+        fprintf(stderr, "strata bench: --tp N (2..8) needs --synthetic PRESET --device cuda\n");
         return 2;
     }
     if (peers) { /* the cluster path: the nodes hold the weights */
@@ -348,6 +518,10 @@ int cmd_bench(int argc, char **argv) {
     machine_desc(r.machine, sizeof r.machine);
     snprintf(r.flags, sizeof r.flags, "--prompt %d --gen %d --concurrency %d%s", prompt, gen, conc, exact ? " --exact" : "");
 #ifdef STRATA_HAVE_CUDA
+    if (synthetic && cuda && tp > 1) {
+        r.prompt_tokens = prompt, r.gen_tokens = gen, r.concurrency = 1;
+        return bench_cuda_tp(synthetic, &r, prompt, gen, ctx_target, tp, out_dir);
+    }
     if (synthetic && cuda) { /* presets beyond host memory: weights generated on the GPU */
         uint64_t np = 0, nb = 0;
         if (!synth_preset_size(synthetic, &np, &nb, &err) && (nb > ((uint64_t)48 << 30) || getenv("STRATA_CUDA_DEVICE_SYNTH"))) {
@@ -392,6 +566,8 @@ int cmd_bench(int argc, char **argv) {
         goto out;
     }
     st_pool *pool = model_ctx_pool(ctx);
+    /* K/V bytes follow the cache's element size: float16 on the fast path, float32 with --exact */
+    const size_t kv_es = model_ctx_kv_elem_bytes(ctx);
     r.threads = st_pool_threads(pool);
     st_backend_announce(r.threads);
     snprintf(r.backend, sizeof r.backend, "CPU, %d threads, %s%s", r.threads,
@@ -462,7 +638,7 @@ int cmd_bench(int argc, char **argv) {
     r.lat_p50_ms = bench_percentile(lat, (size_t)n_lat, 50);
     r.lat_p90_ms = bench_percentile(lat, (size_t)n_lat, 90);
     r.lat_p99_ms = bench_percentile(lat, (size_t)n_lat, 99);
-    r.bytes_per_token = bench_bytes_per_token(m, prompt + gen / 2, sizeof(float));
+    r.bytes_per_token = bench_bytes_per_token(m, prompt + gen / 2, kv_es);
     r.mbu = bench_mbu(r.bytes_per_token, r.lat_mean_ms * 1e-3, r.mem_bw_gbs * 1e9);
     /* aggregate throughput: conc sequences, short prompts, decoded together */
     r.aggregate_tok_s = r.decode_tok_s;
@@ -502,8 +678,8 @@ int cmd_bench(int argc, char **argv) {
     if (do_max) {
         int64_t c = r.max_ctx_target;
         double avail = mem_available();
-        double per_tok = (double)model_desc_kv_bytes_per_token(d, sizeof(float)) * (m->layer_end - m->layer_begin);
-        snprintf(r.max_ctx_note, sizeof r.max_ctx_note, "full context, KV f32");
+        double per_tok = (double)model_desc_kv_bytes_per_token(d, kv_es) * (m->layer_end - m->layer_begin);
+        snprintf(r.max_ctx_note, sizeof r.max_ctx_note, "full context, KV %s", kv_es == 2 ? "f16" : "f32");
         while (c > 64 && per_tok * (double)c > 0.85 * avail) c /= 2;
         if (c < r.max_ctx_target) {
             char b1[32], b2[32];

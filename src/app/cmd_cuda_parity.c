@@ -2,10 +2,13 @@
  * (src/backend/cpu/cpu_ops.c) on fresh random inputs over dtypes, MLX bit widths 2..8, group
  * sizes 32/64/128 and odd shapes. Prints the relative error max|gpu-cpu| / max|cpu| of each
  * case; fp32 paths must agree within 1e-4, paths with bf16 inputs (GEMM, KV cache) within 1e-2.
- * The matrix-vector products of 4- and 8-bit weights run on the dp4a kernels, which quantise x
- * to int8 per block of 32 values ("matvec-dp4a"): bf16 tolerance 1e-2; with x as two int8
- * planes ("dp4a-x16", int16 precision) 1e-3; the same weights on the fp32 kernels
- * ("matvec-fp32", what STRATA_CUDA_NO_DP4A=1 selects) 1e-4.
+ * The matrix-vector products of 4-, 5-, 6- and 8-bit weights run on the dp4a kernels, which
+ * quantise x to int8 per block of 32 values ("matvec-dp4a"): bf16 tolerance 1e-2; with x as two
+ * int8 planes ("dp4a-x16", int16 precision) 1e-3; the same weights on the fp32 kernels
+ * ("matvec-fp32", what STRATA_CUDA_NO_DP4A=1 selects) 1e-4. 5- and 6-bit weights are repacked
+ * into the planes layout of src/backend/cuda/mv56_layout.h when cuda_op_linear uploads them (as
+ * a model's upload does), so every case of those widths (dp4a, fp32, generic, GEMM dequant,
+ * embedding) reads the repacked layout; with STRATA_CUDA_NO_DP4A=1 set they stay MLX.
  * Exit status 1 if any case fails (or 2 when built without CUDA / no device).
  */
 #include "app.h"
@@ -112,7 +115,7 @@ static void make_weight(wt_linear *w, void *bufs[3], int64_t rows, int64_t cols,
 static const char *dt_name(sft_dtype d) { return d == SFT_F32 ? "f32" : d == SFT_F16 ? "f16" : "bf16"; }
 
 /* Whether the matrix-vector path runs weights of `bits` x cols on the dp4a kernels (int8 x). */
-static int dp4a_applies(int bits, int64_t cols) { return (bits == 4 || bits == 8) && cols % 32 == 0; }
+static int dp4a_applies(int bits, int64_t cols) { return (bits == 4 || bits == 5 || bits == 6 || bits == 8) && cols % 32 == 0; }
 
 #define TOL_DP4A 1e-2 /* int8 x per 32 values: the bf16 tolerance        */
 #define TOL_X16 1e-3  /* x as two int8 planes (int16 precision)          */
@@ -216,9 +219,48 @@ static void check_attention(cpu_scratch *cs, int n_ctx, int T, int H, int Hkv, i
         printf("attention: %s\n", err.msg);
         g_fail++;
     } else {
-        snprintf(what, sizeof what, "attention ctx=%d T=%d H=%d Hkv=%d hd=%d", n_ctx, T, H, Hkv, hd);
-        report(what, rel_err(got, ref, (size_t)T * H * hd), 1e-4);
+        /* decode rows (T <= 8) of head_dim 64/128 with <= 16 query heads per kv head run the
+         * tensor-core kernel: q and the softmax weights enter its mma in bf16 (tolerance 1e-2, as
+         * every bf16 input); the per-head kernel keeps q and p in fp32 (1e-4) */
+        const int mma = (T <= 8 && (hd == 64 || hd == 128) && H % Hkv == 0 && H / Hkv <= 16) ||
+                        (T >= 16 && (hd == 64 || hd == 128) && H % Hkv == 0 && H / Hkv <= 64); /* prefill kernel */
+        snprintf(what, sizeof what, "attention ctx=%d T=%d H=%d Hkv=%d hd=%d%s", n_ctx, T, H, Hkv, hd,
+                 mma ? " (tensor cores)" : "");
+        report(what, rel_err(got, ref, (size_t)T * H * hd), mma ? 1e-2 : 1e-4);
     }
+    free(k), free(v), free(q), free(ref), free(got), free(pos), free(kp), free(vp);
+}
+
+/* The tiled tensor-core prefill kernel (cuda_op_attention_path 2): T rows at consecutive
+ * positions pos0..pos0+T-1 over a cache of pos0 + T rows (pos0 > 0: a later chunk of a prompt,
+ * the earlier K/V already cached); bf16 tolerance (q and the softmax weights enter the mma in
+ * bf16). path 0 checks that the forward pass's automatic choice gives the same answer. */
+static void check_attention_prefill(cpu_scratch *cs, int T, int H, int Hkv, int hd, int pos0, int path) {
+    const int n_ctx = pos0 + T;
+    size_t kvn = (size_t)n_ctx * Hkv * hd;
+    float *k = malloc(kvn * 4), *v = malloc(kvn * 4), *q = malloc((size_t)T * H * hd * 4);
+    float *ref = malloc((size_t)T * H * hd * 4), *got = malloc((size_t)T * H * hd * 4);
+    int32_t *pos = malloc((size_t)T * 4);
+    const float **kp = malloc((size_t)T * sizeof *kp), **vp = malloc((size_t)T * sizeof *vp);
+    if (!k || !v || !q || !ref || !got || !pos || !kp || !vp) {
+        printf("attention prefill: out of memory\n");
+        g_fail++;
+        goto out;
+    }
+    for (size_t i = 0; i < kvn; i++) k[i] = bf16_round(rnd_f() * 2), v[i] = bf16_round(rnd_f());
+    for (int i = 0; i < T * H * hd; i++) q[i] = rnd_f() * 2;
+    for (int t = 0; t < T; t++) pos[t] = pos0 + t, kp[t] = k, vp[t] = v;
+    float scale = 1.0f / sqrtf((float)hd);
+    cpu_attention(NULL, cs, ref, q, kp, vp, pos, T, H, Hkv, hd, scale);
+    st_err err = {0};
+    char what[160];
+    snprintf(what, sizeof what, "attention prefill%s T=%d pos0=%d H=%d Hkv=%d hd=%d", path == 0 ? " (auto)" : "", T, pos0,
+             H, Hkv, hd);
+    if (cuda_op_attention_path(q, k, v, n_ctx, pos, T, H, Hkv, hd, scale, path, got, &err)) {
+        printf("%s: %s\n", what, err.msg);
+        g_fail++;
+    } else report(what, rel_err(got, ref, (size_t)T * H * hd), 1e-2);
+out:
     free(k), free(v), free(q), free(ref), free(got), free(pos), free(kp), free(vp);
 }
 
@@ -345,24 +387,69 @@ static void check_route(int T, int E, int K, int sigmoid, int norm) {
     free(lg), free(bias), free(w_ref), free(w_got), free(s_ref), free(s_got);
 }
 
+/* The router alone (cuda_op_moe_router: k_moe_router, router linear + routing in one launch)
+ * for T token rows of x[T, D]: the logits against cpu_linear within 1e-4 (fp32 x on both), the
+ * selection and weights against route_ref applied to the GPU's own logits (exact / 1e-5, so a
+ * near-tie cannot flip the comparison). rbits 0: a bf16 router (the element-wise path). */
+static void check_router(cpu_scratch *cs, int D, int E, int K, int sigmoid, int rbits, int T) {
+    wt_linear router;
+    void *rb[3];
+    make_weight(&router, rb, E, D, SFT_BF16, rbits, 64, SFT_BF16);
+    float *x = malloc((size_t)T * D * 4), *bias = malloc((size_t)E * 4);
+    float *lg_ref = malloc((size_t)T * E * 4), *lg_got = malloc((size_t)T * E * 4);
+    float *w_ref = malloc((size_t)T * K * 4), *w_got = malloc((size_t)T * K * 4);
+    int32_t *s_ref = malloc((size_t)T * K * 4), *s_got = malloc((size_t)T * K * 4);
+    for (int i = 0; i < T * D; i++) x[i] = rnd_f();
+    for (int e = 0; e < E; e++) bias[e] = rnd_f() * 0.1f;
+    cpu_linear(NULL, cs, lg_ref, x, &router, T);
+    st_err err = {0};
+    char what[160], q[24];
+    if (rbits) snprintf(q, sizeof q, "q%dg64", rbits);
+    else snprintf(q, sizeof q, "bf16");
+    if (cuda_op_moe_router(&router, sigmoid ? bias : NULL, E, K, sigmoid, 1, x, T, lg_got, s_got, w_got, &err)) {
+        printf("moe router: %s\n", err.msg);
+        g_fail++;
+    } else {
+        for (int t = 0; t < T; t++)
+            route_ref(lg_got + (size_t)t * E, sigmoid ? bias : NULL, E, K, sigmoid, 1, s_ref + (size_t)t * K,
+                      w_ref + (size_t)t * K);
+        int bad = 0;
+        for (int i = 0; i < T * K; i++) bad += s_got[i] != s_ref[i];
+        const char *rn = sigmoid ? "sigmoid+bias" : "softmax";
+        snprintf(what, sizeof what, "moe router %s %s D=%d E=%d K=%d T=%d (logits)", rn, q, D, E, K, T);
+        report(what, rel_err(lg_got, lg_ref, (size_t)T * E), 1e-4);
+        snprintf(what, sizeof what, "moe router %s %s D=%d E=%d K=%d T=%d (selection)", rn, q, D, E, K, T);
+        report(what, bad, 0);
+        snprintf(what, sizeof what, "moe router %s %s D=%d E=%d K=%d T=%d (weights)", rn, q, D, E, K, T);
+        report(what, rel_err(w_got, w_ref, (size_t)T * K), 1e-5);
+    }
+    free(x), free(bias), free(lg_ref), free(lg_got), free(w_ref), free(w_got), free(s_ref), free(s_got);
+    for (int i = 0; i < 3; i++) free(rb[i]);
+}
+
 /* The whole MoE feed-forward (router linear + routing + experts + weighted sum) against
  * forward.c's moe_forward restated on the host with cpu_linear / cpu_swiglu / route_ref, for
- * T = 1 (decode), 7, 9 (just past the matrix-vector limit of 8), 33 and 200 token rows. The
- * selection must agree exactly (the router runs in fp32 on both), the output within 1e-4. */
-static void check_moe_ffn(cpu_scratch *cs, int D, int F, int E, int K, int sigmoid, int norm, int bits, int rbits) {
+ * the nT token counts Ts (default: 1 (decode), 7, 9 (just past the matrix-vector limit of 8),
+ * 33 and 200). Expert scales / biases in sdt. The selection must agree exactly (the router runs
+ * in fp32 on both), the output within 1e-4 on fp32 kernels and 1e-3 with x as two int8 planes.
+ * 4/5/6/8-bit experts run three ways: the fused kernels (k_moe_gateup / k_moe_down, the default;
+ * 5/6-bit experts on planes), STRATA_CUDA_MOE_UNFUSED=1 and STRATA_CUDA_NO_DP4A=1; the default
+ * must really take the fused kernels (STRATA_CUDA_MOE_EXPECT_FUSED=1 makes the op fail
+ * otherwise) and, twice more for T <= 8, give the same bits (no float atomics). */
+static void check_moe_ffn_t(cpu_scratch *cs, int D, int F, int E, int K, int sigmoid, int norm, int bits, int rbits,
+                            sft_dtype sdt, const int *Ts, int nT) {
     wt_linear router, *eg = calloc((size_t)E, sizeof *eg), *eu = calloc((size_t)E, sizeof *eu),
                       *ed = calloc((size_t)E, sizeof *ed);
     void *rb[3], **eb = calloc((size_t)E * 9, sizeof *eb);
     make_weight(&router, rb, E, D, SFT_BF16, rbits, 64, SFT_BF16);
     for (int e = 0; e < E; e++) {
-        make_weight(&eg[e], eb + 9 * e, F, D, SFT_BF16, bits, 64, SFT_BF16);
-        make_weight(&eu[e], eb + 9 * e + 3, F, D, SFT_BF16, bits, 64, SFT_BF16);
-        make_weight(&ed[e], eb + 9 * e + 6, D, F, SFT_BF16, bits, 64, SFT_BF16);
+        make_weight(&eg[e], eb + 9 * e, F, D, SFT_BF16, bits, 64, sdt);
+        make_weight(&eu[e], eb + 9 * e + 3, F, D, SFT_BF16, bits, 64, sdt);
+        make_weight(&ed[e], eb + 9 * e + 6, D, F, SFT_BF16, bits, 64, sdt);
     }
     float *bias = malloc((size_t)E * 4);
     for (int e = 0; e < E; e++) bias[e] = rnd_f() * 0.1f;
-    const int Ts[] = {1, 7, 9, 33, 200};
-    for (int ti = 0; ti < 5; ti++) {
+    for (int ti = 0; ti < nT; ti++) {
         const int T = Ts[ti];
         float *x = malloc((size_t)T * D * 4), *ref = calloc((size_t)T * D, 4), *got = malloc((size_t)T * D * 4);
         float *lg = malloc((size_t)T * E * 4), *selw = malloc((size_t)T * K * 4);
@@ -383,24 +470,43 @@ static void check_moe_ffn(cpu_scratch *cs, int D, int F, int E, int K, int sigmo
                 for (int i = 0; i < D; i++) ref[(size_t)t * D + i] += selw[(size_t)t * K + k] * y[i];
             }
         st_err err = {0};
-        char what[160], q[24];
-        if (bits) snprintf(q, sizeof q, "q%dg64", bits);
+        char what[160], q[32];
+        if (bits) snprintf(q, sizeof q, "q%dg64%s", bits, sdt == SFT_BF16 ? "" : sdt == SFT_F16 ? "/f16" : "/f32");
         else snprintf(q, sizeof q, "bf16");
         /* 4/8-bit experts: the dp4a kernels with x as two int8 planes (the MoE default: int8 x
-         * failed the golden test of qwen3_moe-mlx-q4g64 through flipped router choices), then the
-         * fp32 kernels; the router always runs on fp32 x (selection exact) */
+         * failed the golden test of qwen3_moe-mlx-q4g64 through flipped router choices), fused
+         * and unfused, then the fp32 kernels; the router always runs on fp32 x (selection exact) */
         const int dp = dp4a_applies(bits, D) && dp4a_applies(bits, F);
-        for (int v = 0; v < (dp ? 2 : 1); v++) {
-            static const char *vname[2] = {"", " fp32"};
-            const double tol = !dp ? 1e-4 : v == 0 ? TOL_X16 : 1e-4;
-            char *sno = v == 1 ? env_swap("STRATA_CUDA_NO_DP4A", "1") : NULL;
+        for (int v = 0; v < (dp ? 3 : 1); v++) {
+            static const char *vname[3] = {"", " unfused", " fp32"};
+            const double tol = !dp ? 1e-4 : v < 2 ? TOL_X16 : 1e-4;
+            /* v 0 with dp4a experts: the fused kernels, required (K <= 64, F and D whole blocks) */
+            const char *ename = v == 1 ? "STRATA_CUDA_MOE_UNFUSED" : v == 2 ? "STRATA_CUDA_NO_DP4A"
+                                                                          : "STRATA_CUDA_MOE_EXPECT_FUSED";
+            const int swap = v || (dp && K <= 64);
+            char *sno = swap ? env_swap(ename, "1") : NULL;
             const int rc = cuda_op_moe_ffn(&router, sigmoid ? bias : NULL, eg, eu, ed, E, K, sigmoid, norm, x, T, got,
                                            sel_got, &err);
-            if (v == 1) env_restore("STRATA_CUDA_NO_DP4A", sno);
+            if (swap) env_restore(ename, sno);
             if (rc) {
                 printf("moe ffn: %s\n", err.msg);
                 g_fail++;
                 continue;
+            }
+            if (v == 0 && dp && T <= 8) { /* the same inputs twice more: the same bits */
+                float *again = malloc((size_t)T * D * 4);
+                int differ = 0;
+                for (int rep = 0; rep < 2; rep++) {
+                    if (cuda_op_moe_ffn(&router, sigmoid ? bias : NULL, eg, eu, ed, E, K, sigmoid, norm, x, T, again,
+                                        NULL, &err)) {
+                        printf("moe ffn: %s\n", err.msg);
+                        differ++;
+                    } else differ += memcmp(again, got, (size_t)T * D * 4) != 0;
+                }
+                snprintf(what, sizeof what, "moe ffn %s %s D=%d F=%d E=%d K=%d T=%d (bitwise repeat)",
+                         sigmoid ? "sigmoid" : "softmax", q, D, F, E, K, T);
+                report(what, differ, 0);
+                free(again);
             }
             int bad = 0;
             for (int i = 0; i < T * K; i++) bad += sel_got[i] != sel[i];
@@ -418,6 +524,11 @@ static void check_moe_ffn(cpu_scratch *cs, int D, int F, int E, int K, int sigmo
     free(eb), free(eg), free(eu), free(ed), free(bias);
 }
 
+static void check_moe_ffn(cpu_scratch *cs, int D, int F, int E, int K, int sigmoid, int norm, int bits, int rbits) {
+    static const int Ts[] = {1, 7, 9, 33, 200};
+    check_moe_ffn_t(cs, D, F, E, K, sigmoid, norm, bits, rbits, SFT_BF16, Ts, 5);
+}
+
 int cmd_cuda_parity(int argc, char **argv) {
     int quick = 0;
     for (int i = 1; i < argc; i++) {
@@ -432,7 +543,7 @@ int cmd_cuda_parity(int argc, char **argv) {
         fprintf(stderr, "strata cuda-parity: no CUDA device: %s\n", why);
         return 2;
     }
-    printf("cuda-parity: fp32 paths tol 1e-4; bf16 inputs (GEMM, KV cache) 1e-2; 4/8-bit matrix-vector on the dp4a\n"
+    printf("cuda-parity: fp32 paths tol 1e-4; bf16 inputs (GEMM, KV cache) 1e-2; 4/5/6/8-bit matrix-vector on the dp4a\n"
            "  kernels (x as int8 per 32 values, STRATA_CUDA_NO_DP4A=%s) with the bf16 tolerance 1e-2, on two int8\n"
            "  planes of x (dp4a-x16) 1e-3, on the fp32 kernels (matvec-fp32) 1e-4\n",
            getenv("STRATA_CUDA_NO_DP4A") ? getenv("STRATA_CUDA_NO_DP4A") : "unset");
@@ -484,6 +595,25 @@ int cmd_cuda_parity(int argc, char **argv) {
         }
     check_linear(&cs, 77, 96, SFT_BF16, 8, 32, SFT_BF16, 3);
     check_linear(&cs, 77, 96, SFT_BF16, 4, 32, SFT_BF16, 1);
+    /* dp4a kernels on 5/6-bit planes (k_mv_qp): every token count 1..8 with 1 row per warp (131)
+     * and 4 (2118), groups 32/64/128, scale dtypes; T = 1 in all launch shapes: 1 / 4 rows per
+     * warp without split-K (512 columns) and with it (600x2048, 2118x4096); 3 blocks per row; the
+     * minimax-m2.5 expert shapes (gate/up 1536x3072, down 3072x1536) */
+    for (int b = 5; b <= 6; b++) {
+        for (int T = 1; T <= 8; T++) {
+            const int g = groups[(T + b) % 3];
+            const sft_dtype sdt = T % 3 == 1 ? SFT_F16 : T % 3 == 2 ? SFT_F32 : SFT_BF16;
+            check_linear(&cs, 131, 1024, SFT_BF16, b, g, sdt, T);
+            check_linear(&cs, 2118, 1024, SFT_BF16, b, g, T % 2 ? SFT_BF16 : sdt, T);
+        }
+        check_linear(&cs, 131, 512, SFT_BF16, b, 64, SFT_BF16, 1);
+        check_linear(&cs, 2118, 512, SFT_BF16, b, 128, SFT_BF16, 1);
+        check_linear(&cs, 600, 2048, SFT_BF16, b, 32, SFT_BF16, 1);
+        check_linear(&cs, 2118, 4096, SFT_BF16, b, 64, SFT_F16, 1);
+        check_linear(&cs, 77, 96, SFT_BF16, b, 32, SFT_BF16, 3);
+        check_linear(&cs, 1536, 3072, SFT_BF16, b, 64, SFT_BF16, 1);
+        check_linear(&cs, 3072, 1536, SFT_BF16, b, 64, SFT_BF16, 1);
+    }
     for (int ti = 0; ti < 2; ti++) {
         check_linear(&cs, 2118, 1024, SFT_BF16, 0, 0, SFT_BF16, ti ? 3 : 1);
         check_linear(&cs, 2118, 1024, SFT_F16, 0, 0, SFT_BF16, ti ? 3 : 1);
@@ -493,8 +623,27 @@ int cmd_cuda_parity(int argc, char **argv) {
     int at[][5] = {{1, 1, 4, 2, 32}, {300, 1, 32, 8, 128}, {4097, 1, 16, 4, 128}, {77, 5, 4, 2, 48},
                    {64, 64, 8, 1, 64}, {513, 3, 8, 8, 256}, {1000, 1, 40, 8, 128},
                    /* minimax-shaped (6 q heads per kv head), 16 per kv head, and 32 (the per-head kernel) */
-                   {4000, 1, 48, 8, 128}, {200, 2, 64, 4, 128}, {100, 1, 64, 2, 64}};
+                   {4000, 1, 48, 8, 128}, {200, 2, 64, 4, 128}, {100, 1, 64, 2, 64},
+                   /* tensor-core decode kernel: 5 positions, T = 4 / 8 causal rows, G = 1 and 16 */
+                   {5, 1, 8, 8, 64}, {70, 4, 16, 8, 128}, {2047, 8, 24, 8, 64}, {17, 1, 16, 1, 128},
+                   {65, 1, 6, 1, 128}};
     for (size_t i = 0; i < sizeof at / sizeof at[0]; i++) check_attention(&cs, at[i][0], at[i][1], at[i][2], at[i][3], at[i][4]);
+    /* prefill attention (tiled, tensor cores): T x heads x head_dim, from position 0 and as a
+     * second chunk of a prompt (positions from an offset); plus the automatic choice */
+    {
+        const int pts[] = {16, 33, 128, 300}, phs[][2] = {{4, 4}, {32, 8}, {48, 8}, {16, 2}}, phd[] = {64, 128};
+        for (int ti = 0; ti < 4; ti++)
+            for (int hi = 0; hi < 4; hi++)
+                for (int di = 0; di < 2; di++)
+                    for (int oi = 0; oi < 2; oi++) {
+                        if (quick && (ti + hi + di + oi) % 2) continue;
+                        const int pos0 = oi ? 37 + 64 * ti : 0; /* offsets inside a key tile and across tiles */
+                        check_attention_prefill(&cs, pts[ti], phs[hi][0], phs[hi][1], phd[di], pos0, 2);
+                    }
+        check_attention_prefill(&cs, 64, 32, 8, 128, 0, 0);
+        check_attention_prefill(&cs, 200, 16, 2, 64, 1000, 0);
+        check_attention_prefill(&cs, 20, 64, 1, 128, 5, 2); /* G = 64: one token per CTA */
+    }
     check_route(5, 8, 2, 0, 1);
     check_route(9, 128, 8, 0, 1);
     check_route(3, 64, 4, 0, 0);
@@ -507,6 +656,54 @@ int cmd_cuda_parity(int argc, char **argv) {
     check_moe_ffn(&cs, 128, 64, 128, 8, 0, 1, 5, 0);  /* 128 experts, q5 experts, bf16 router         */
     check_moe_ffn(&cs, 256, 128, 16, 4, 0, 1, 4, 8);  /* qwen3_moe-mlx-like: q4 experts, q8 router     */
     check_moe_ffn(&cs, 128, 192, 16, 2, 1, 1, 8, 8);  /* q8 experts (dp4a on 8-bit), F = 6 blocks of 32 */
+    check_moe_ffn(&cs, 256, 192, 16, 4, 1, 1, 6, 8);  /* q6 experts on planes, q8 router, F = 6 blocks of 32 */
+    /* k_moe_router alone: minimax (D 3072: 4 warps per row; E 256, sigmoid + bias) and
+     * qwen3-30b-a3b (D 2048: 2 warps per row; E 128, softmax) shapes, 1..8 rows and past the 8
+     * rows of a block (T = 9) and the 32 rows of a parity launch (T = 40); q4 / bf16 routers, odd
+     * D (element-wise path), E = 512 and E not a multiple of 32 */
+    {
+        static const int rts[] = {1, 2, 8, 9, 40};
+        for (int i = 0; i < 5; i++) {
+            check_router(&cs, 3072, 256, 8, 1, 8, rts[i]);
+            check_router(&cs, 2048, 128, 8, 0, 8, rts[i]);
+        }
+        check_router(&cs, 2048, 128, 8, 0, 4, 3);
+        check_router(&cs, 1024, 64, 4, 0, 0, 5);
+        check_router(&cs, 200, 60, 4, 1, 0, 3);
+        check_router(&cs, 4096, 512, 8, 1, 8, 2);
+        check_router(&cs, 512, 100, 6, 0, 8, 8);
+        check_router(&cs, 3072, 256, 8, 1, 5, 2); /* 5/6-bit routers: planes, the element-wise path */
+        check_router(&cs, 1024, 64, 4, 0, 6, 1);
+    }
+    /* decode batches T = 1..8 (and 9, 33, 200) of the two production MoE shapes at small D:
+     * minimax (E 256, K 8, sigmoid + bias) and qwen3-30b-a3b (E 128, K 8, softmax), q4 experts,
+     * q8 router; their widths (D 2048 / 3072: several chunks per lane in every kernel) at T = 1, 8;
+     * f16 scales (the generic-scale kernels) */
+    {
+        static const int all[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 33, 200}, few[] = {1, 8};
+        check_moe_ffn_t(&cs, 256, 128, 256, 8, 1, 1, 4, 8, SFT_BF16, all, 11);
+        check_moe_ffn_t(&cs, 256, 128, 128, 8, 0, 1, 4, 8, SFT_BF16, all, 11);
+        check_moe_ffn_t(&cs, 3072, 256, 64, 8, 1, 1, 4, 8, SFT_BF16, few, 2);
+        check_moe_ffn_t(&cs, 2048, 192, 96, 8, 0, 1, 4, 8, SFT_BF16, few, 2);
+        /* F is the down projection's input width: a whole number of 64-groups (96 was not, and
+         * CPU and GPU then disagree about the partial group, rel ~0.97) */
+        check_moe_ffn_t(&cs, 256, 128, 32, 8, 0, 1, 8, 8, SFT_F16, few, 2);
+        check_moe_ffn_t(&cs, 256, 128, 32, 3, 1, 1, 4, 0, SFT_F32, few, 2);
+    }
+    /* 5/6-bit experts on the fused kernels (planes layout, two planes of x; issue #10: minimax-m2.5
+     * at MLX 5-bit): minimax-shaped (E 64, K 8, sigmoid + bias, q8 router) and softmax E 32 / K 4
+     * (2 column slices per expert in k_moe_down) at T = 1..8 and 33; the minimax width D 3072
+     * (96 chunks of gate/up rows: 3 per lane; down F 256) at T = 1, 8; f16 and f32 scales (the
+     * generic-scale kernels) with K = 3 (odd slices) and E not a power of two */
+    {
+        static const int t56[] = {1, 2, 3, 4, 5, 6, 7, 8, 33}, few[] = {1, 8};
+        for (int bits = 5; bits <= 6; bits++) {
+            check_moe_ffn_t(&cs, 512, 256, 64, 8, 1, 1, bits, 8, SFT_BF16, t56, 9);
+            check_moe_ffn_t(&cs, 512, 256, 32, 4, 0, 1, bits, 8, SFT_BF16, t56, 9);
+            check_moe_ffn_t(&cs, 3072, 256, 64, 8, 1, 1, bits, 8, SFT_BF16, few, 2);
+            check_moe_ffn_t(&cs, 256, 192, 24, 3, 1, 1, bits, 0, bits == 5 ? SFT_F16 : SFT_F32, few, 2);
+        }
+    }
     cpu_scratch_free(&cs);
     printf("cuda-parity: %d cases, %d failed\n", g_cases, g_fail);
     return g_fail ? 1 : 0;

@@ -67,19 +67,32 @@ static int load_case(const sft_set *g, int k, int vocab, golden_case *c, const c
 /* --device cuda: the same three checks on the GPU with the bf16 criteria of golden.json
  * (max|dlogit| <= tol * max|logit| on prefill and decode, top-1 agreement >= 99% of all
  * positions); the greedy continuation runs on the device and is reported, not required. */
-static int eval_cuda(const model *m, golden_case *cases, int n_cases, int max_len, int batch, double tol, float *logits) {
+/* One forward pass on the single GPU or over the tensor-parallel group. */
+static int cuda_fwd(cuda_model *cm, cuda_tp *ct, const int32_t *tok, const int32_t *pos, const int32_t *slot, int T,
+                    float *logits, logits_mode mode, st_err *err) {
+    return ct ? cuda_tp_forward(ct, tok, pos, slot, T, logits, mode, err)
+              : cuda_model_forward(cm, tok, pos, slot, T, logits, mode, err);
+}
+
+static int eval_cuda(const model *m, golden_case *cases, int n_cases, int max_len, int batch, double tol, float *logits,
+                     int tp) {
     st_err err = {0};
     cuda_model *cm = NULL;
+    cuda_tp *ct = NULL;
     const int V = m->desc.n_vocab;
     cuda_model_opts o = {.max_ctx = max_len + 1, .n_slots = 1, .max_batch = batch};
     if (o.max_ctx > m->desc.max_pos) o.max_ctx = (int)m->desc.max_pos;
-    if (cuda_model_init(&cm, m, &o, &err)) {
+    int devs[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    if (tp > 1 ? cuda_tp_init(&ct, m, &o, devs, tp, &err) : cuda_model_init(&cm, m, &o, &err)) {
         fprintf(stderr, "strata: %s\n", err.msg);
         return 1;
     }
     cuda_model_info info;
-    cuda_model_get_info(cm, &info);
-    printf("device: %s (weights %.1f MB)\n", info.device, info.weight_bytes / 1e6);
+    if (ct) cuda_tp_get_info(ct, 0, &info);
+    else cuda_model_get_info(cm, &info);
+    printf("device: %s%s (weights %.1f MB%s)\n", info.device, tp > 1 ? ", tensor parallel" : "", info.weight_bytes / 1e6,
+           tp > 1 ? " on GPU 0" : "");
+    int32_t *gen = malloc((size_t)max_len * 4 + 4);
     int failed = 0, passed = 0;
     long top1 = 0, npos = 0;
     int32_t *pos = malloc((size_t)max_len * 4), *slot = calloc((size_t)max_len, 4);
@@ -87,7 +100,7 @@ static int eval_cuda(const model *m, golden_case *cases, int n_cases, int max_le
     for (int k = 0; k < n_cases; k++) {
         golden_case *c = &cases[k];
         double pre_d = 0, pre_ref = 0, dec_d = 0, dec_ref = 0;
-        int ok = !cuda_model_forward(cm, c->prompt, pos, slot, c->T, logits, LOGITS_ALL, &err);
+        int ok = !cuda_fwd(cm, ct, c->prompt, pos, slot, c->T, logits, LOGITS_ALL, &err);
         int pre_top = 0, dec_top = 0;
         if (ok) {
             diff_stats(logits, c->logits, (size_t)c->T * V, &pre_d, &pre_ref);
@@ -95,14 +108,22 @@ static int eval_cuda(const model *m, golden_case *cases, int n_cases, int max_le
                 pre_top += argmax(logits + (size_t)t * V, V) == argmax(c->logits + (size_t)t * V, V);
         }
         for (int t = 0; t < c->T && ok; t++) {
-            if (cuda_model_forward(cm, &c->prompt[t], &pos[t], slot, 1, logits, LOGITS_LAST, &err)) ok = 0;
+            if (cuda_fwd(cm, ct, &c->prompt[t], &pos[t], slot, 1, logits, LOGITS_LAST, &err)) ok = 0;
             else {
                 diff_stats(logits, c->logits + (size_t)t * V, (size_t)V, &dec_d, &dec_ref);
                 dec_top += argmax(logits, V) == argmax(c->logits + (size_t)t * V, V);
             }
         }
         int match = 0;
-        if (ok && c->G > 0) {
+        if (ok && c->G > 0 && ct) { /* the whole continuation as graph-replayed steps on every GPU */
+            int32_t tok = argmax(logits, V);
+            int n = c->G - 1 < o.max_ctx - c->T ? c->G - 1 : o.max_ctx - c->T;
+            if (tok == c->greedy[0]) {
+                match = 1;
+                if (n > 0 && cuda_tp_generate_greedy(ct, tok, c->T, 0, n, gen, NULL, &err)) ok = 0;
+                for (int i = 0; ok && i < n && gen[i] == c->greedy[i + 1]; i++) match++;
+            }
+        } else if (ok && c->G > 0) {
             int32_t tok = argmax(logits, V), p = c->T, z = 0;
             for (int i = 0; i < c->G && ok; i++) {
                 if (tok != c->greedy[i]) break;
@@ -132,7 +153,9 @@ static int eval_cuda(const model *m, golden_case *cases, int n_cases, int max_le
            tol, passed, failed, 100 * agree, top_ok ? "PASS" : "FAIL");
     free(pos);
     free(slot);
+    free(gen);
     cuda_model_free(cm);
+    cuda_tp_free(ct);
     return failed || !top_ok ? 1 : 0;
 }
 #endif
@@ -143,19 +166,21 @@ static void usage(void) {
                     "  --exact      float32 reference kernels (default: the SIMD fast path, also float32)\n"
                     "  --tol X      relative tolerance on logits (default 1e-3)\n"
                     "  --batch N    prefill chunk size (default 64; smaller exercises chunking)\n"
-                    "  --device cuda  run on the GPU (bf16 criteria: --tol default 3e-2, top-1 >= 99%%)\n");
+                    "  --device cuda  run on the GPU (bf16 criteria: --tol default 3e-2, top-1 >= 99%%)\n"
+                    "  --tp N       with --device cuda: tensor parallel over GPUs 0..N-1\n");
 }
 
 int cmd_eval_golden(int argc, char **argv) {
     const char *dir = NULL;
     double tol = 1e-3;
-    int threads = 0, batch = 64, cuda = 0, tol_set = 0, exact = 0;
+    int threads = 0, batch = 64, cuda = 0, tol_set = 0, exact = 0, tp = 1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--exact")) exact = 1;
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) cuda = !strcmp(argv[++i], "cuda");
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--tol") && i + 1 < argc) tol = atof(argv[++i]), tol_set = 1;
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--tp") && i + 1 < argc) tp = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage();
             return 0;
@@ -171,6 +196,10 @@ int cmd_eval_golden(int argc, char **argv) {
     }
     if (!dir || batch < 1) {
         usage();
+        return 2;
+    }
+    if (tp < 1 || tp > 8 || (tp > 1 && !cuda)) {
+        fprintf(stderr, "strata eval-golden: --tp N (2..8) needs --device cuda\n");
         return 2;
     }
     st_err err = {0};
@@ -213,7 +242,7 @@ int cmd_eval_golden(int argc, char **argv) {
         if (!logits) goto out;
         printf("model %s: %s, %d layers, %d-dim, vocab %d; %d prompts\n", dir, m->desc.model_type, m->desc.n_layer,
                m->desc.n_embd, V, n_cases);
-        rc = eval_cuda(m, cases, n_cases, max_len, batch, tol_set ? tol : 3e-2, logits);
+        rc = eval_cuda(m, cases, n_cases, max_len, batch, tol_set ? tol : 3e-2, logits, tp);
 #else
         (void)tol_set;
         fprintf(stderr, "strata: --device cuda: built without CUDA\n");

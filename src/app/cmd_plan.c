@@ -26,7 +26,7 @@ static void plan_usage(FILE *f) {
             "  --kv-dtype bf16|f16|f32 KV cache element type (default bf16)\n"
             "  --reserve F             fraction of each device's memory held back (default 0.05)\n"
             "  --chunk N               prefill chunk, tokens per forward (default 256)\n"
-            "  --max-tp N              largest tensor-parallel group (default 8; 1 = pipeline only)\n"
+            "  --max-tp N              largest tensor-parallel group (default 8; 1 = pipeline only)\n  --tp N                  only tensor-parallel groups of N devices (compare layouts; 1 = pipeline)\n"
             "  --json                  print the plan as JSON\n"
             "  --peers ADDR,...        plan for a live cluster of `strata node`s: their devices and measured links\n"
             "                          (defaults then follow the coordinator: f32 KV, context min(max, 4096), chunk 64)\n"
@@ -199,7 +199,8 @@ int cmd_plan(int argc, char **argv) {
                 return 2;
             }
             xport_pref = !strcmp(v, "tcp") ? XPORT_PREF_TCP : XPORT_PREF_AUTO;
-        } else if (!strcmp(a, "--context") || !strcmp(a, "--slots") || !strcmp(a, "--chunk") || !strcmp(a, "--max-tp")) {
+        } else if (!strcmp(a, "--context") || !strcmp(a, "--slots") || !strcmp(a, "--chunk") || !strcmp(a, "--max-tp") ||
+                   !strcmp(a, "--tp")) {
             if (parse_count(v, &n) || n < 1 || (strcmp(a, "--context") && n > 1 << 20)) {
                 fprintf(stderr, "strata plan: %s wants a positive integer, got '%s'\n", a, v);
                 return 2;
@@ -207,6 +208,7 @@ int cmd_plan(int argc, char **argv) {
             if (!strcmp(a, "--context")) req.context = n;
             else if (!strcmp(a, "--slots")) req.slots = (int)n;
             else if (!strcmp(a, "--chunk")) req.chunk = (int)n, chunk_given = 1;
+            else if (!strcmp(a, "--tp")) req.min_tp = req.max_tp = (int)n;
             else req.max_tp = (int)n;
         } else if (!strcmp(a, "--objective")) {
             if (!strcmp(v, "latency")) req.objective = PLAN_LATENCY;

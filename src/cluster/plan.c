@@ -259,7 +259,7 @@ static int build_units(solver *s, st_err *err) {
     if (!s->units) return st_err_set(err, ST_ERR_NOMEM, "out of memory");
     int pos_of[PLAN_MAX_DEVICES];
     for (int p = 0; p < D; p++) pos_of[s->order[p]] = p;
-    for (int d = 0; d < D; d++) {
+    for (int d = 0; d < D && s->r->min_tp <= 1; d++) {
         unit *u = &s->units[s->n_units++];
         u->n = 1;
         u->dev[0] = d;
@@ -269,7 +269,7 @@ static int build_units(solver *s, st_err *err) {
     if (s->exact) {
         for (uint64_t mask = 1; mask < (1ull << D); mask++) {
             int n = popcount64(mask);
-            if (n < 2 || n > PLAN_MAX_TP) continue;
+            if (n < 2 || n < s->r->min_tp || n > PLAN_MAX_TP) continue;
             int dev[PLAN_MAX_TP], k = 0;
             for (int d = 0; d < D; d++)
                 if (mask >> d & 1) dev[k++] = d;
@@ -283,7 +283,7 @@ static int build_units(solver *s, st_err *err) {
     } else {
         for (int p = 0; p < D; p++)
             for (int n = 2; n <= PLAN_MAX_TP && p + n <= D; n++) {
-                if (!tp_valid(s, &s->order[p], n)) continue;
+                if (n < s->r->min_tp || !tp_valid(s, &s->order[p], n)) continue;
                 unit *u = &s->units[s->n_units++];
                 u->n = n;
                 memcpy(u->dev, &s->order[p], (size_t)n * sizeof(int));
@@ -660,6 +660,7 @@ void plan_request_init(plan_request *r) {
     r->chunk = 256;
     r->act_bytes = 2;
     r->max_tp = PLAN_MAX_TP;
+    r->min_tp = 1;
 }
 
 static void solver_free(solver *s) {
@@ -682,6 +683,8 @@ int plan_solve(const plan_model *m, const plan_cluster *c, const plan_request *r
     if (r->kv_elem_bytes < 1 || r->kv_elem_bytes > 8)
         return st_err_set(err, ST_ERR_ARG, "KV element size %d is not 1..8 bytes", r->kv_elem_bytes);
     if (!(r->reserve >= 0 && r->reserve < 1)) return st_err_set(err, ST_ERR_ARG, "reserve %g is not in [0, 1)", r->reserve);
+    if (r->min_tp > r->max_tp) /* min_tp 0 (a zeroed request): any unit, like 1 */
+        return st_err_set(err, ST_ERR_ARG, "smallest TP group %d exceeds the largest %d", r->min_tp, r->max_tp);
     if (r->chunk < 1 || r->act_bytes < 1 || r->max_tp < 1)
         return st_err_set(err, ST_ERR_ARG, "chunk, activation bytes and max TP must be >= 1");
     if (c->n_dev < 1 || c->n_dev > PLAN_MAX_DEVICES) return st_err_set(err, ST_ERR_ARG, "cluster has %d devices", c->n_dev);

@@ -1005,6 +1005,19 @@ static void test_tp_only_when_faster(void **state) {
     assert_int_equal(p->stage[0].n_tp, 1);
     double t_one = (32.0 * 436224000.0 + 8192.0 + 8192.0 + 262144000.0) / 1e12;
     assert_true(fabs(p->t_token - t_one) < 1e-9 * t_one);
+    /* min_tp = 2 (`plan --tp 2`): the TP layout even where it loses, with its own prediction */
+    r.min_tp = 2;
+    rc = plan_solve(&pm, &c, &r, p, &err);
+    if (rc) fail_msg("%s", err.msg);
+    check_valid(p, &pm, &c, 0.05);
+    assert_int_equal(p->n_stage, 1);
+    assert_int_equal(p->stage[0].n_tp, 2);
+    double t_tp200 = (32.0 * (16384.0 + 436207616.0 / 2) + 8192.0 + 8192.0 + 262144000.0) / 1e12 + 64 * (200e-6 + 8192.0 / 100e9);
+    assert_true(fabs(p->t_token - t_tp200) < 1e-9 * t_tp200);
+    assert_true(p->t_token > t_one);
+    r.max_tp = 1; /* smallest group above the largest: refused */
+    assert_int_equal(plan_solve(&pm, &c, &r, p, &err), ST_ERR_ARG);
+    r.min_tp = 1, r.max_tp = PLAN_MAX_TP;
     plan_cluster_free(&c);
     plan_model_free(&pm);
 

@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "mv56_layout.h"
+
 // ---------------------------------------------------------------------------------------------
 // device view of a linear weight (one expert, or E experts at fixed strides)
 
@@ -18,6 +20,7 @@ struct dlin {
     int group;        // quantized group size
     int dtype;        // dense: SFT_F32 / SFT_F16 / SFT_BF16
     int sdtype;       // quantized: dtype of scales / biases
+    int pk;           // 1: 5/6-bit w in the planes layout of mv56_layout.h (cuda_mv56.cuh), 0: MLX
     int64_t rows, cols;
     const char *w;    // dense [rows, cols] / packed u32 [rows, cols*bits/32]
     const char *s;    // scales [rows, cols/group] in sdtype
@@ -50,6 +53,12 @@ __device__ __forceinline__ float dlin_elem(const dlin &w, int e, int64_t r, int6
     if (!w.qbits) return ld_hf(row, (size_t)c, w.dtype);
     size_t si = (size_t)e * w.e_sstride + (size_t)r * w.srow + (size_t)(c / w.group);
     float s = ld_hf(w.s, si, w.sdtype), b = ld_hf(w.b, si, w.sdtype);
+    if (w.pk) { // planes layout: block c / 32 of row r in the W and H planes
+        const char *base = w.w + (size_t)e * w.e_wstride;
+        const uint32_t *wp = (const uint32_t *)(base + mv56_w_off(w.cols, r, c / 32));
+        const uint32_t *hp = (const uint32_t *)(base + mv56_h_off(w.qbits, w.rows, w.cols, r, c / 32));
+        return s * (float)mv56_code(w.qbits, wp, hp, (int)(c % 32)) + b;
+    }
     return s * (float)q_get((const uint32_t *)row, w.qbits, (size_t)c) + b;
 }
 
@@ -464,6 +473,9 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_qd(mv_args a) {
     mv_store<R, NT, KS>(a, acc, y, ldy, r0, w.rows, lane);
 }
 
+// the same kernels for 5- and 6-bit weights repacked into dp4a-friendly planes at upload
+#include "cuda_mv56.cuh"
+
 // ---------------------------------------------------------------------------------------------
 // dequantise / convert rows [r0, r0+n) of a weight (expert 0) into bf16 [n, cols] (GEMM input)
 
@@ -795,11 +807,14 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 
 // Merges the splits of one row: warp 0 reduces (m, l) over the splits with lanes over splits and
 // leaves each split's weight exp(m_s - M) in shared memory; then every thread sums its output
-// dims over the splits with independent loads (was: three serial passes over the splits).
+// dims over the splits with independent loads (was: three serial passes over the splits). The
+// active splits are a prefix (both attention kernels fill splits in position order and mark the
+// unused ones -inf), so the sum stops after the last active one.
 #define ATT_MAXSPLIT 64
 __global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit) {
     __shared__ float sw[ATT_MAXSPLIT];
     __shared__ float sinv;
+    __shared__ int scnt;
     const int row = blockIdx.x;
     const float *p = part + (size_t)row * nsplit * (hd + 2);
     if (threadIdx.x < 32) {
@@ -808,23 +823,27 @@ __global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit
         for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, p[(size_t)s * (hd + 2) + hd]);
         M = warp_max(M);
         float L = 0.f;
+        int last = -1;
         for (int s = lane; s < nsplit; s += 32) {
             const float ms = p[(size_t)s * (hd + 2) + hd];
             const float e = ms != -INFINITY ? __expf(ms - M) : 0.f;
             sw[s] = ms != -INFINITY ? e : -1.f; // -1: empty split (its o was never written)
             L += ms != -INFINITY ? p[(size_t)s * (hd + 2) + hd + 1] * e : 0.f;
+            if (ms != -INFINITY) last = s;
         }
         L = warp_sum(L);
-        if (lane == 0) sinv = 1.0f / L;
+        for (int o = 16; o; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+        if (lane == 0) sinv = 1.0f / L, scnt = last + 1;
     }
     __syncthreads();
     const float inv = sinv;
+    const int ns = scnt;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         // loads are unconditional (an empty split's o was never written: its value is dropped by
         // the select, never multiplied), so 16 are in flight instead of one per taken branch
         float acc = 0.f;
 #pragma unroll 16
-        for (int s = 0; s < nsplit; s++) {
+        for (int s = 0; s < ns; s++) {
             const float e = sw[s], v = p[(size_t)s * (hd + 2) + i];
             acc += e >= 0.f ? v * e : 0.f;
         }
@@ -832,94 +851,7 @@ __global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// MoE: routing (one warp per token, exactly forward.c's moe_route) and the weighted combine
-
-#define MOE_MAXE 512
-#define MOE_PER_LANE (MOE_MAXE / 32)
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Lane l holds experts e = l + 32 j. Softmax: score = expf(lg - max) / sum (sum in double, as
-// the CPU), key = score; sigmoid: score = 1/(1+exp(-lg)), key = score + bias. K rounds of a
-// warp argmax over the untaken keys (ties -> lowest index, like the CPU's strict '>' scan).
-__global__ void k_moe_route(const float *logits, const float *bias, int T, int E, int K, int sigmoid, int norm_topk,
-                            int32_t *sel, float *selw) {
-    const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (t >= T) return;
-    const float *lg = logits + (size_t)t * E;
-    float score[MOE_PER_LANE], key[MOE_PER_LANE];
-    if (!sigmoid) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < MOE_PER_LANE; j++) {
-            const int e = lane + 32 * j;
-            if (e < E) mx = fmaxf(mx, lg[e]);
-        }
-        mx = warp_max(mx);
-        double sum = 0;
-#pragma unroll
-        for (int j = 0; j < MOE_PER_LANE; j++) {
-            const int e = lane + 32 * j;
-            score[j] = e < E ? expf(lg[e] - mx) : 0.f;
-            sum += score[j];
-        }
-        sum = warp_sum_d(sum);
-#pragma unroll
-        for (int j = 0; j < MOE_PER_LANE; j++) key[j] = score[j] = (float)(score[j] / sum);
-    } else {
-#pragma unroll
-        for (int j = 0; j < MOE_PER_LANE; j++) {
-            const int e = lane + 32 * j;
-            score[j] = e < E ? 1.0f / (1.0f + expf(-lg[e])) : 0.f;
-            key[j] = score[j] + (bias && e < E ? bias[e] : 0.0f);
-        }
-    }
-    int32_t *s = sel + (size_t)t * K;
-    float *w = selw + (size_t)t * K;
-    unsigned taken = 0; // bit j: expert lane + 32 j already chosen
-    for (int k = 0; k < K; k++) {
-        float bv = 0.f, bs = 0.f;
-        int bi = 0x7fffffff;
-#pragma unroll
-        for (int j = 0; j < MOE_PER_LANE; j++) {
-            const int e = lane + 32 * j;
-            if (e < E && !(taken >> j & 1u) && (bi == 0x7fffffff || key[j] > bv)) bv = key[j], bs = score[j], bi = e;
-        }
-#pragma unroll
-        for (int o = 16; o; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            // the CPU keeps the first index unless a later key is strictly greater
-            const bool take = oi != 0x7fffffff && (bi == 0x7fffffff || ov > bv || (ov == bv && oi < bi));
-            if (take) bv = ov, bs = os, bi = oi;
-        }
-        if ((bi & 31) == lane && bi != 0x7fffffff) taken |= 1u << (bi >> 5);
-        if (lane == 0) {
-            s[k] = bi == 0x7fffffff ? 0 : bi;
-            w[k] = bs;
-        }
-    }
-    if (norm_topk && lane == 0) {
-        double sum = 0;
-        for (int k = 0; k < K; k++) sum += w[k];
-        for (int k = 0; k < K; k++) w[k] = (float)(w[k] / (sum + (sigmoid ? 1e-20 : 0)));
-    }
-}
-
-// out[t, :] = sum_k selw[t, k] * ye[t*K + k, :]
-__global__ void k_moe_combine(float *out, const float *ye, const float *selw, int K, int D) {
-    const int t = blockIdx.x;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float acc = 0.f;
-        for (int k = 0; k < K; k++) acc += selw[t * K + k] * ye[((size_t)t * K + k) * D + i];
-        out[(size_t)t * D + i] = acc;
-    }
-}
+// (the MoE routing and expert kernels are in cuda_moe.cuh)
 
 // ---------------------------------------------------------------------------------------------
 // argmax per row (ties: lowest index, like the CPU loop), and the greedy loop's bookkeeping

@@ -8,7 +8,13 @@
 #include "strata/cuda_backend.h"
 
 #include "cuda_kernels.cuh"
+#include "cuda_attn_prefill.cuh"
+#include "cuda_attn_decode.cuh"
+#include "cuda_peer.cuh"
+#include "cuda_tp.cuh"
+#include "cuda_moe.cuh"
 
+#include <assert.h>
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <math.h>
@@ -20,6 +26,7 @@
 #include <algorithm>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------
@@ -67,6 +74,8 @@ struct gctx {
                    // moved near-tied router choices of later layers and failed the golden test)
     int prof;
     std::vector<std::pair<const char *, cudaEvent_t>> *marks;
+    unsigned *moe_cnt; // [moe_cnt_n] k_moe_router's finished-block counters (zero between launches)
+    int moe_cnt_n;     // one per MOE_NT tokens of a launch
 };
 
 static void mark(gctx *g, const char *name) {
@@ -80,13 +89,19 @@ static void mark(gctx *g, const char *name) {
 // Which matrix-vector kernel serves weight w (segments of one launch must agree). MVK_Q + bits:
 // k_mv_q (fp32 x); MVK_QD.. + bits: k_mv_qd with x as one / two int8 planes (QD / QD2) and bf16
 // (B) or any scales, when the caller quantised x (planes > 0) for 4- and 8-bit rows of 16-byte
-// multiples. Every dp4a kind is >= MVK_QD.
+// multiples. Every dp4a kind is >= MVK_QD. 5/6-bit weights in the planes layout (w.pk,
+// cuda_mv56.cuh): MVK_QP + bits (k_mv_qpf, fp32 x) or MVK_QD.. + 5 / 6 (k_mv_qp, dp4a).
 enum {
-    MVK_GENERIC, MVK_BF16, MVK_F16, MVK_Q,
-    MVK_QD = MVK_Q + 9, MVK_QD2 = MVK_QD + 9, MVK_QDB = MVK_QD2 + 9, MVK_QDB2 = MVK_QDB + 9
+    MVK_GENERIC, MVK_BF16, MVK_F16, MVK_Q, MVK_QP = MVK_Q + 9,
+    MVK_QD = MVK_QP + 9, MVK_QD2 = MVK_QD + 9, MVK_QDB = MVK_QD2 + 9, MVK_QDB2 = MVK_QDB + 9
 };
 static int mv_kind(const dlin &w, bool xal, int force_generic, int planes) {
     if (force_generic || !xal) return MVK_GENERIC;
+    if (w.pk) { // planes: 16-byte aligned W rows by construction (upload_lin / synth_lin)
+        if (w.cols % 32 || w.group % 32 || ((uintptr_t)w.w & 15) || w.e_wstride % 16) return MVK_GENERIC;
+        if (planes) return (w.sdtype == SFT_BF16 ? (planes == 2 ? MVK_QDB2 : MVK_QDB) : (planes == 2 ? MVK_QD2 : MVK_QD)) + w.qbits;
+        return MVK_QP + w.qbits;
+    }
     if (w.qbits && planes && (w.qbits == 4 || w.qbits == 8) && w.cols % 32 == 0 && w.group % 32 == 0 &&
         w.row_bytes % 16 == 0) {
         if (w.sdtype == SFT_BF16) return (planes == 2 ? MVK_QDB2 : MVK_QDB) + w.qbits;
@@ -126,6 +141,16 @@ template <int R, int NT, int KS = 1> static void mv_fire(gctx *g, int kind, dim3
     case MVK_QDB + 8: k_mv_qd<8, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
     case MVK_QDB2 + 4: k_mv_qd<4, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
     case MVK_QDB2 + 8: k_mv_qd<8, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QP + 5: k_mv_qpf<5, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QP + 6: k_mv_qpf<6, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QD + 5: k_mv_qp<5, 1, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QD + 6: k_mv_qp<6, 1, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QD2 + 5: k_mv_qp<5, 2, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QD2 + 6: k_mv_qp<6, 2, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QDB + 5: k_mv_qp<5, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QDB + 6: k_mv_qp<6, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QDB2 + 5: k_mv_qp<5, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
+    case MVK_QDB2 + 6: k_mv_qp<6, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
     default: k_mv_generic<<<grid, block, 0, g->st>>>(a); return;
     }
 }
@@ -160,6 +185,13 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
     const bool xal = ldx % 4 == 0 && ((uintptr_t)x & 15) == 0;
     const int64_t qcols = ws[0]->cols, xrows = (int64_t)(jobs - 1) / x_div + nt;
     int planes = mv_planes(g, mode);
+    // weights of 5 bits and more take x in int16 precision (two planes): those bits are bought
+    // for accuracy, and int8 x moved the mixed 3/6/8-bit fixture's top-1 agreement below 99%
+    // (98.55% with int8 x for its 6-bit weight, 98.96% under tensor parallelism with int8 x for
+    // its 8-bit one); 4-bit weights keep one plane
+    if (planes == 1 && mode == MV_AUTO && !env_on("STRATA_CUDA_DP4A_X8"))
+        for (int i = 0; i < n; i++)
+            if (ws[i]->qbits >= 5) planes = 2;
     if (planes && (!g->xq || !g->xs || qcols % 32 || (size_t)(xrows * qcols * planes) > g->xq_elems)) planes = 0;
     bool quantised = false;
     int done = 0;
@@ -236,8 +268,10 @@ static void mv_launch2(gctx *g, const dlin &w1, float *y1, int64_t ld1, const dl
 
 // y[T, rows] (row stride ldy) = x[T, cols] (contiguous) W^T. path: 0 auto, 1 matrix-vector, 2 GEMM,
 // 3 the generic matrix-vector kernel, 4 matrix-vector on fp32 x only (no dp4a), 5 matrix-vector
-// with dp4a on two int8 planes of x.
-static void linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w, int T, int path = 0) {
+// with dp4a on two int8 planes of x. xb_has_x: g->xb already holds this x in bf16 (the previous
+// GEMM of a linear_n group converted it). Returns true if it ran the GEMM (g->xb holds x then).
+static bool linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w, int T, int path = 0,
+                   bool xb_has_x = false) {
     const int64_t cols = w.cols;
     bool gemm = path == 2 || (path == 0 && T > MV_MAXT && !g->fp32_only);
     if (gemm && (size_t)T * cols > g->xb_elems) gemm = false;
@@ -248,15 +282,15 @@ static void linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w
             const int mode = path == 3 ? MV_GENERIC : path == 4 ? MV_FP32 : path == 5 ? MV_X16 : MV_AUTO;
             mv_launch(g, w, x + (int64_t)t0 * cols, cols, y + (int64_t)t0 * ldy, ldy, n, 1, 1, nullptr, mode);
         }
-        return;
+        return false;
     }
     int64_t n = (int64_t)T * cols;
-    k_f32_to_bf16<<<grid_for(n, 256), 256, 0, g->st>>>(x, n, g->xb);
+    if (!xb_has_x) k_f32_to_bf16<<<grid_for(n, 256), 256, 0, g->st>>>(x, n, g->xb);
     const float one = 1.0f, zero = 0.0f;
     if (!w.qbits && w.dtype == SFT_BF16) {
         cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w.rows, T, (int)cols, &one, w.w, CUDA_R_16BF, (int)cols,
                      g->xb, CUDA_R_16BF, (int)cols, &zero, y, CUDA_R_32F, (int)ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-        return;
+        return true;
     }
     int64_t rc = (int64_t)(g->wb_elems / (size_t)cols);
     for (int64_t r0 = 0; r0 < w.rows; r0 += rc) {
@@ -266,13 +300,17 @@ static void linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w
                      g->xb, CUDA_R_16BF, (int)cols, &zero, y + r0, CUDA_R_32F, (int)ldy, CUBLAS_COMPUTE_32F,
                      CUBLAS_GEMM_DEFAULT);
     }
+    return true;
 }
 
 // n linears over the same x[T, cols]: one matrix-vector launch per MV_MAXT tokens (q/k/v,
-// gate/up) for decode and, with fp32_only, for every T; otherwise each through linear().
+// gate/up) for decode and, with fp32_only, for every T; otherwise each through linear(), x
+// converted to bf16 once for the group's GEMMs (was once per weight: 2 extra conversions of
+// T x n_embd per layer in q/k/v, 1 in gate/up).
 static void linear_n(gctx *g, int n, const dlin *const *ws, float *const *ys, const int64_t *ldys, const float *x, int T) {
     if (T > MV_MAXT && !g->fp32_only) {
-        for (int i = 0; i < n; i++) linear(g, ys[i], ldys[i], x, *ws[i], T);
+        bool xb_has_x = false;
+        for (int i = 0; i < n; i++) xb_has_x = linear(g, ys[i], ldys[i], x, *ws[i], T, 0, xb_has_x) || xb_has_x;
         return;
     }
     for (int t0 = 0; t0 < T; t0 += MV_MAXT) {
@@ -308,30 +346,164 @@ static void add_rmsnorm(gctx *g, float *out, float *x, const float *y, const flo
 }
 
 // ---------------------------------------------------------------------------------------------
-// the MoE feed-forward of forward.c's moe_forward: router logits in fp32 (the matrix-vector
-// kernel in chunks of MV_MAXT tokens for every T: a bf16 GEMM here rounds x and flips near-tied
-// top-k choices against the CPU, which is what failed the T > 8 prefill of every MoE fixture),
-// routing (one warp per token), then one matrix-vector job per (token, k) reading expert sel[t,k]
-// for gate/up and down, and the weighted sum into out (each output row written by one thread,
-// no atomics).
+// Attention of T rows over the bf16 KV cache of one layer: out [T, H*hd] from q [T, H*hd].
+// Rows of up to MV_MAXT tokens (decode steps) with head_dim 64 / 128 and G = H / Hkv <= 16 run
+// the tensor-core GQA kernel (k_attn_gqa_mma: each K/V row read once per kv head, splits chosen
+// on the device from the row's length); other shapes and longer batches the per-head
+// k_attn_split with the fixed `chunk`. part [T*H, nsplit, hd + 2] holds the splits' partials;
+// k_attn_combine merges them. STRATA_CUDA_ATTN_SPLIT=1 forces the per-head kernel.
+static void attn_decode(gctx *g, float *out, float *part, const float *q, const __nv_bfloat16 *kl,
+                        const __nv_bfloat16 *vl, const int32_t *pos, const int32_t *slot, int T, int H, int Hkv, int hd,
+                        float scale, size_t slot_stride, int chunk, int nsplit) {
+    static int sms = 0, force_split = -1;
+    if (!sms) {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
+    }
+    if (force_split < 0) force_split = env_on("STRATA_CUDA_ATTN_SPLIT");
+    const int G = H / Hkv;
+    if (!force_split && T <= MV_MAXT && (hd == 64 || hd == 128) && H % Hkv == 0 && G <= 16) {
+        const dim3 grid((unsigned)(T * Hkv), (unsigned)nsplit);
+        if (hd == 128)
+            k_attn_gqa_mma<128><<<grid, AT2_WARPS * 32, 0, g->st>>>(part, q, kl, vl, pos, slot, H, Hkv, scale, slot_stride,
+                                                                   nsplit, 2 * sms);
+        else
+            k_attn_gqa_mma<64><<<grid, AT2_WARPS * 32, 0, g->st>>>(part, q, kl, vl, pos, slot, H, Hkv, scale, slot_stride,
+                                                                  nsplit, 2 * sms);
+    } else {
+        k_attn_split<<<dim3((unsigned)(T * H), (unsigned)nsplit), ATT_WARPS * 32, 0, g->st>>>(
+            part, q, kl, vl, pos, slot, H, Hkv, hd, scale, slot_stride, chunk, nsplit);
+    }
+    k_attn_combine<<<T * H, 128, 0, g->st>>>(out, part, hd, nsplit);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the MoE feed-forward of forward.c's moe_forward (kernels in cuda_moe.cuh). Router logits always
+// in fp32 x for every T (a bf16 GEMM or int8 x rounds x and flips near-tied top-k choices against
+// the CPU: the T > 8 prefill failures of the first GPU run, the int8 failures of round 4), fused
+// with the routing in k_moe_router. The experts: with 4/8-bit weights or 5/6-bit planes
+// (moe_fused_planes) and dp4a x (the default)
+// two fused launches, k_moe_gateup (gate + up + SwiGLU + quantisation of h) and k_moe_down (down +
+// the weighted sum over k, fixed order); otherwise (other bit widths, dense experts,
+// STRATA_CUDA_NO_DP4A=1, STRATA_CUDA_MOE_UNFUSED=1) one matrix-vector job per (token, k) for
+// gate/up and for down, k_swiglu and k_moe_combine. Both are deterministic (no float atomics).
 
 struct moe_w {
-    dlin router, eg, eu, ed;
-    const float *bias;
+    dlin router, eg, eu, ed; // router [E, D]; experts [E] x [F, D] / [F, D] / [D, F]
+    const float *bias;       // [E] selection bias (sigmoid routers) or NULL
     int E, K, F, D, sigmoid, norm;
 };
 struct moe_buf {
     float *rlog, *selw, *gate, *up, *ye; // [T, E], [T, K], [T*K, F] x 2, [T*K, D]
     int32_t *sel;                        // [T, K]
+    // the fused path keeps h = silu(g) * u quantised in these: up as int8 [T*K, F * planes]
+    // (<= 2 bytes per value of its 4), gate as float4 [T*K, F / 32] (0.5 bytes per value)
 };
 
+// Router logits (b.rlog), routing (b.sel, b.selw) of T rows of xn in k_moe_router launches of
+// up to g->moe_cnt_n * MOE_NT rows; planes > 0 (D % 32 == 0): also xn quantised into g->xq /
+// g->xs for the fused experts. MLX 4/8-bit routers with 32-multiple groups take the k_mv_q
+// arithmetic, every other format the element-wise path.
+static void moe_router(gctx *g, const moe_w &m, const moe_buf &b, const float *xn, int T, int planes) {
+    const dlin &w = m.router;
+    const int D = m.D, E = m.E, K = m.K;
+    const bool fast = (w.qbits == 4 || w.qbits == 8) && D % 32 == 0 && w.group % 32 == 0 && w.row_bytes % 16 == 0 &&
+                      ((uintptr_t)w.w & 15) == 0 && ((uintptr_t)xn & 15) == 0;
+    assert(g->moe_cnt && g->moe_cnt_n > 0); // every context that runs moe_ffn allocates them
+    const int S = moe_rt_slices((D + 31) / 32), per = std::max(1, g->moe_cnt_n) * MOE_NT;
+    for (int t0 = 0; t0 < T; t0 += per) {
+        const int n = std::min(per, T - t0);
+        moe_rt_args a;
+        memset(&a, 0, sizeof a);
+        a.w = w, a.x = xn + (int64_t)t0 * D, a.bias = m.bias;
+        a.logits = b.rlog + (int64_t)t0 * E, a.sel = b.sel + (int64_t)t0 * K, a.selw = b.selw + (int64_t)t0 * K;
+        a.cnt = g->moe_cnt;
+        if (planes) a.xq = g->xq + (int64_t)t0 * D * planes, a.xs = g->xs + (int64_t)t0 * (D / 32);
+        a.T = n, a.E = E, a.K = K, a.S = S, a.sigmoid = m.sigmoid, a.norm = m.norm, a.planes = planes;
+        const dim3 grid((unsigned)moe_rt_blocks(E, S), (unsigned)((n + MOE_NT - 1) / MOE_NT));
+        if (!fast) k_moe_router<0><<<grid, MOE_RT_WARPS * 32, 0, g->st>>>(a);
+        else if (w.qbits == 8) k_moe_router<8><<<grid, MOE_RT_WARPS * 32, 0, g->st>>>(a);
+        else k_moe_router<4><<<grid, MOE_RT_WARPS * 32, 0, g->st>>>(a);
+    }
+}
+
+// Planes of x (1 or 2) for the fused expert kernels of layer m at T rows, 0 when the experts
+// take the unfused path: the dp4a mode of mv_planes, experts (gate and up alike) either 4/8-bit
+// MLX rows (16-byte rows and base) or 5/6-bit planes (pk, moe_pk_fits: 16-byte aligned base and
+// expert stride) with 32-multiple groups, F and D multiples of 32, K <= MOE_DN_MAXP, room in
+// g->xq for T rows of x. 5/6-bit experts take two planes, as mv_launch_n gives them on the
+// unfused path; with STRATA_CUDA_DP4A_X8=1 (one plane asked for) they stay unfused (the fused
+// kernels are built for two planes only at 5/6 bits).
+static int moe_fused_planes(const gctx *g, const moe_w &m, int T) {
+    const bool unfused = env_on("STRATA_CUDA_MOE_UNFUSED");
+    int planes = mv_planes(g, MV_AUTO);
+    if (unfused || !planes) return 0;
+    const dlin *ws[3] = {&m.eg, &m.eu, &m.ed};
+    bool pk = false;
+    for (const dlin *w : ws) {
+        if (w->pk) {
+            if (!moe_pk_fits(w->qbits, w->rows, w->cols, w->group, (uintptr_t)w->w, w->e_wstride)) return 0;
+            pk = true;
+        } else if ((w->qbits != 4 && w->qbits != 8) || w->group % 32 || w->cols % 32 || w->row_bytes % 16 ||
+                   ((uintptr_t)w->w & 15))
+            return 0;
+    }
+    if (pk && planes == 1) {
+        if (env_on("STRATA_CUDA_DP4A_X8")) return 0;
+        planes = 2;
+    }
+    if (!g->xq || !g->xs || (size_t)T * m.D * planes > g->xq_elems) return 0;
+    if (m.eg.qbits != m.eu.qbits || m.eg.pk != m.eu.pk || m.F % 32 || m.D % 32 || m.K > MOE_DN_MAXP) return 0;
+    return planes;
+}
+
+// k_moe_gateup / k_moe_down for the experts' bit width (5/6: planes, two planes of x only)
+template <int XP, int SDT> static void moe_gateup_fire(cudaStream_t st, int bits, dim3 grid, const moe_gu_args &a) {
+    if constexpr (XP == 2) {
+        if (bits == 5) return (void)(k_moe_gateup<5, XP, SDT><<<grid, MOE_GU_WARPS * 32, 0, st>>>(a));
+        if (bits == 6) return (void)(k_moe_gateup<6, XP, SDT><<<grid, MOE_GU_WARPS * 32, 0, st>>>(a));
+    }
+    assert(bits == 4 || bits == 8); // moe_fused_planes admits nothing else
+    if (bits == 8) k_moe_gateup<8, XP, SDT><<<grid, MOE_GU_WARPS * 32, 0, st>>>(a);
+    else k_moe_gateup<4, XP, SDT><<<grid, MOE_GU_WARPS * 32, 0, st>>>(a);
+}
+
+template <int XP, int SDT> static void moe_down_fire(cudaStream_t st, int bits, dim3 grid, const moe_dn_args &a) {
+    if constexpr (XP == 2) {
+        if (bits == 5) return (void)(k_moe_down<5, XP, SDT><<<grid, MOE_DN_WARPS * 32, 0, st>>>(a));
+        if (bits == 6) return (void)(k_moe_down<6, XP, SDT><<<grid, MOE_DN_WARPS * 32, 0, st>>>(a));
+    }
+    assert(bits == 4 || bits == 8);
+    if (bits == 8) k_moe_down<8, XP, SDT><<<grid, MOE_DN_WARPS * 32, 0, st>>>(a);
+    else k_moe_down<4, XP, SDT><<<grid, MOE_DN_WARPS * 32, 0, st>>>(a);
+}
+
+// out[T, D] = the MoE feed-forward of xn[T, D] (enqueue only). b's buffers hold T rows (gate / up
+// T*K*F floats). Writes every row of out.
 static void moe_ffn(gctx *g, const moe_w &m, const moe_buf &b, const float *xn, int T, float *out) {
     cudaStream_t st = g->st;
-    const int E = m.E, K = m.K, F = m.F, D = m.D;
+    const int K = m.K, F = m.F, D = m.D;
+    const int planes = moe_fused_planes(g, m, T);
     mark(g, "moe router");
-    // fp32 x even for a quantized router: int8 x would flip near-tied top-k choices
-    linear(g, b.rlog, E, xn, m.router, T, 4);
-    k_moe_route<<<(T + 3) / 4, 128, 0, st>>>(b.rlog, m.bias, T, E, K, m.sigmoid, m.norm, b.sel, b.selw);
+    moe_router(g, m, b, xn, T, planes);
+    if (planes) {
+        int8_t *hq = (int8_t *)b.up;
+        float4 *hs = (float4 *)b.gate;
+        mark(g, "moe experts gate/up");
+        moe_gu_args ga = {m.eg, m.eu, g->xq, g->xs, b.sel, K, hq, hs};
+        const bool gbf = m.eg.sdtype == SFT_BF16 && m.eu.sdtype == SFT_BF16;
+        const dim3 gg((unsigned)(F / 32), (unsigned)(T * K));
+        if (planes == 2) gbf ? moe_gateup_fire<2, SFT_BF16>(st, m.eg.qbits, gg, ga) : moe_gateup_fire<2, -1>(st, m.eg.qbits, gg, ga);
+        else gbf ? moe_gateup_fire<1, SFT_BF16>(st, m.eg.qbits, gg, ga) : moe_gateup_fire<1, -1>(st, m.eg.qbits, gg, ga);
+        mark(g, "moe experts down");
+        moe_dn_args da = {m.ed, hq, hs, b.sel, b.selw, K, moe_dn_slices(K), out};
+        const bool dbf = m.ed.sdtype == SFT_BF16;
+        const dim3 dg((unsigned)((D + MOE_DN_R - 1) / MOE_DN_R), (unsigned)T);
+        if (planes == 2) dbf ? moe_down_fire<2, SFT_BF16>(st, m.ed.qbits, dg, da) : moe_down_fire<2, -1>(st, m.ed.qbits, dg, da);
+        else dbf ? moe_down_fire<1, SFT_BF16>(st, m.ed.qbits, dg, da) : moe_down_fire<1, -1>(st, m.ed.qbits, dg, da);
+        return;
+    }
     mark(g, "moe experts gate/up");
     mv_launch2(g, m.eg, b.gate, F, m.eu, b.up, F, xn, D, 1, T * K, K, b.sel);
     mark(g, "swiglu");
@@ -398,6 +570,14 @@ struct cuda_model {
     int diag;
     cudaEvent_t ev0, ev1;
     double d_gpu_ms, d_tail_us;
+    // tensor parallelism (struct cuda_tp): rank tp_rank of tp_n (1: none). d points at dloc,
+    // the descriptor with this rank's share of the heads, KV heads and FFN / expert widths; pv
+    // is this rank's view of the group's peer all-reduce
+    int tp_rank, tp_n;
+    model_desc dloc;
+    cuda_peer_view pv;
+    float *tp_scr;           // [B, 2] full-width QK-norm sums of squares
+    int qd_all, kvd_all;     // full q / k widths (the full-width QK-norm's divisors)
     long d_n;
 };
 
@@ -447,30 +627,74 @@ static void dlin_from(const wt_linear *w, dlin *d) {
     d->rows = w->rows, d->cols = w->cols, d->row_bytes = w->row_bytes, d->srow = w->srow_elems;
 }
 
-// Uploads E weights of identical shape (E = 1: a plain linear) contiguously.
+// Whether a quantized weight is kept on the device in the planes layout of mv56_layout.h (5/6-bit
+// MLX rows of whole 32-value blocks), read by the dp4a kernels of cuda_mv56.cuh. With
+// STRATA_CUDA_NO_DP4A set when the weight is uploaded or synthesised it stays MLX (round 4's
+// k_mv_q), so one build A/B-tests both; a planes weight still runs fp32 x when a launch asks
+// for it (k_mv_qpf).
+static bool lin_planes(int qbits, int64_t cols, int group, size_t row_bytes) {
+    return (qbits == 5 || qbits == 6) && cols % 32 == 0 && group % 32 == 0 && row_bytes == (size_t)cols * qbits / 8 &&
+           !env_on("STRATA_CUDA_NO_DP4A");
+}
+
+// Copies one weight's (expert's) MLX rows from the host into dst (device, 16-byte aligned) in the
+// planes layout: chunks of whole rows of at most stg_bytes (at least one row) through the device
+// staging buffer stg, each repacked by k_mv56_pack. Copies and kernels run on the legacy default
+// stream, so a copy into stg waits for the previous chunk's kernel; the caller synchronises before
+// another stream reads dst. Returns the first CUDA error.
+static cudaError_t put_planes(char *dst, const wt_linear *w, char *stg, size_t stg_bytes) {
+    const int64_t chunk = std::max<int64_t>(1, (int64_t)(stg_bytes / w->row_bytes));
+    for (int64_t r0 = 0; r0 < w->rows; r0 += chunk) {
+        const int64_t n = std::min(chunk, w->rows - r0);
+        cudaError_t e = cudaMemcpy(stg, (const char *)w->w + (size_t)r0 * w->row_bytes, (size_t)n * w->row_bytes,
+                                   cudaMemcpyHostToDevice);
+        if (e != cudaSuccess) return e;
+        k_mv56_pack<<<grid_for(n * (w->cols / 32), 256), 256>>>((const uint32_t *)stg, r0, n, w->rows, w->cols, w->qbits, dst);
+        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+}
+
+// a device buffer freed when it goes out of scope (staging of put_planes)
+struct dev_tmp {
+    void *p = nullptr;
+    ~dev_tmp() {
+        if (p) cudaFree(p);
+    }
+};
+
+// Uploads E weights of identical shape (E = 1: a plain linear) contiguously; 5/6-bit ones
+// repacked into planes (lin_planes), E experts mv56_expert_stride apart.
 static int upload_lin(cuda_model *c, const wt_linear *w, int E, dlin *d, st_err *err) {
     memset(d, 0, sizeof *d);
     if (!w || !w[0].w) return ST_OK;
     dlin_from(&w[0], d);
+    const bool pl = w[0].qbits && lin_planes(w[0].qbits, w[0].cols, w[0].group, w[0].row_bytes);
     const size_t wb = (size_t)w[0].rows * w[0].row_bytes;
+    const size_t ws = pl ? mv56_expert_stride(w[0].qbits, w[0].rows, w[0].cols) : wb; // bytes between experts
     const size_t sn = w[0].qbits ? (size_t)w[0].rows * w[0].srow_elems : 0, sb = sn * sdt_size(w[0].sdtype);
     char *pw, *ps = nullptr, *pb = nullptr;
-    int rc = dalloc(c, &pw, wb * E, &c->weight_bytes, err);
+    int rc = dalloc(c, &pw, ws * E, &c->weight_bytes, err);
     if (!rc && sn) rc = dalloc(c, &ps, sb * E, &c->weight_bytes, err);
     if (!rc && sn) rc = dalloc(c, &pb, sb * E, &c->weight_bytes, err);
     if (rc) return rc;
+    dev_tmp stg; // MLX rows on their way to the planes: one expert, at most 64 MiB
+    const size_t stg_bytes = std::max((size_t)w[0].row_bytes, std::min(wb, (size_t)64 << 20));
+    if (pl) CU_TRY(cudaMalloc(&stg.p, stg_bytes));
     for (int e = 0; e < E; e++) {
         if (w[e].rows != w[0].rows || w[e].cols != w[0].cols || w[e].qbits != w[0].qbits || w[e].dtype != w[0].dtype ||
             w[e].group != w[0].group || w[e].sdtype != w[0].sdtype)
             return st_err_set(err, ST_ERR_UNSUPPORTED, "CUDA: experts of one layer differ in shape or quantization");
-        CU_TRY(cudaMemcpy(pw + wb * e, w[e].w, wb, cudaMemcpyHostToDevice));
+        if (pl) CU_TRY(put_planes(pw + ws * e, &w[e], (char *)stg.p, stg_bytes));
+        else CU_TRY(cudaMemcpy(pw + wb * e, w[e].w, wb, cudaMemcpyHostToDevice));
         if (sn) {
             CU_TRY(cudaMemcpy(ps + sb * e, w[e].scales, sb, cudaMemcpyHostToDevice));
             CU_TRY(cudaMemcpy(pb + sb * e, w[e].biases, sb, cudaMemcpyHostToDevice));
         }
     }
-    d->w = pw, d->s = ps, d->b = pb;
-    d->e_wstride = wb, d->e_sstride = sn;
+    if (pl) CU_TRY(cudaDeviceSynchronize()); // the repack ran on the legacy stream
+    d->w = pw, d->s = ps, d->b = pb, d->pk = pl;
+    d->e_wstride = ws, d->e_sstride = sn;
     return ST_OK;
 }
 
@@ -519,7 +743,9 @@ static size_t dlin_bytes(const dlin &w) {
 }
 
 // A weight of E experts [rows, cols] generated on the device: MLX affine `bits`/`group` with bf16
-// scales (zero-mean values of standard deviation 1/sqrt(fan_in)), or dense bf16 (bits 0).
+// scales (zero-mean values of standard deviation 1/sqrt(fan_in)), or dense bf16 (bits 0). 5/6-bit
+// weights are generated directly in the planes layout (lin_planes; random bits are uniform codes
+// in either layout), so benchmarks run the kernels a loaded checkpoint runs.
 static int synth_lin(cuda_model *c, int64_t rows, int64_t cols, int bits, int group, int E, double fan_in, uint64_t seed,
                      dlin *d, st_err *err) {
     memset(d, 0, sizeof *d);
@@ -527,7 +753,9 @@ static int synth_lin(cuda_model *c, int64_t rows, int64_t cols, int bits, int gr
     d->rows = rows, d->cols = cols;
     d->row_bytes = bits ? (size_t)cols * bits / 8 : (size_t)cols * 2;
     d->srow = bits ? (size_t)(cols / group) : 0;
-    const size_t wb = (size_t)rows * d->row_bytes, sn = (size_t)rows * d->srow;
+    const size_t sn = (size_t)rows * d->srow;
+    d->pk = bits && lin_planes(bits, cols, group, d->row_bytes);
+    const size_t wb = d->pk ? mv56_expert_stride(bits, rows, cols) : (size_t)rows * d->row_bytes; // expert stride
     const float sd = (float)(1.0 / sqrt(fan_in));
     char *pw = nullptr, *ps = nullptr, *pb = nullptr;
     int rc = dalloc(c, &pw, wb * E, &c->weight_bytes, err);
@@ -556,6 +784,78 @@ static int synth_f32(cuda_model *c, size_t n, uint64_t seed, float center, float
     k_synth_f32<<<grid_for((int64_t)n, 256), 256, 0, c->g.st>>>(*dst, n, seed, center, amp);
     CU_TRY(cudaGetLastError());
     return ST_OK;
+}
+
+// Tensor parallelism: this rank's descriptor: heads, KV heads, FFN and expert widths divided
+// by n (each must divide; with quantized weights the split widths must stay whole groups).
+static int tp_local_desc(const model_desc *d, int n, model_desc *out, st_err *err) {
+    const int hd = d->head_dim;
+    if (d->n_head % n || d->n_head_kv % n)
+        return st_err_set(err, ST_ERR_UNSUPPORTED, "tensor parallel %d: %d heads / %d KV heads do not divide", n,
+                          d->n_head, d->n_head_kv);
+    if ((d->n_ff > 0 && d->n_ff % n) || (d->n_ff_expert > 0 && d->n_ff_expert % n))
+        return st_err_set(err, ST_ERR_UNSUPPORTED, "tensor parallel %d: FFN width %d / expert width %d do not divide", n,
+                          d->n_ff, d->n_ff_expert);
+    if (d->q_bits && d->q_group > 0 &&
+        ((d->n_head / n * hd) % d->q_group || (d->n_ff > 0 && (d->n_ff / n) % d->q_group) ||
+         (d->n_ff_expert > 0 && (d->n_ff_expert / n) % d->q_group)))
+        return st_err_set(err, ST_ERR_UNSUPPORTED,
+                          "tensor parallel %d: a split width (q %d, FFN %d, expert %d) is not a multiple of the "
+                          "quantization group %d",
+                          n, d->n_head / n * hd, d->n_ff / n, d->n_ff_expert / n, d->q_group);
+    *out = *d; // shallow: the arrays (layer_moe, ...) stay the caller's
+    out->n_head = d->n_head / n, out->n_head_kv = d->n_head_kv / n;
+    if (d->n_ff > 0) out->n_ff = d->n_ff / n;
+    if (d->n_ff_expert > 0) out->n_ff_expert = d->n_ff_expert / n;
+    return ST_OK;
+}
+
+// Uploads rank c->tp_rank's share of E weights: dim 0 splits the rows (q/k/v, gate/up: whole
+// heads / FFN rows), dim 1 the columns (o, down: the matching inputs), copied row by row through
+// a host buffer. Without tensor parallelism: upload_lin. Column splits of quantized weights must
+// keep whole groups (and 32-bit words).
+static int upload_lin_tp(cuda_model *c, const wt_linear *w, int E, int dim, dlin *d, st_err *err) {
+    if (c->tp_n <= 1 || !w || !w[0].w) return upload_lin(c, w, E, d, err);
+    const int N = c->tp_n, r = c->tp_rank;
+    std::vector<wt_linear> v((size_t)E);
+    std::vector<std::vector<char>> bufs((size_t)E * 3);
+    for (int e = 0; e < E; e++) {
+        wt_linear s = w[e];
+        const size_t sb = s.qbits ? sdt_size(s.sdtype) : 0;
+        if (dim == 0) {
+            if (s.rows % N) return st_err_set(err, ST_ERR_UNSUPPORTED, "tensor parallel %d: %lld rows do not divide", N, (long long)s.rows);
+            const int64_t nr = s.rows / N;
+            s.w = (const char *)s.w + (size_t)(r * nr) * s.row_bytes;
+            if (s.qbits) {
+                s.scales = (const char *)s.scales + (size_t)(r * nr) * s.srow_elems * sb;
+                s.biases = (const char *)s.biases + (size_t)(r * nr) * s.srow_elems * sb;
+            }
+            s.rows = nr;
+        } else {
+            const int64_t nc = s.cols / N;
+            if (s.cols % N || s.row_bytes % N || (s.qbits && (nc % s.group || (nc * s.qbits) % 32 || s.srow_elems % N)))
+                return st_err_set(err, ST_ERR_UNSUPPORTED,
+                                  "tensor parallel %d: %lld columns (%d-bit, group %d) do not split into whole groups", N,
+                                  (long long)s.cols, s.qbits, s.group);
+            const size_t rb = s.row_bytes / N, se = s.qbits ? s.srow_elems / N : 0;
+            std::vector<char> &bw = bufs[(size_t)e * 3], &bs = bufs[(size_t)e * 3 + 1], &bb = bufs[(size_t)e * 3 + 2];
+            bw.resize((size_t)s.rows * rb);
+            for (int64_t i = 0; i < s.rows; i++)
+                memcpy(&bw[(size_t)i * rb], (const char *)s.w + (size_t)i * s.row_bytes + (size_t)r * rb, rb);
+            if (s.qbits) {
+                bs.resize((size_t)s.rows * se * sb), bb.resize((size_t)s.rows * se * sb);
+                for (int64_t i = 0; i < s.rows; i++) {
+                    const size_t off = ((size_t)i * s.srow_elems + (size_t)r * se) * sb;
+                    memcpy(&bs[(size_t)i * se * sb], (const char *)s.scales + off, se * sb);
+                    memcpy(&bb[(size_t)i * se * sb], (const char *)s.biases + off, se * sb);
+                }
+                s.scales = bs.data(), s.biases = bb.data(), s.srow_elems = se;
+            }
+            s.w = bw.data(), s.cols = nc, s.row_bytes = rb;
+        }
+        v[(size_t)e] = s;
+    }
+    return upload_lin(c, v.data(), E, d, err);
 }
 
 static int model_init(cuda_model **out, const model *m, const model_desc *d, uint64_t seed, const cuda_model_opts *opts,
@@ -603,6 +903,16 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     c->m = m;
     c->d = d;
     c->o = o;
+    c->tp_n = 1;
+    if (o.tp_size > 1) { // this rank's share of the heads and widths from here on
+        if ((rc = tp_local_desc(d, o.tp_size, &c->dloc, err))) {
+            cuda_model_free(c);
+            return rc;
+        }
+        c->tp_n = o.tp_size, c->tp_rank = o.tp_rank;
+        c->qd_all = d->n_head * d->head_dim, c->kvd_all = d->n_head_kv * d->head_dim;
+        d = c->d = &c->dloc;
+    }
     snprintf(c->devname, sizeof c->devname, "%s", name);
     if (cudaStreamCreateWithFlags(&c->g.st, cudaStreamNonBlocking) != cudaSuccess ||
         cublasCreate(&c->g.blas) != CUBLAS_STATUS_SUCCESS) {
@@ -632,6 +942,8 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     const int qb = d->q_bits, qg = d->q_group, rb = d->q_bits ? 8 : 0;
     uint64_t sid = seed * 0x9E3779B97F4A7C15ull + 12345;
     auto next_seed = [&]() { return sid += 0xD1B54A32D192ED03ull; };
+    // weights split over tensor-parallel ranks: rank 0 draws the seeds of the unsplit model
+    auto shard_seed = [&]() { return next_seed() ^ ((uint64_t)c->tp_rank * 0xA24BAED4963EE407ull); };
     if (m) {
         if (c->has_embed) TRY(upload_lin(c, &m->embed, 1, &c->embed, err));
         if (c->has_output) {
@@ -669,45 +981,47 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
                 TRY(synth_f32(c, qn, 0, 1.f, 0.f, &dl->q_norm, err));
                 TRY(synth_f32(c, kn, 0, 1.f, 0.f, &dl->k_norm, err));
             }
-            TRY(synth_lin(c, qd, D, qb, qg, 1, D, next_seed(), &dl->wq, err));
-            TRY(synth_lin(c, kvd, D, qb, qg, 1, D, next_seed(), &dl->wk, err));
-            TRY(synth_lin(c, kvd, D, qb, qg, 1, D, next_seed(), &dl->wv, err));
-            TRY(synth_lin(c, D, qd, qb, qg, 1, qd, next_seed(), &dl->wo, err));
+            TRY(synth_lin(c, qd, D, qb, qg, 1, D, shard_seed(), &dl->wq, err));
+            TRY(synth_lin(c, kvd, D, qb, qg, 1, D, shard_seed(), &dl->wk, err));
+            TRY(synth_lin(c, kvd, D, qb, qg, 1, D, shard_seed(), &dl->wv, err));
+            TRY(synth_lin(c, D, qd, qb, qg, 1, qd * c->tp_n, shard_seed(), &dl->wo, err));
             if (dl->moe) {
                 TRY(synth_lin(c, E, D, rb, 64, 1, D, next_seed(), &dl->router, err));
                 if (d->router == ROUTER_SIGMOID_BIAS)
                     TRY(synth_f32(c, (size_t)E, next_seed(), 0.f, 0.0866f, &dl->router_bias, err));
-                TRY(synth_lin(c, F, D, qb, qg, E, D, next_seed(), &dl->eg, err));
-                TRY(synth_lin(c, F, D, qb, qg, E, D, next_seed(), &dl->eu, err));
-                TRY(synth_lin(c, D, F, qb, qg, E, F, next_seed(), &dl->ed, err));
+                TRY(synth_lin(c, F, D, qb, qg, E, D, shard_seed(), &dl->eg, err));
+                TRY(synth_lin(c, F, D, qb, qg, E, D, shard_seed(), &dl->eu, err));
+                TRY(synth_lin(c, D, F, qb, qg, E, F * c->tp_n, shard_seed(), &dl->ed, err));
             } else {
-                TRY(synth_lin(c, d->n_ff, D, qb, qg, 1, D, next_seed(), &dl->w_gate, err));
-                TRY(synth_lin(c, d->n_ff, D, qb, qg, 1, D, next_seed(), &dl->w_up, err));
-                TRY(synth_lin(c, D, d->n_ff, qb, qg, 1, d->n_ff, next_seed(), &dl->w_down, err));
+                TRY(synth_lin(c, d->n_ff, D, qb, qg, 1, D, shard_seed(), &dl->w_gate, err));
+                TRY(synth_lin(c, d->n_ff, D, qb, qg, 1, D, shard_seed(), &dl->w_up, err));
+                TRY(synth_lin(c, D, d->n_ff, qb, qg, 1, d->n_ff * c->tp_n, shard_seed(), &dl->w_down, err));
             }
         } else {
         const layer_weights *lw = &m->layers[l];
         TRY(upload_f32(c, lw->attn_norm, (size_t)D, &dl->attn_norm, err));
         TRY(upload_f32(c, lw->ffn_norm, (size_t)D, &dl->ffn_norm, err));
         size_t qn = d->qk_norm == QK_NORM_FULL ? (size_t)qd : (size_t)hd, kn = d->qk_norm == QK_NORM_FULL ? (size_t)kvd : (size_t)hd;
-        if (d->qk_norm != QK_NORM_NONE) {
-            TRY(upload_f32(c, lw->q_norm, qn, &dl->q_norm, err));
-            TRY(upload_f32(c, lw->k_norm, kn, &dl->k_norm, err));
+        if (d->qk_norm != QK_NORM_NONE) { // full width: this rank's slice of the heads
+            const size_t rq = d->qk_norm == QK_NORM_FULL ? (size_t)c->tp_rank * qn : 0;
+            const size_t rk = d->qk_norm == QK_NORM_FULL ? (size_t)c->tp_rank * kn : 0;
+            TRY(upload_f32(c, lw->q_norm + rq, qn, &dl->q_norm, err));
+            TRY(upload_f32(c, lw->k_norm + rk, kn, &dl->k_norm, err));
         }
-        TRY(upload_lin(c, &lw->wq, 1, &dl->wq, err));
-        TRY(upload_lin(c, &lw->wk, 1, &dl->wk, err));
-        TRY(upload_lin(c, &lw->wv, 1, &dl->wv, err));
-        TRY(upload_lin(c, &lw->wo, 1, &dl->wo, err));
+        TRY(upload_lin_tp(c, &lw->wq, 1, 0, &dl->wq, err));
+        TRY(upload_lin_tp(c, &lw->wk, 1, 0, &dl->wk, err));
+        TRY(upload_lin_tp(c, &lw->wv, 1, 0, &dl->wv, err));
+        TRY(upload_lin_tp(c, &lw->wo, 1, 1, &dl->wo, err));
         if (dl->moe) {
             TRY(upload_lin(c, &lw->router, 1, &dl->router, err));
             TRY(upload_f32(c, lw->router_bias, (size_t)E, &dl->router_bias, err));
-            TRY(upload_lin(c, lw->exp_gate, E, &dl->eg, err));
-            TRY(upload_lin(c, lw->exp_up, E, &dl->eu, err));
-            TRY(upload_lin(c, lw->exp_down, E, &dl->ed, err));
+            TRY(upload_lin_tp(c, lw->exp_gate, E, 0, &dl->eg, err));
+            TRY(upload_lin_tp(c, lw->exp_up, E, 0, &dl->eu, err));
+            TRY(upload_lin_tp(c, lw->exp_down, E, 1, &dl->ed, err));
         } else {
-            TRY(upload_lin(c, &lw->w_gate, 1, &dl->w_gate, err));
-            TRY(upload_lin(c, &lw->w_up, 1, &dl->w_up, err));
-            TRY(upload_lin(c, &lw->w_down, 1, &dl->w_down, err));
+            TRY(upload_lin_tp(c, &lw->w_gate, 1, 0, &dl->w_gate, err));
+            TRY(upload_lin_tp(c, &lw->w_up, 1, 0, &dl->w_up, err));
+            TRY(upload_lin_tp(c, &lw->w_down, 1, 1, &dl->w_down, err));
         }
         }
         c->active_bytes += dlin_bytes(dl->wq) + dlin_bytes(dl->wk) + dlin_bytes(dl->wv) + dlin_bytes(dl->wo) +
@@ -744,6 +1058,7 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     TRY(dalloc(c, &c->sel, B * K, A, err));
     TRY(dalloc(c, &c->ye, B * K * D, A, err));
     TRY(dalloc(c, &c->logits, B * V, A, err));
+    if (c->tp_n > 1) TRY(dalloc(c, &c->tp_scr, 2 * B, A, err));
     // split-K attention: chunks of >= 32 positions, up to 64 splits (8 positions per warp and
     // split; the old 128-position chunks left a decode step at pos 512 with 4 busy splits per head)
     c->att_nsplit = std::min(ATT_MAXSPLIT, std::max(1, (o.max_ctx + 31) / 32));
@@ -759,6 +1074,13 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     c->g.xq_elems = 2 * std::max(B * std::max(max_cols, (size_t)D), B * K * (size_t)std::max(F, 1));
     TRY(dalloc(c, &c->g.xq, c->g.xq_elems, A, err));
     TRY(dalloc(c, &c->g.xs, c->g.xq_elems / 32, A, err));
+    // k_moe_router's finished-block counters: one per MOE_NT rows of a batch, zero between launches
+    c->g.moe_cnt_n = (int)((B + MOE_NT - 1) / MOE_NT);
+    TRY(dalloc(c, &c->g.moe_cnt, (size_t)c->g.moe_cnt_n, A, err));
+    if (cudaMemset(c->g.moe_cnt, 0, (size_t)c->g.moe_cnt_n * sizeof(unsigned)) != cudaSuccess) {
+        cuda_model_free(c);
+        return st_err_set(err, ST_ERR_INTERNAL, "CUDA: memset failed");
+    }
     TRY(dalloc(c, &c->io, 3 * B, A, err));
     TRY(dalloc(c, &c->next, B, A, err));
     TRY(dalloc(c, &c->gen_log, (size_t)o.max_ctx + 8, A, err));
@@ -783,9 +1105,62 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
 }
 
 // ---------------------------------------------------------------------------------------------
+// prefill attention (cuda_attn_prefill.cuh): when it applies, and its launch
+
+// True if the tiled tensor-core kernel serves T rows of attention: head_dim 64 or 128,
+// G = H / Hkv <= ATTP_ROWS q heads per kv head, and every row of one slot at consecutive
+// positions (hpos / hslot: host copies of the rows). Anything else (rows of several sequences,
+// gaps) stays on the decode kernels, which handle any rows. STRATA_CUDA_NO_ATTP=1 disables it
+// for the forward pass (and cuda_op_attention's automatic choice).
+static bool attn_prefill_ok(int T, int H, int Hkv, int hd, const int32_t *hpos, const int32_t *hslot, bool forced = false) {
+    static const bool off = env_on("STRATA_CUDA_NO_ATTP");
+    if ((off && !forced) || T < 1 || (hd != 64 && hd != 128) || Hkv < 1 || H % Hkv || H / Hkv > ATTP_ROWS) return false;
+    for (int t = 1; t < T; t++)
+        if (hslot[t] != hslot[0] || hpos[t] != hpos[0] + t) return false;
+    return true;
+}
+
+// Enqueues k_attn_prefill on g->st: out[T, H*hd] fp32 = causal attention of q[T, H*hd] fp32
+// over the layer's bf16 cache kl / vl ([n_slots][max_ctx][Hkv*hd], slot_stride elements per
+// slot) with pos[T] / slot[T] in device memory. Precondition: attn_prefill_ok. Borrows every
+// pointer; a launch failure surfaces at the caller's next cu_check. The kernel needs more than
+// the default 48 KB of shared memory (double-buffered K/V tiles: 69.6 KB at hd 128): the limit
+// is raised on every call (a host call per layer, whichever device is current).
+static void attn_prefill(gctx *g, float *out, const float *q, const __nv_bfloat16 *kl, const __nv_bfloat16 *vl,
+                         const int32_t *pos, const int32_t *slot, int T, int H, int Hkv, int hd, float scale,
+                         size_t slot_stride) {
+    attp_args a = {out, q, kl, vl, pos, slot, slot_stride, T, H, Hkv, scale * 1.4426950408889634f};
+    const int smem = attp_smem_bytes(hd);
+    const dim3 grid((unsigned)attp_blocks(T, H / Hkv), (unsigned)Hkv);
+    if (hd == 64) {
+        cudaFuncSetAttribute(k_attn_prefill<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        k_attn_prefill<64><<<grid, ATTP_THREADS, smem, g->st>>>(a);
+    } else {
+        cudaFuncSetAttribute(k_attn_prefill<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        k_attn_prefill<128><<<grid, ATTP_THREADS, smem, g->st>>>(a);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // the forward pass (enqueue only): rows in c->io, T <= max_batch
 
 enum { OUT_NONE, OUT_LAST, OUT_ALL, OUT_GREEDY };
+
+// The residual update of T rows: x += tmp — summed over the tensor-parallel ranks first (each
+// holds a partial sum) — then xn = rmsnorm(x) * w; w NULL: the add only.
+static void residual_add(cuda_model *c, float *xn, const float *w, int T) {
+    gctx *g = &c->g;
+    const int D = c->d->n_embd;
+    const float eps = c->d->norm_eps;
+    if (c->tp_n > 1) {
+        const unsigned grid = (unsigned)std::min(T, c->pv.max_chunks);
+        if (w) k_tp_add_rmsnorm<true><<<grid, TP_THREADS, 0, g->st>>>(c->pv, xn, c->x, c->tmp, w, T, D, eps);
+        else k_tp_add_rmsnorm<false><<<grid, TP_THREADS, 0, g->st>>>(c->pv, nullptr, c->x, c->tmp, nullptr, T, D, eps);
+        return;
+    }
+    if (w) add_rmsnorm(g, xn, c->x, c->tmp, w, T, D, eps);
+    else k_add<<<grid_for((int64_t)T * D, 256), 256, 0, g->st>>>(c->x, c->tmp, (int64_t)T * D);
+}
 
 static void enqueue(cuda_model *c, int T, int outm) {
     const model_desc *d = c->d;
@@ -813,7 +1188,10 @@ static void enqueue(cuda_model *c, int T, int outm) {
             linear_n(g, 3, ws, ys, ld, c->xn, T);
         }
         mark(g, "qk-norm + rope + kv store");
-        if (d->qk_norm == QK_NORM_FULL) {
+        if (d->qk_norm == QK_NORM_FULL && c->tp_n > 1) { // the norm spans every rank's heads
+            k_tp_qk_norm_full<<<(unsigned)std::min(T, c->pv.max_chunks), TP_THREADS, 0, st>>>(
+                c->pv, c->q, qd, c->k, kvd, L.q_norm, L.k_norm, c->tp_scr, T, c->qd_all, c->kvd_all, eps);
+        } else if (d->qk_norm == QK_NORM_FULL) {
             rmsnorm(g, c->q, c->q, L.q_norm, T, qd, eps);
             rmsnorm(g, c->k, c->k, L.k_norm, T, kvd, eps);
         }
@@ -827,13 +1205,16 @@ static void enqueue(cuda_model *c, int T, int outm) {
                                                                       c->inv_freq, kl, vl, slot, c->kv_slot_stride, T);
         }
         mark(g, "attention");
-        k_attn_split<<<dim3((unsigned)(T * H), (unsigned)c->att_nsplit), ATT_WARPS * 32, 0, st>>>(
-            c->part, c->q, kl, vl, pos, slot, H, Hkv, hd, scale, c->kv_slot_stride, c->att_chunk, c->att_nsplit);
-        k_attn_combine<<<T * H, 128, 0, st>>>(c->att, c->part, hd, c->att_nsplit);
+        if (T >= ATTP_MIN_T && attn_prefill_ok(T, H, Hkv, hd, c->h_io + B, c->h_io + 2 * B)) {
+            attn_prefill(g, c->att, c->q, kl, vl, pos, slot, T, H, Hkv, hd, scale, c->kv_slot_stride);
+        } else {
+        attn_decode(g, c->att, c->part, c->q, kl, vl, pos, slot, T, H, Hkv, hd, scale, c->kv_slot_stride, c->att_chunk,
+                    c->att_nsplit);
+        }
         mark(g, "linear o");
         linear(g, c->tmp, D, c->att, L.wo, T);
         mark(g, "add + rmsnorm");
-        add_rmsnorm(g, c->xn, c->x, c->tmp, L.ffn_norm, T, D, eps);
+        residual_add(c, c->xn, L.ffn_norm, T);
         if (L.moe) {
             moe_w mw = {L.router, L.eg, L.eu, L.ed, L.router_bias, d->n_expert, d->n_expert_used, d->n_ff_expert, D,
                         d->router == ROUTER_SIGMOID_BIAS, d->norm_topk_prob};
@@ -854,10 +1235,10 @@ static void enqueue(cuda_model *c, int T, int outm) {
         }
         if (l + 1 < c->l1) {
             mark(g, "add + rmsnorm");
-            add_rmsnorm(g, c->xn, c->x, c->tmp, c->L[(size_t)l + 1].attn_norm, T, D, eps);
+            residual_add(c, c->xn, c->L[(size_t)l + 1].attn_norm, T);
         } else {
             mark(g, "add");
-            k_add<<<grid_for((int64_t)T * D, 256), 256, 0, st>>>(c->x, c->tmp, (int64_t)T * D);
+            residual_add(c, nullptr, nullptr, T);
         }
     }
     if (outm == OUT_NONE || !c->has_output) return;
@@ -1264,20 +1645,71 @@ extern "C" double cuda_measure_copy_bandwidth(int device, size_t bytes, int reps
     return best > 0 && best < 1e29f ? 2.0 * (double)bytes / (best * 1e-3) : 0;
 }
 
-extern "C" int cuda_model_profile_step(cuda_model *c, int pos, void *fp, st_err *err) {
-    FILE *f = (FILE *)fp;
-    int32_t tok = 1, slot = 0;
-    int rc = check_rows(c, &tok, &pos, &slot, 1, err);
-    if (rc) return rc;
-    if ((rc = put_rows(c, &tok, &pos, &slot, 1, err))) return rc;
+// bf16 values in [-0.5, 0.5) from a hash of the index (operands of the GEMM rate probe: not
+// zeros, whose products some hardware paths could make cheaper)
+__global__ void k_fill_bf16_hash(__nv_bfloat16 *p, size_t n, uint32_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 0x9E3779B1u ^ seed;
+        h ^= h >> 15, h *= 0x85EBCA77u, h ^= h >> 13;
+        p[i] = __float2bfloat16((float)(h >> 8) * (1.0f / 16777216.0f) - 0.5f);
+    }
+}
+
+extern "C" double cuda_measure_gemm_tflops_shape(int device, int64_t m, int64_t n, int64_t k, int reps) {
+    if (m < 1 || n < 1 || k < 1 || m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || cudaSetDevice(device) != cudaSuccess)
+        return 0;
+    __nv_bfloat16 *w = nullptr, *x = nullptr;
+    float *y = nullptr;
+    cublasHandle_t h = nullptr;
+    cudaStream_t st = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    double rate = 0;
+    float best = 1e30f;
+    const float one = 1.0f, zero = 0.0f;
+    if (cudaMalloc(&w, (size_t)m * k * 2) != cudaSuccess || cudaMalloc(&x, (size_t)n * k * 2) != cudaSuccess ||
+        cudaMalloc(&y, (size_t)m * n * 4) != cudaSuccess || cudaStreamCreate(&st) != cudaSuccess ||
+        cublasCreate(&h) != CUBLAS_STATUS_SUCCESS || cudaEventCreate(&e0) != cudaSuccess ||
+        cudaEventCreate(&e1) != cudaSuccess)
+        goto done;
+    cublasSetStream(h, st);
+    k_fill_bf16_hash<<<1024, 256, 0, st>>>(w, (size_t)m * k, 1);
+    k_fill_bf16_hash<<<1024, 256, 0, st>>>(x, (size_t)n * k, 2);
+    for (int r = -1; r < reps; r++) { // r = -1: warm-up (heuristics, clocks)
+        cudaEventRecord(e0, st);
+        cublasStatus_t bs = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)k, &one, w, CUDA_R_16BF, (int)k,
+                                         x, CUDA_R_16BF, (int)k, &zero, y, CUDA_R_32F, (int)m, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT);
+        cudaEventRecord(e1, st);
+        if (bs != CUBLAS_STATUS_SUCCESS || cudaEventSynchronize(e1) != cudaSuccess) goto done;
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (r >= 0 && ms > 0) best = std::min(best, ms);
+    }
+    if (best < 1e29f) rate = 2.0 * (double)m * (double)n * (double)k / (best * 1e-3) / 1e12;
+done:
+    cudaGetLastError();
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (h) cublasDestroy(h);
+    if (st) cudaStreamDestroy(st);
+    cudaFree(w), cudaFree(x), cudaFree(y);
+    return rate;
+}
+
+extern "C" double cuda_measure_gemm_tflops(int device) { return cuda_measure_gemm_tflops_shape(device, 8192, 8192, 8192, 5); }
+
+// Runs one eager forward of T staged rows (output mode outm) with events between its kernel
+// groups and prints the per-group table titled `title` to f.
+static int profile_run(cuda_model *c, int T, int outm, const char *title, FILE *f, st_err *err) {
     std::vector<std::pair<const char *, cudaEvent_t>> marks;
     c->g.marks = &marks;
     c->g.prof = 1;
-    enqueue(c, 1, OUT_GREEDY);
+    enqueue(c, T, outm);
     mark(&c->g, "end");
     c->g.prof = 0;
     CU_TRY(cudaStreamSynchronize(c->g.st));
-    if ((rc = cu_check(err, "profile step"))) return rc;
+    int rc = cu_check(err, "profile");
+    if (rc) return rc;
     std::map<std::string, std::pair<int, double>> agg;
     double total = 0;
     for (size_t i = 0; i + 1 < marks.size(); i++) {
@@ -1291,11 +1723,38 @@ extern "C" int cuda_model_profile_step(cuda_model *c, int pos, void *fp, st_err 
     std::vector<std::pair<double, std::string>> rows;
     for (auto &a : agg) rows.push_back({a.second.second, a.first});
     std::sort(rows.rbegin(), rows.rend());
-    fprintf(f, "| kernel group (one decode step, B=1, pos %d, events between launches) | calls | us | share |\n|---|---|---|---|\n", pos);
+    fprintf(f, "| kernel group (%s) | calls | us | share |\n|---|---|---|---|\n", title);
     for (auto &r : rows)
         fprintf(f, "| %s | %d | %.1f | %.1f%% |\n", r.second.c_str(), agg[r.second].first, r.first, 100.0 * r.first / total);
     fprintf(f, "| total (eager launches, event overhead included) | | %.1f | |\n", total);
     return ST_OK;
+}
+
+extern "C" int cuda_model_profile_step(cuda_model *c, int pos, void *fp, st_err *err) {
+    FILE *f = (FILE *)fp;
+    int32_t tok = 1, slot = 0;
+    int rc = check_rows(c, &tok, &pos, &slot, 1, err);
+    if (rc) return rc;
+    if ((rc = put_rows(c, &tok, &pos, &slot, 1, err))) return rc;
+    char title[160];
+    snprintf(title, sizeof title, "one decode step, B=1, pos %d, events between launches", pos);
+    return profile_run(c, 1, OUT_GREEDY, title, f, err);
+}
+
+extern "C" int cuda_model_profile_prefill(cuda_model *c, int T, void *fp, st_err *err) {
+    FILE *f = (FILE *)fp;
+    if (T < 1 || T > c->o.max_batch || T > c->o.max_ctx)
+        return st_err_set(err, ST_ERR_ARG, "CUDA: a prefill profile of %d rows (max_batch %d, context %d)", T,
+                          c->o.max_batch, c->o.max_ctx);
+    std::vector<int32_t> tok((size_t)T, 1), pos((size_t)T), slot((size_t)T, 0);
+    for (int t = 0; t < T; t++) pos[(size_t)t] = t;
+    int rc = check_rows(c, tok.data(), pos.data(), slot.data(), T, err);
+    if (rc) return rc;
+    if ((rc = put_rows(c, tok.data(), pos.data(), slot.data(), T, err))) return rc;
+    char title[160];
+    snprintf(title, sizeof title, "one prefill chunk of %d tokens from position 0, events between launches", T);
+    fputc('\n', f);
+    return profile_run(c, T, OUT_LAST, title, f, err);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1351,7 +1810,11 @@ static void oc_xq(opctx &oc, size_t elems) {
 static int op_weight(opctx &oc, const wt_linear *w, dlin *d) {
     dlin_from(w, d);
     size_t wb = (size_t)w->rows * w->row_bytes;
-    d->w = oc.put((const char *)w->w, wb);
+    if (w->qbits && lin_planes(w->qbits, w->cols, w->group, w->row_bytes)) { // 5/6-bit: planes, as upload_lin
+        char *pw = oc.put<char>(nullptr, wb), *stg = oc.put<char>(nullptr, wb);
+        if (!pw || !stg || put_planes(pw, w, stg, wb) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) return -1;
+        d->w = pw, d->pk = 1;
+    } else d->w = oc.put((const char *)w->w, wb);
     if (w->qbits) {
         size_t sb = (size_t)w->rows * w->srow_elems * sdt_size(w->sdtype);
         d->s = oc.put((const char *)w->scales, sb);
@@ -1408,8 +1871,24 @@ extern "C" int cuda_op_rope(float *x, const int32_t *pos, int T, int n_heads, in
 
 extern "C" int cuda_op_attention(const float *q, const float *k, const float *v, int n_ctx, const int32_t *pos, int T,
                                  int H, int Hkv, int hd, float scale, float *out, st_err *err) {
+    return cuda_op_attention_path(q, k, v, n_ctx, pos, T, H, Hkv, hd, scale, 0, out, err);
+}
+
+// path 0: the forward pass's choice (the prefill kernel for >= ATTP_MIN_T consecutive rows of
+// a supported shape, else the decode kernels); 1: the decode kernels; 2: the prefill kernel
+// (ST_ERR_UNSUPPORTED where attn_prefill_ok says no, for any T)
+extern "C" int cuda_op_attention_path(const float *q, const float *k, const float *v, int n_ctx, const int32_t *pos,
+                                      int T, int H, int Hkv, int hd, float scale, int path, float *out, st_err *err) {
     OP_BEGIN();
     if (hd > 32 * ATT_MAXJ) return st_err_set(err, ST_ERR_UNSUPPORTED, "head_dim %d", hd);
+    for (int t = 0; t < T; t++)
+        if (pos[t] < 0 || pos[t] >= n_ctx)
+            return st_err_set(err, ST_ERR_ARG, "position %d outside the %d cached rows", pos[t], n_ctx);
+    std::vector<int32_t> hs((size_t)T, 0);
+    const bool pf_ok = attn_prefill_ok(T, H, Hkv, hd, pos, hs.data(), path == 2);
+    if (path == 2 && !pf_ok)
+        return st_err_set(err, ST_ERR_UNSUPPORTED, "prefill attention kernel: T %d, %d/%d heads, head_dim %d", T, H, Hkv, hd);
+    const bool prefill = path == 2 || (path == 0 && T >= ATTP_MIN_T && pf_ok);
     size_t kvn = (size_t)n_ctx * Hkv * hd;
     std::vector<__nv_bfloat16> kb(kvn), vb(kvn);
     for (size_t i = 0; i < kvn; i++) kb[i] = __float2bfloat16(k[i]), vb[i] = __float2bfloat16(v[i]);
@@ -1422,9 +1901,8 @@ extern "C" int cuda_op_attention(const float *q, const float *k, const float *v,
     int nsplit = std::min(ATT_MAXSPLIT, std::max(1, (n_ctx + 31) / 32)), chunk = (n_ctx + nsplit - 1) / nsplit;
     float *part = oc.put<float>(nullptr, (size_t)T * H * nsplit * (hd + 2));
     float *dy = oc.put<float>(nullptr, (size_t)T * H * hd);
-    k_attn_split<<<dim3((unsigned)(T * H), (unsigned)nsplit), ATT_WARPS * 32, 0, oc.g.st>>>(part, dq, dk, dv, dp, ds, H, Hkv,
-                                                                                          hd, scale, kvn, chunk, nsplit);
-    k_attn_combine<<<T * H, 128, 0, oc.g.st>>>(dy, part, hd, nsplit);
+    if (prefill) attn_prefill(&oc.g, dy, dq, dk, dv, dp, ds, T, H, Hkv, hd, scale, kvn);
+    else attn_decode(&oc.g, dy, part, dq, dk, dv, dp, ds, T, H, Hkv, hd, scale, kvn, chunk, nsplit);
     return op_end(oc, out, dy, (size_t)T * H * hd * 4, err);
 }
 
@@ -1454,21 +1932,66 @@ extern "C" int cuda_op_moe_route(const float *logits, const float *bias, int T, 
 // E experts of identical shape packed contiguously (as upload_lin does for a model)
 static int op_weights_e(opctx &oc, const wt_linear *w, int E, dlin *d) {
     dlin_from(&w[0], d);
+    const bool pl = w[0].qbits && lin_planes(w[0].qbits, w[0].cols, w[0].group, w[0].row_bytes); // as upload_lin
     const size_t wb = (size_t)w[0].rows * w[0].row_bytes;
+    const size_t ws = pl ? mv56_expert_stride(w[0].qbits, w[0].rows, w[0].cols) : wb;
     const size_t sn = w[0].qbits ? (size_t)w[0].rows * w[0].srow_elems : 0, sb = sn * sdt_size(w[0].sdtype);
-    char *pw = oc.put<char>(nullptr, wb * E), *ps = sn ? oc.put<char>(nullptr, sb * E) : nullptr,
-         *pb = sn ? oc.put<char>(nullptr, sb * E) : nullptr;
-    if (!pw || (sn && (!ps || !pb))) return -1;
+    char *pw = oc.put<char>(nullptr, ws * E), *ps = sn ? oc.put<char>(nullptr, sb * E) : nullptr,
+         *pb = sn ? oc.put<char>(nullptr, sb * E) : nullptr, *stg = pl ? oc.put<char>(nullptr, wb) : nullptr;
+    if (!pw || (sn && (!ps || !pb)) || (pl && !stg)) return -1;
     for (int e = 0; e < E; e++) {
         if (w[e].rows != w[0].rows || w[e].cols != w[0].cols || w[e].qbits != w[0].qbits) return -1;
-        cudaMemcpy(pw + wb * e, w[e].w, wb, cudaMemcpyHostToDevice);
+        if (pl) {
+            if (put_planes(pw + ws * e, &w[e], stg, wb) != cudaSuccess) return -1;
+        } else cudaMemcpy(pw + wb * e, w[e].w, wb, cudaMemcpyHostToDevice);
         if (sn) {
             cudaMemcpy(ps + sb * e, w[e].scales, sb, cudaMemcpyHostToDevice);
             cudaMemcpy(pb + sb * e, w[e].biases, sb, cudaMemcpyHostToDevice);
         }
     }
-    d->w = pw, d->s = ps, d->b = pb, d->e_wstride = wb, d->e_sstride = sn;
+    if (pl && cudaDeviceSynchronize() != cudaSuccess) return -1;
+    d->w = pw, d->s = ps, d->b = pb, d->e_wstride = ws, d->e_sstride = sn, d->pk = pl;
     return 0;
+}
+
+// k_moe_router's counters for an op context: 4 (32 rows per launch, fewer than a model's 256),
+// so that T > 32 also runs moe_router's launch loop. 0, or -1 when the allocation failed.
+static int oc_moe_cnt(opctx &oc) {
+    oc.g.moe_cnt_n = 4;
+    oc.g.moe_cnt = oc.put<unsigned>(nullptr, (size_t)oc.g.moe_cnt_n);
+    return oc.g.moe_cnt ? 0 : -1;
+}
+
+extern "C" int cuda_op_moe_router(const wt_linear *router, const float *router_bias, int E, int K, int sigmoid,
+                                  int norm_topk, const float *x, int T, float *logits, int32_t *sel, float *w,
+                                  st_err *err) {
+    OP_BEGIN();
+    if (E > MOE_MAXE) return st_err_set(err, ST_ERR_UNSUPPORTED, "%d experts", E);
+    moe_w m;
+    memset(&m, 0, sizeof m);
+    if (op_weight(oc, router, &m.router)) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
+    const int D = (int)router->cols;
+    m.bias = router_bias ? oc.put(router_bias, (size_t)E) : nullptr;
+    m.E = E, m.K = K, m.D = D, m.sigmoid = sigmoid, m.norm = norm_topk;
+    moe_buf b;
+    memset(&b, 0, sizeof b);
+    b.rlog = oc.put<float>(nullptr, (size_t)T * E);
+    b.selw = oc.put<float>(nullptr, (size_t)T * K);
+    b.sel = oc.put<int32_t>(nullptr, (size_t)T * K);
+    const float *dx = oc.put(x, (size_t)T * D);
+    if (!b.rlog || !b.selw || !b.sel || !dx || oc_moe_cnt(oc)) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
+    // x quantised on the side as for the fused experts (two planes), when the shape allows
+    const int planes = D % 32 == 0 ? 2 : 0;
+    if (planes) {
+        oc_xq(oc, (size_t)T * D);
+        if (!oc.g.xq) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
+    }
+    moe_router(&oc.g, m, b, dx, T, planes);
+    int rc = op_end(oc, logits, b.rlog, (size_t)T * E * 4, err);
+    if (rc) return rc;
+    CU_TRY(cudaMemcpy(sel, b.sel, (size_t)T * K * 4, cudaMemcpyDeviceToHost));
+    CU_TRY(cudaMemcpy(w, b.selw, (size_t)T * K * 4, cudaMemcpyDeviceToHost));
+    return ST_OK;
 }
 
 extern "C" int cuda_op_moe_ffn(const wt_linear *router, const float *router_bias, const wt_linear *exp_gate,
@@ -1497,6 +2020,12 @@ extern "C" int cuda_op_moe_ffn(const wt_linear *router, const float *router_bias
         return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
     oc_xq(oc, std::max((size_t)T * D, (size_t)T * K * F));
     oc.g.x16 = 1; // as in a MoE model
+    if (oc_moe_cnt(oc)) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
+    // the parity asks (STRATA_CUDA_MOE_EXPECT_FUSED=1) that shapes it expects on the fused
+    // kernels really take them: a case that silently fell back to the unfused path would pass
+    if (env_on("STRATA_CUDA_MOE_EXPECT_FUSED") && !moe_fused_planes(&oc.g, m, T))
+        return st_err_set(err, ST_ERR_UNSUPPORTED, "CUDA: these experts (q%d/q%d) took the unfused path", m.eg.qbits, m.ed.qbits);
+    cudaMemset(dy, 0xff, (size_t)T * D * 4); // NaN: a row the kernels leave unwritten fails the comparison
     moe_ffn(&oc.g, m, b, dx, T, dy);
     int rc = op_end(oc, out, dy, (size_t)T * D * 4, err);
     if (rc) return rc;
@@ -1510,4 +2039,254 @@ extern "C" int cuda_op_argmax(const float *x, int rows, int n, int32_t *out, st_
     int32_t *dy = oc.put<int32_t>(nullptr, (size_t)rows);
     k_argmax<<<rows, 1024, 0, oc.g.st>>>(dx, n, dy);
     return op_end(oc, out, dy, (size_t)rows * 4, err);
+}
+
+// ---------------------------------------------------------------------------------------------
+// tensor parallelism over the GPUs of this process (strata/cuda_backend.h: cuda_tp_*)
+
+struct cuda_tp {
+    int n;
+    int dev[CUDA_PEER_MAX_RANKS];
+    cuda_model *r[CUDA_PEER_MAX_RANKS];
+    cuda_peer_group *pg;
+};
+
+extern "C" void cuda_tp_free(cuda_tp *tp) {
+    if (!tp) return;
+    for (int i = 0; i < tp->n; i++)
+        if (tp->r[i]) cudaSetDevice(tp->dev[i]), cuda_model_free(tp->r[i]);
+    if (tp->pg) cuda_peer_group_free(tp->pg);
+    delete tp;
+}
+
+static int tp_init(cuda_tp **out, const model *m, const model_desc *d, uint64_t seed, const cuda_model_opts *opts,
+                   const int *devices, int n, st_err *err) {
+    *out = nullptr;
+    if (n < 2 || n > CUDA_PEER_MAX_RANKS)
+        return st_err_set(err, ST_ERR_ARG, "tensor parallel: %d GPUs (2..%d)", n, CUDA_PEER_MAX_RANKS);
+    model_desc loc;
+    int rc = tp_local_desc(d, n, &loc, err); // refuse early, before any allocation
+    if (rc) return rc;
+    cuda_model_opts o = opts ? *opts : cuda_model_opts{};
+    if (o.max_batch <= 0) o.max_batch = 256;
+    if (m) o.layer_begin = m->layer_begin, o.layer_end = m->layer_end, o.with_embed = m->holds_embed,
+           o.with_output = m->holds_output;
+    cuda_tp *tp = new cuda_tp();
+    tp->n = n;
+    // the all-reduce moves up to max_batch rows of the residual stream (or 2 sums per row)
+    const size_t max_floats = (size_t)o.max_batch * (size_t)std::max(d->n_embd, 2);
+    if ((rc = cuda_peer_group_init(&tp->pg, n, devices, max_floats, err))) {
+        cuda_tp_free(tp);
+        return rc;
+    }
+    for (int i = 0; i < n; i++) {
+        tp->dev[i] = devices[i];
+        cuda_model_opts oi = o;
+        oi.device = devices[i], oi.tp_rank = i, oi.tp_size = n;
+        if ((rc = model_init(&tp->r[i], m, d, seed, &oi, err))) {
+            cuda_tp_free(tp);
+            return rc;
+        }
+        tp->r[i]->pv = cuda_peer_group_view(tp->pg, i);
+        // the ranks' host threads enqueue independently (a first cuBLAS call alone can hold one
+        // rank's stream for hundreds of ms while the others wait in an all-reduce): bound the
+        // waits at 10 s unless STRATA_PEER_TIMEOUT_MS says otherwise
+        if (!getenv("STRATA_PEER_TIMEOUT_MS")) tp->r[i]->pv.timeout_ns = 10000000000ull;
+    }
+    *out = tp;
+    return ST_OK;
+}
+
+extern "C" int cuda_tp_init(cuda_tp **out, const model *m, const cuda_model_opts *o, const int *devices, int n,
+                            st_err *err) {
+    return tp_init(out, m, &m->desc, 0, o, devices, n, err);
+}
+
+extern "C" int cuda_tp_init_synthetic(cuda_tp **out, const model_desc *d, const cuda_model_opts *o, const int *devices,
+                                      int n, uint64_t seed, st_err *err) {
+    return tp_init(out, nullptr, d, seed, o, devices, n, err);
+}
+
+// Runs f(rank) for every rank, each on its own host thread with the rank's device current.
+// Returns the first nonzero result.
+template <class F> static int tp_each(cuda_tp *tp, F f) {
+    std::vector<std::thread> th;
+    std::vector<int> rcs((size_t)tp->n, 0);
+    for (int i = 0; i < tp->n; i++)
+        th.emplace_back([&, i]() {
+            cudaSetDevice(tp->dev[i]);
+            rcs[(size_t)i] = f(i);
+        });
+    for (auto &t : th) t.join();
+    for (int r : rcs)
+        if (r) return r;
+    return 0;
+}
+
+// Waits for every rank's stream, then reports the first CUDA error or stalled all-reduce.
+static int tp_sync(cuda_tp *tp, const char *what, st_err *err) {
+    int rc = ST_OK;
+    for (int i = 0; i < tp->n; i++) {
+        cudaSetDevice(tp->dev[i]);
+        cudaError_t e = cudaStreamSynchronize(tp->r[i]->g.st);
+        if (e != cudaSuccess && !rc) {
+            cudaGetLastError();
+            rc = st_err_set(err, ST_ERR_INTERNAL, "CUDA %s on GPU %d: %s", what, tp->dev[i], cudaGetErrorString(e));
+        }
+    }
+    for (int i = 0; i < tp->n && !rc; i++) rc = cuda_peer_error(tp->pg, i, err);
+    return rc;
+}
+
+extern "C" int cuda_tp_forward(cuda_tp *tp, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T,
+                               float *logits, logits_mode mode, st_err *err) {
+    cuda_model *c0 = tp->r[0];
+    int rc = need_whole(c0, "cuda_tp_forward", err);
+    if (!rc) rc = check_rows(c0, tokens, pos, slot, T, err);
+    if (rc) return rc;
+    const int B = c0->o.max_batch, V = c0->d->n_vocab;
+    for (int t0 = 0; t0 < T; t0 += B) {
+        const int n = std::min(B, T - t0);
+        int outm = OUT_NONE;
+        if (mode == LOGITS_ALL) outm = OUT_ALL;
+        if (mode == LOGITS_LAST && t0 + n == T) outm = OUT_LAST;
+        // every rank enqueues from its own thread, so no rank's launches wait behind another's
+        // (the all-reduces pair up on the GPUs)
+        if (tp_each(tp, [&](int i) -> int {
+                const int r2 = put_rows(tp->r[i], tokens + t0, pos + t0, slot + t0, n, nullptr);
+                if (!r2) enqueue(tp->r[i], n, i == 0 ? outm : OUT_NONE);
+                return r2;
+            }))
+            return st_err_set(err, ST_ERR_INTERNAL, "CUDA: staging the rows of a tensor-parallel step failed");
+        cudaSetDevice(tp->dev[0]);
+        if (outm == OUT_ALL)
+            CU_TRY(cudaMemcpyAsync(logits + (size_t)t0 * V, c0->logits, (size_t)n * V * 4, cudaMemcpyDeviceToHost, c0->g.st));
+        if (outm == OUT_LAST) CU_TRY(cudaMemcpyAsync(logits, c0->logits, (size_t)V * 4, cudaMemcpyDeviceToHost, c0->g.st));
+        if ((rc = tp_sync(tp, "tensor-parallel forward", err))) return rc;
+    }
+    return ST_OK;
+}
+
+extern "C" int cuda_tp_generate_greedy(cuda_tp *tp, int32_t token, int pos0, int slot, int n, int32_t *out,
+                                       float *step_ms, st_err *err) {
+    cuda_model *c0 = tp->r[0];
+    if (n < 1 || pos0 < 0 || pos0 + n > c0->o.max_ctx)
+        return st_err_set(err, ST_ERR_ARG, "CUDA: %d steps from position %d exceed the context %d", n, pos0, c0->o.max_ctx);
+    int rc = need_whole(c0, "greedy generation", err);
+    if (!rc) rc = check_rows(c0, &token, &pos0, &slot, 1, err);
+    if (rc) return rc;
+    auto arm = [&]() -> int { // rows and the generation counter on every rank
+        for (int i = 0; i < tp->n; i++) {
+            cudaSetDevice(tp->dev[i]);
+            int r2 = put_rows(tp->r[i], &token, &pos0, &slot, 1, err);
+            if (r2) return r2;
+            CU_TRY(cudaMemsetAsync(tp->r[i]->gen_counter, 0, 4, tp->r[i]->g.st));
+        }
+        return ST_OK;
+    };
+    if ((rc = arm())) return rc;
+    const bool graphs = !c0->o.no_graph;
+    if (graphs && !c0->graph[1]) {
+        // warm-up step on every rank (the same K/V writes as the replay that follows), then one
+        // graph per rank; the ranks' graphs pair up all-reduce by all-reduce when replayed
+        tp_each(tp, [&](int i) -> int {
+            enqueue(tp->r[i], 1, OUT_GREEDY);
+            return 0;
+        });
+        if ((rc = tp_sync(tp, "tensor-parallel warm-up", err))) return rc;
+        for (int i = 0; i < tp->n; i++) {
+            cuda_model *c = tp->r[i];
+            cudaSetDevice(tp->dev[i]);
+            cudaGraph_t graph = nullptr;
+            cudaError_t e = cudaStreamBeginCapture(c->g.st, cudaStreamCaptureModeThreadLocal);
+            if (e == cudaSuccess) {
+                enqueue(c, 1, OUT_GREEDY);
+                e = cudaStreamEndCapture(c->g.st, &graph);
+            }
+            if (e == cudaSuccess) e = cudaGraphInstantiate(&c->graph[1], graph, 0);
+            if (graph) cudaGraphDestroy(graph);
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                return st_err_set(err, ST_ERR_INTERNAL, "CUDA: capture of the tensor-parallel step on GPU %d: %s",
+                                  tp->dev[i], cudaGetErrorString(e));
+            }
+        }
+        if ((rc = arm())) return rc;
+    }
+    std::vector<cudaEvent_t> ev;
+    cudaSetDevice(tp->dev[0]);
+    if (step_ms) {
+        ev.resize((size_t)n + 1);
+        for (auto &e : ev) cudaEventCreate(&e);
+        cudaEventRecord(ev[0], c0->g.st);
+    }
+    for (int s = 0; s < n; s++) {
+        for (int i = 0; i < tp->n; i++) {
+            cudaSetDevice(tp->dev[i]);
+            if (tp->r[i]->graph[1]) cudaGraphLaunch(tp->r[i]->graph[1], tp->r[i]->g.st);
+            else enqueue(tp->r[i], 1, OUT_GREEDY);
+        }
+        // rank 0's step ends after its last all-reduce, i.e. after every rank's layers
+        if (step_ms) cudaSetDevice(tp->dev[0]), cudaEventRecord(ev[(size_t)s + 1], c0->g.st);
+    }
+    rc = tp_sync(tp, "tensor-parallel generation", err);
+    cudaSetDevice(tp->dev[0]);
+    if (!rc) {
+        cudaError_t e = cudaMemcpy(out, c0->gen_log, (size_t)n * 4, cudaMemcpyDeviceToHost);
+        if (e != cudaSuccess) rc = st_err_set(err, ST_ERR_INTERNAL, "CUDA: %s", cudaGetErrorString(e));
+    }
+    if (!rc && tp->n > 1) { // every rank must have produced the same tokens
+        std::vector<int32_t> other((size_t)n);
+        for (int i = 1; i < tp->n && !rc; i++) {
+            cudaSetDevice(tp->dev[i]);
+            if (cudaMemcpy(other.data(), tp->r[i]->gen_log, (size_t)n * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                memcmp(other.data(), out, (size_t)n * 4))
+                rc = st_err_set(err, ST_ERR_INTERNAL, "tensor parallel: GPU %d generated other tokens than GPU %d",
+                                tp->dev[i], tp->dev[0]);
+        }
+        cudaSetDevice(tp->dev[0]);
+    }
+    if (step_ms) {
+        for (int s = 0; s < n && !rc; s++) cudaEventElapsedTime(&step_ms[s], ev[(size_t)s], ev[(size_t)s + 1]);
+        for (auto &e : ev) cudaEventDestroy(e);
+    }
+    return rc;
+}
+
+extern "C" int cuda_tp_kv_fill_synthetic(cuda_tp *tp, int slot, int n_tokens, st_err *err) {
+    for (int i = 0; i < tp->n; i++) {
+        cudaSetDevice(tp->dev[i]);
+        int rc = cuda_model_kv_fill_synthetic(tp->r[i], slot, n_tokens, err);
+        if (rc) return rc;
+    }
+    return tp_sync(tp, "kv fill", err);
+}
+
+extern "C" int cuda_tp_size(const cuda_tp *tp) { return tp->n; }
+
+extern "C" void cuda_tp_get_info(const cuda_tp *tp, int rank, cuda_model_info *info) {
+    cudaSetDevice(tp->dev[rank]);
+    cuda_model_get_info(tp->r[rank], info);
+}
+
+extern "C" int cuda_tp_profile_step(cuda_tp *tp, int pos, void *fp, st_err *err) {
+    // rank 0 runs the eager step with events between its kernel groups while the other ranks run
+    // the same step eagerly from their own threads (their all-reduces pair up with rank 0's)
+    std::vector<st_err> errs((size_t)tp->n);
+    int rc = tp_each(tp, [&](int i) -> int {
+        st_err *e = &errs[(size_t)i];
+        memset(e, 0, sizeof *e);
+        if (i == 0) return cuda_model_profile_step(tp->r[0], pos, fp, e);
+        int32_t tok = 1, slot = 0;
+        const int r2 = put_rows(tp->r[i], &tok, &pos, &slot, 1, e);
+        if (!r2) enqueue(tp->r[i], 1, OUT_GREEDY);
+        return r2;
+    });
+    const int rs = tp_sync(tp, "tensor-parallel profile", err);
+    if (rc) {
+        for (auto &e : errs)
+            if (e.code) return st_err_set(err, e.code, "%s", e.msg);
+        return st_err_set(err, ST_ERR_INTERNAL, "tensor-parallel profile failed");
+    }
+    return rs;
 }
