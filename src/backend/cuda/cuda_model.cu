@@ -355,12 +355,13 @@ static void add_rmsnorm(gctx *g, float *out, float *x, const float *y, const flo
 static void attn_decode(gctx *g, float *out, float *part, const float *q, const __nv_bfloat16 *kl,
                         const __nv_bfloat16 *vl, const int32_t *pos, const int32_t *slot, int T, int H, int Hkv, int hd,
                         float scale, size_t slot_stride, int chunk, int nsplit) {
-    static int sms = 0, force_split = -1;
-    if (!sms) {
-        int dev = 0;
-        cudaGetDevice(&dev);
-        if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
-    }
+    // SMs of the current device (GPUs of one process may differ), read once per device; the
+    // first call comes from an eager step (graphs are captured after a warm-up step)
+    static int force_split = -1, sms_of[64];
+    int dev = 0;
+    cudaGetDevice(&dev);
+    int &sms = sms_of[dev & 63];
+    if (!sms && (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)) sms = 132;
     if (force_split < 0) force_split = env_on("STRATA_CUDA_ATTN_SPLIT");
     const int G = H / Hkv;
     if (!force_split && T <= MV_MAXT && (hd == 64 || hd == 128) && H % Hkv == 0 && G <= 16) {
