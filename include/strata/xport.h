@@ -105,8 +105,8 @@ int xport_connect(xport **out, const char *hostport, const xport_key *key, const
  * Sizes come from the connector's hello (max_payload capped by o->max_payload). */
 int xport_accept(xport **out, int listen_fd, const xport_key *key, const xport_opts *o, st_err *err);
 
-/* Payload area of the next send slot (len <= max_payload), or NULL (too large, or the link
- * is broken). Blocks while every slot is waiting for the socket. */
+/* Payload area of the next send slot (len <= max_payload), or NULL (too large, the link is
+ * broken, or x is NULL: a lost peer's link). Blocks while every slot is waiting for the socket. */
 void *xport_send_buf(xport *x, size_t len);
 
 /* Commits the slot from xport_send_buf as one frame of `type` and `len` bytes. Control types

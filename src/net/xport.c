@@ -684,7 +684,7 @@ void xport_flush(xport *x) {
 }
 
 void *xport_send_buf(xport *x, size_t len) {
-    if (x->broken || len > x->max_payload) return NULL;
+    if (!x || x->broken || len > x->max_payload) return NULL; /* no link (peer lost): no buffer */
     if (is_shm_tx(x)) {
         shm_ring *r = x->ring;
         uint64_t t0 = st_time_ns();

@@ -114,6 +114,8 @@ static void test_tcp_link(void **state) {
     (void)state;
     xport *c = NULL, *s = NULL;
     int arc;
+    /* a stage whose next hop was lost sends through a NULL link: no buffer, no crash */
+    assert_null(xport_send_buf(NULL, 16));
     assert_int_equal(make_pair(XPORT_PREF_TCP, "k1", "k1", 0, &c, &s, &arc), 0);
     assert_int_equal(arc, 0);
     assert_int_equal(xport_kind_of(c), XPORT_TCP);
