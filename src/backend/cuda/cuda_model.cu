@@ -2060,6 +2060,12 @@ extern "C" void cuda_tp_free(cuda_tp *tp) {
     delete tp;
 }
 
+// Builds the group: validates the split (tp_local_desc) before allocating, creates the peer
+// all-reduce group over devices[0..n) (peer access), then one cuda_model per GPU with its share
+// of the weights (from m's host tensors, sliced, or generated on the device when m is NULL).
+// *out owns everything (cuda_tp_free); m and d are borrowed and must outlive it. Fails with the
+// first error (ST_ERR_UNSUPPORTED for widths that do not split, ST_ERR_NOMEM, CUDA errors),
+// leaving *out NULL and nothing allocated.
 static int tp_init(cuda_tp **out, const model *m, const model_desc *d, uint64_t seed, const cuda_model_opts *opts,
                    const int *devices, int n, st_err *err) {
     *out = nullptr;
