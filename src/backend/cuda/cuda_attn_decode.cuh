@@ -67,9 +67,23 @@ __global__ void __launch_bounds__(AT2_WARPS * 32)
     const int G = H / Hkv;
     const int t = blockIdx.x / Hkv, kvh = blockIdx.x % Hkv, split = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    // pos / slot were written before the previous kernel started (the step's input, or the last
+    // step's k_advance), so they may be read before the PDL wait: the chunk's K/V rows are
+    // prefetched into L2 while the previous kernel (RoPE + KV store) drains. L2 is the point of
+    // coherence, so the row that kernel is writing cannot be seen stale through the prefetch.
     const int n = pos[t] + 1;
     int chunk;
     const int s_act = at2_splits(n, nsplit, gridDim.x, target, &chunk);
+    if (split < s_act) {
+        constexpr int LPR = HD * 2 / 128; // 128-byte lines per position and kv head
+        const int a0 = split * chunk, a1 = min(n, a0 + chunk);
+        const size_t kvd = (size_t)Hkv * HD, sb = (size_t)slot[t] * slot_stride + (size_t)kvh * HD;
+        for (int i = threadIdx.x; i < 2 * (a1 - a0) * LPR; i += blockDim.x) {
+            const int which = i & 1, li = i >> 1, p = a0 + li / LPR;
+            prefetch_l2((which ? vc : kc) + sb + (size_t)p * kvd + (size_t)(li % LPR) * 64);
+        }
+    }
+    PDL_ENTRY();
     const size_t row0 = (size_t)t * H + (size_t)kvh * G; // first query head row of this kv head
     if (split >= s_act) {
         for (int r = threadIdx.x; r < G; r += blockDim.x) part[((row0 + r) * nsplit + split) * (HD + 2) + HD] = -INFINITY;

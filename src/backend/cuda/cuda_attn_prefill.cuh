@@ -72,6 +72,7 @@ __device__ __forceinline__ void attp_load_tile(__nv_bfloat16 *ks, __nv_bfloat16 
 }
 
 template <int HD> __global__ void __launch_bounds__(ATTP_THREADS, 2) k_attn_prefill(attp_args a) {
+    PDL_ENTRY();
     constexpr int LD = HD + ATTP_PAD, KT = HD / 16, ND = HD / 8, NT = ATTP_BN / 8;
     extern __shared__ __align__(16) unsigned char attp_smem[];
     __nv_bfloat16 *const ks = reinterpret_cast<__nv_bfloat16 *>(attp_smem); // [2][ATTP_BN][LD]

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "mv56_layout.h"
+#include "cuda_moe_plan.h"
 
 // ---------------------------------------------------------------------------------------------
 // device view of a linear weight (one expert, or E experts at fixed strides)
@@ -75,6 +76,41 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// programmatic dependent launch (sm_90+). The host launches the kernels of a step with
+// cudaLaunchAttributeProgrammaticStreamSerialization (launch_k() in cuda_model.cu; graphs keep the
+// programmatic edges), so a kernel's blocks may start while the previous kernel still runs.
+// Rule: every kernel starts with PDL_ENTRY() — wait until the previous kernel has completed and
+// its writes are visible (griddepcontrol.wait), then let the next kernel's blocks launch
+// (launch_dependents) — before it reads or writes any activation, and no block returns before
+// it (a grid that completed without waiting would break the transitive ordering of the chain).
+// Only data no kernel of the step writes (weights; the KV rows of earlier positions) may be
+// touched before the wait: decode attention prefetches its chunk's K/V rows into L2 there, the
+// MoE router its weight rows (an L2 prefetch of weight rows in the matrix-vector kernels, tried
+// at 2 and 8 KiB per row, gained nothing: PERF.md round 7). Launched without the attribute
+// (older GPUs, STRATA_CUDA_NO_PDL=1), both instructions are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// c_pdl_early (STRATA_CUDA_PDL_EARLY=1, set per device at model init): trigger before the wait,
+// so the next kernel's blocks may become resident (and wait) while this one still waits too.
+__constant__ int c_pdl_early;
+#define PDL_ENTRY()                                                                                                 \
+    do {                                                                                                            \
+        if (c_pdl_early) pdl_trigger();                                                                             \
+        pdl_wait();                                                                                                 \
+        if (!c_pdl_early) pdl_trigger();                                                                            \
+    } while (0)
+
+__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// ---------------------------------------------------------------------------------------------
 // matrix-vector (decode). A launch covers up to MV_SEGS weights of the same kind at once (q/k/v,
 // gate/up: one launch instead of three / two): segment s owns blocks [blk0[s], blk0[s+1]) of
 // grid.x. A block has MV_WARPS warps; a warp computes R consecutive output rows, so every x
@@ -113,6 +149,7 @@ struct mv_args {
     const int64_t r0 = ((int64_t)((int)blockIdx.x - a.blk0[sg]) * (MV_WARPS / (KS)) + warp / (KS)) * (R);           \
     const int cw = warp % (KS); /* this warp's share of the columns (KS > 1: split-K in the block) */             \
     (void)cw;                                                                                                       \
+    PDL_ENTRY();                                                                                                    \
     if (r0 >= w.rows) return;                                                                                       \
     const int j = blockIdx.y;                                                                                       \
     const int e = a.eid ? a.eid[j] : 0;                                                                             \
@@ -343,27 +380,34 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_q(mv_args a) {
 // Quantises rows [0, nrows) of x (row stride ldx, cols % 32 == 0) into xq (row stride
 // cols * planes bytes: per block of 32 values its 32 * planes bytes, plane 0 first) and
 // xs[row * (cols / 32) + block] = (d, sum x, sum q as int bits, 0). One warp per block.
-__global__ void k_quant_x(const float *x, int64_t ldx, int nrows, int64_t cols, int planes, int8_t *xq, float4 *xs) {
-    const int64_t nb = cols / 32;
-    const int64_t blk = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (blk >= nb * nrows) return; // whole warps
-    const int64_t r = blk / nb, c = blk % nb;
-    const float v = x[r * ldx + c * 32 + lane];
+// One block of 32 values, lane l holding value l (all 32 lanes call it): d = amax / qmax, codes
+// rounded to nearest, the float and integer sums, written to o[32 * planes] in the dp4a order
+// (moe_xq_pos) and *st = (d, sum x, sum q as int bits, 0). k_quant_x and the MoE kernels share
+// it, so every path gives the same bits for the same x.
+__device__ __forceinline__ void quant32(float v, int lane, int planes, int8_t *o, float4 *st) {
     const float amax = warp_max(fabsf(v)), sum = warp_sum(v);
     const float qmax = planes == 2 ? XQ_MAX2 : XQ_MAX1;
     const float id = amax > 0.f ? qmax / amax : 0.f;
     int q = __float2int_rn(v * id);
     q = max(-(int)qmax, min((int)qmax, q)); // tiny amax: id may be inf
     const int qs = __reduce_add_sync(0xffffffffu, q);
-    const int k = lane >> 3, i = lane & 7, pos = 8 * k + 4 * (i & 1) + (i >> 1); // even values, then odd
-    int8_t *o = xq + (r * nb + c) * 32 * planes;
+    const int pos = moe_xq_pos(lane); // per 8 values: even values, then odd
     if (planes == 2) {
-        const int hi = (q + 128) >> 8; // floor: q - 256 hi in [-128, 127]
+        const int hi = moe_xq_hi(q); // floor: q - 256 hi in [-128, 127]
         o[pos] = (int8_t)hi;
         o[32 + pos] = (int8_t)(q - hi * 256);
     } else o[pos] = (int8_t)q;
-    if (lane == 0) xs[r * nb + c] = make_float4(amax / qmax, sum, __int_as_float(qs), 0.f);
+    if (lane == 0) *st = make_float4(amax / qmax, sum, __int_as_float(qs), 0.f);
+}
+
+__global__ void k_quant_x(const float *x, int64_t ldx, int nrows, int64_t cols, int planes, int8_t *xq, float4 *xs) {
+    PDL_ENTRY();
+    const int64_t nb = cols / 32;
+    const int64_t blk = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (blk >= nb * nrows) return; // whole warps
+    const int64_t r = blk / nb, c = blk % nb;
+    quant32(x[r * ldx + c * 32 + lane], lane, planes, xq + (r * nb + c) * 32 * planes, xs + r * nb + c);
 }
 
 // c + dot(4 unsigned bytes of a, 4 signed bytes of b)
@@ -480,6 +524,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_qd(mv_args a) {
 // dequantise / convert rows [r0, r0+n) of a weight (expert 0) into bf16 [n, cols] (GEMM input)
 
 __global__ void k_dequant_bf16(dlin w, int64_t r0, int64_t n, __nv_bfloat16 *out) {
+    PDL_ENTRY();
     int64_t total = n * w.cols;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         int64_t r = i / w.cols, c = i % w.cols;
@@ -488,6 +533,7 @@ __global__ void k_dequant_bf16(dlin w, int64_t r0, int64_t n, __nv_bfloat16 *out
 }
 
 __global__ void k_f32_to_bf16(const float *x, int64_t n, __nv_bfloat16 *out) {
+    PDL_ENTRY();
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         out[i] = __float2bfloat16(x[i]);
 }
@@ -496,6 +542,7 @@ __global__ void k_f32_to_bf16(const float *x, int64_t n, __nv_bfloat16 *out) {
 // elementwise and row ops
 
 __global__ void k_embed(float *out, const int32_t *tokens, int T, dlin table) {
+    PDL_ENTRY();
     const int t = blockIdx.x;
     if (t >= T) return;
     const int64_t r = tokens[t];
@@ -504,6 +551,7 @@ __global__ void k_embed(float *out, const int32_t *tokens, int T, dlin table) {
 
 // one warp per row (short rows: per-head QK-norm)
 __global__ void k_rmsnorm_warp(float *out, const float *x, const float *w, int64_t n_rows, int n, float eps) {
+    PDL_ENTRY();
     const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (r >= n_rows) return;
@@ -518,6 +566,7 @@ __global__ void k_rmsnorm_warp(float *out, const float *x, const float *w, int64
 
 // one block per row (full-width rows)
 __global__ void k_rmsnorm_block(float *out, const float *x, const float *w, int n, float eps) {
+    PDL_ENTRY();
     __shared__ float red[32];
     const int64_t r = blockIdx.x;
     const float *xr = x + r * n;
@@ -539,6 +588,7 @@ __global__ void k_rmsnorm_block(float *out, const float *x, const float *w, int 
 
 // x += y, then out = rmsnorm(x) * w: the residual add fused with the next norm (one block per row)
 __global__ void k_add_rmsnorm(float *out, float *x, const float *y, const float *w, int n, float eps) {
+    PDL_ENTRY();
     __shared__ float red[32];
     const int64_t r = blockIdx.x;
     float *xr = x + r * n;
@@ -572,6 +622,7 @@ __global__ void k_add_rmsnorm(float *out, float *x, const float *y, const float 
 template <bool ADD>
 __global__ void __launch_bounds__(NORM_THREADS) k_add_rmsnorm_v(float *out, float *x, const float *y, const float *w, int n,
                                                                float eps) {
+    PDL_ENTRY();
     __shared__ float red[32];
     const int64_t r = blockIdx.x;
     const int n4 = n >> 2;
@@ -625,6 +676,7 @@ __global__ void __launch_bounds__(NORM_THREADS) k_add_rmsnorm_v(float *out, floa
 __global__ void k_qk_rope_kv(float *q, int Hq, float *k, int Hk, const float *v, const float *qn_w, const float *kn_w,
                              float eps, const int32_t *pos, int hd, int n_rot, const double *inv_freq, __nv_bfloat16 *kc,
                              __nv_bfloat16 *vc, const int32_t *slot, size_t slot_stride, int T) {
+    PDL_ENTRY();
     const int nh = Hq + (kc ? 2 * Hk : Hk);
     const int64_t gw = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -672,6 +724,7 @@ __global__ void k_qk_rope_kv(float *q, int Hq, float *k, int Hk, const float *v,
 // rotate-half RoPE of q[T, Hq, hd] and k[T, Hk, hd] (k may be NULL) on the first n_rot dims;
 // angles in double like cpu_rope_table.
 __global__ void k_rope(float *q, int Hq, float *k, int Hk, const int32_t *pos, int hd, int n_rot, const double *inv_freq) {
+    PDL_ENTRY();
     const int t = blockIdx.x, half = n_rot / 2;
     const double p = (double)pos[t];
     const int n = (Hq + Hk) * half;
@@ -689,6 +742,7 @@ __global__ void k_rope(float *q, int Hq, float *k, int Hk, const int32_t *pos, i
 // K/V rows of T tokens into the bf16 cache of one layer: cache + slot*slot_stride + pos*kvd
 __global__ void k_kv_store(__nv_bfloat16 *kc, __nv_bfloat16 *vc, const float *k, const float *v, const int32_t *pos,
                            const int32_t *slot, int kvd, size_t slot_stride) {
+    PDL_ENTRY();
     const int t = blockIdx.x;
     const size_t base = (size_t)slot[t] * slot_stride + (size_t)pos[t] * kvd;
     for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
@@ -698,6 +752,7 @@ __global__ void k_kv_store(__nv_bfloat16 *kc, __nv_bfloat16 *vc, const float *k,
 }
 
 __global__ void k_swiglu(float *out, const float *g, const float *u, int64_t n) {
+    PDL_ENTRY();
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float x = g[i];
         out[i] = x / (1.0f + expf(-x)) * u[i];
@@ -705,6 +760,7 @@ __global__ void k_swiglu(float *out, const float *g, const float *u, int64_t n) 
 }
 
 __global__ void k_add(float *x, const float *y, int64_t n) {
+    PDL_ENTRY();
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) x[i] += y[i];
 }
 
@@ -721,6 +777,7 @@ __global__ void k_add(float *x, const float *y, int64_t n) {
 __global__ void __launch_bounds__(ATT_WARPS * 32)
     k_attn_split(float *part, const float *q, const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, const int32_t *pos,
                  const int32_t *slot, int H, int Hkv, int hd, float scale, size_t slot_stride, int chunk, int nsplit) {
+    PDL_ENTRY();
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
     __shared__ float sm_o[ATT_WARPS][ATT_MAXJ * 32];
     const int row = blockIdx.x, split = blockIdx.y, t = row / H, h = row % H;
@@ -812,6 +869,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 // unused ones -inf), so the sum stops after the last active one.
 #define ATT_MAXSPLIT 64
 __global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit) {
+    PDL_ENTRY();
     __shared__ float sw[ATT_MAXSPLIT];
     __shared__ float sinv;
     __shared__ int scnt;
@@ -857,6 +915,7 @@ __global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit
 // argmax per row (ties: lowest index, like the CPU loop), and the greedy loop's bookkeeping
 
 __global__ void k_argmax(const float *x, int n, int32_t *out) {
+    PDL_ENTRY();
     __shared__ float sv[32];
     __shared__ int si[32];
     const float *r = x + (size_t)blockIdx.x * n;
@@ -883,6 +942,7 @@ __global__ void k_argmax(const float *x, int n, int32_t *out) {
 
 // after a greedy step: tokens <- next, pos += 1, log[counter++] = next[0] (single-stream loop)
 __global__ void k_advance(int32_t *tokens, const int32_t *next, int32_t *pos, int B, int32_t *log, int32_t *counter) {
+    PDL_ENTRY();
     const int b = threadIdx.x;
     if (b < B) {
         tokens[b] = next[b];
@@ -892,6 +952,7 @@ __global__ void k_advance(int32_t *tokens, const int32_t *next, int32_t *pos, in
 }
 
 __global__ void k_fill_kv(__nv_bfloat16 *kc, __nv_bfloat16 *vc, size_t n, uint64_t seed) {
+    PDL_ENTRY();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
         x ^= x >> 29, x *= 0xBF58476D1CE4E5B9ull, x ^= x >> 32;
@@ -916,18 +977,21 @@ __device__ __forceinline__ float unif_pm1(uint64_t seed, size_t i) { // [-1, 1)
 }
 
 __global__ void k_synth_u32(uint32_t *p, size_t n, uint64_t seed) {
+    PDL_ENTRY();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         p[i] = (uint32_t)mix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull);
 }
 
 // bf16 values center + amp * u, u uniform in [-1, 1)
 __global__ void k_synth_bf16(__nv_bfloat16 *p, size_t n, uint64_t seed, float center, float amp) {
+    PDL_ENTRY();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         p[i] = __float2bfloat16(center + amp * unif_pm1(seed, i));
 }
 
 // MLX affine scales s (bf16, s0 * (1 + 0.1 u)) and matching biases -s * qmid (zero-mean weights)
 __global__ void k_synth_scales(__nv_bfloat16 *s, __nv_bfloat16 *b, size_t n, uint64_t seed, float s0, float qmid) {
+    PDL_ENTRY();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const float sc = s0 * (1.0f + 0.1f * unif_pm1(seed, i));
         s[i] = __float2bfloat16(sc);
@@ -936,6 +1000,7 @@ __global__ void k_synth_scales(__nv_bfloat16 *s, __nv_bfloat16 *b, size_t n, uin
 }
 
 __global__ void k_synth_f32(float *p, size_t n, uint64_t seed, float center, float amp) {
+    PDL_ENTRY();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         p[i] = center + amp * unif_pm1(seed, i);
 }

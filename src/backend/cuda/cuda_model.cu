@@ -56,6 +56,46 @@ static unsigned grid_for(int64_t n, int threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// kernel launches: programmatic dependent launch (see PDL_ENTRY in cuda_kernels.cuh)
+
+static bool env_on(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+// 1: launch with programmatic stream serialization (compute capability >= 9 on the current
+// device at the first call, and STRATA_CUDA_NO_PDL unset). One answer per process: the GPUs of
+// one process are one model here.
+static bool pdl_on() {
+    static int on = -1;
+    if (on < 0) {
+        int dev = 0, major = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        on = major >= 9 && !env_on("STRATA_CUDA_NO_PDL");
+    }
+    return on == 1;
+}
+
+// Launches kernel k (which must begin with PDL_ENTRY / MV_PROLOGUE) on st, as a programmatic
+// dependent of the previous kernel when pdl_on(). Errors surface at the next cu_check, as
+// with a triple-chevron launch.
+template <typename... KA, typename... A>
+static void launch_k(void (*k)(KA...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, A... args) {
+    if (!pdl_on()) {
+        k<<<grid, block, smem, st>>>(args...);
+        return;
+    }
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = st;
+    cfg.attrs = at, cfg.numAttrs = 1;
+    cudaLaunchKernelEx(&cfg, k, args...);
+}
+
+// ---------------------------------------------------------------------------------------------
 // launch context: stream, cuBLAS and the GEMM scratch (bf16 activations and weight tiles)
 
 struct gctx {
@@ -125,43 +165,39 @@ static int mv_kind(const dlin &w, bool xal, int force_generic, int planes) {
 template <int R, int NT, int KS = 1> static void mv_fire(gctx *g, int kind, dim3 grid, const mv_args &a) {
     dim3 block(MV_WARPS * 32);
     switch (kind) {
-    case MVK_BF16: k_mv_dense16<SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_F16: k_mv_dense16<SFT_F16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 2: k_mv_q<2, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 3: k_mv_q<3, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 4: k_mv_q<4, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 5: k_mv_q<5, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 6: k_mv_q<6, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_Q + 8: k_mv_q<8, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QD + 4: k_mv_qd<4, 1, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QD + 8: k_mv_qd<8, 1, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QD2 + 4: k_mv_qd<4, 2, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QD2 + 8: k_mv_qd<8, 2, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QDB + 4: k_mv_qd<4, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QDB + 8: k_mv_qd<8, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QDB2 + 4: k_mv_qd<4, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QDB2 + 8: k_mv_qd<8, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QP + 5: k_mv_qpf<5, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QP + 6: k_mv_qpf<6, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QD + 5: k_mv_qp<5, 1, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QD + 6: k_mv_qp<6, 1, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QD2 + 5: k_mv_qp<5, 2, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QD2 + 6: k_mv_qp<6, 2, -1, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QDB + 5: k_mv_qp<5, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QDB + 6: k_mv_qp<6, 1, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QDB2 + 5: k_mv_qp<5, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    case MVK_QDB2 + 6: k_mv_qp<6, 2, SFT_BF16, R, NT, KS><<<grid, block, 0, g->st>>>(a); return;
-    default: k_mv_generic<<<grid, block, 0, g->st>>>(a); return;
+    case MVK_BF16: launch_k(k_mv_dense16<SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_F16: launch_k(k_mv_dense16<SFT_F16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_Q + 2: launch_k(k_mv_q<2, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_Q + 3: launch_k(k_mv_q<3, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_Q + 4: launch_k(k_mv_q<4, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_Q + 5: launch_k(k_mv_q<5, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_Q + 6: launch_k(k_mv_q<6, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_Q + 8: launch_k(k_mv_q<8, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QD + 4: launch_k(k_mv_qd<4, 1, -1, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QD + 8: launch_k(k_mv_qd<8, 1, -1, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QD2 + 4: launch_k(k_mv_qd<4, 2, -1, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QD2 + 8: launch_k(k_mv_qd<8, 2, -1, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QDB + 4: launch_k(k_mv_qd<4, 1, SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QDB + 8: launch_k(k_mv_qd<8, 1, SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QDB2 + 4: launch_k(k_mv_qd<4, 2, SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QDB2 + 8: launch_k(k_mv_qd<8, 2, SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QP + 5: launch_k(k_mv_qpf<5, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QP + 6: launch_k(k_mv_qpf<6, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QD + 5: launch_k(k_mv_qp<5, 1, -1, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QD + 6: launch_k(k_mv_qp<6, 1, -1, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QD2 + 5: launch_k(k_mv_qp<5, 2, -1, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QD2 + 6: launch_k(k_mv_qp<6, 2, -1, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QDB + 5: launch_k(k_mv_qp<5, 1, SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QDB + 6: launch_k(k_mv_qp<6, 1, SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QDB2 + 5: launch_k(k_mv_qp<5, 2, SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    case MVK_QDB2 + 6: launch_k(k_mv_qp<6, 2, SFT_BF16, R, NT, KS>, grid, block, 0, g->st, a); return;
+    default: launch_k(k_mv_generic, grid, block, 0, g->st, a); return;
     }
 }
 
 // matrix-vector modes (linear()'s path 3 / 4 / 5 select the last three)
 enum { MV_AUTO, MV_GENERIC, MV_FP32, MV_X16 };
 
-static bool env_on(const char *name) {
-    const char *v = getenv(name);
-    return v && *v && strcmp(v, "0") != 0;
-}
 
 // int8 planes of x for the dp4a kernels in mode `mode`: 0 (fp32 kernels), 1 (int8 x, the
 // default), 2 (int16 precision as two int8 planes). STRATA_CUDA_NO_DP4A=1 keeps every
@@ -175,6 +211,21 @@ static int mv_planes(const gctx *g, int mode) {
     return g->x16 ? 2 : 1;
 }
 
+// int8 planes of x the dp4a kernels of a matrix-vector call over weights ws[0..n) would take
+// (0: none; capacity of g->xq for xrows rows checked). Weights of 5 bits and more take x in
+// int16 precision (two planes): those bits are bought for accuracy, and int8 x moved the mixed
+// 3/6/8-bit fixture's top-1 agreement below 99% (98.55% with int8 x for its 6-bit weight, 98.96%
+// under tensor parallelism with int8 x for its 8-bit one); 4-bit weights keep one plane.
+static int mv_group_planes(const gctx *g, int n, const dlin *const *ws, int64_t xrows, int mode) {
+    const int64_t qcols = ws[0]->cols;
+    int planes = mv_planes(g, mode);
+    if (planes == 1 && mode == MV_AUTO && !env_on("STRATA_CUDA_DP4A_X8"))
+        for (int i = 0; i < n; i++)
+            if (ws[i]->qbits >= 5) planes = 2;
+    if (planes && (!g->xq || !g->xs || qcols % 32 || (size_t)(xrows * qcols * planes) > g->xq_elems)) planes = 0;
+    return planes;
+}
+
 // Launches the matrix-vector kernel for n weights ws[i] -> ys[i] (row stride ldys[i]) over the
 // same x: jobs x rows each. Weights of different kinds go to separate launches. 4- and 8-bit
 // weights whose cols equal ws[0]'s take the dp4a kernels when g has room to quantise the
@@ -184,15 +235,7 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
                         int64_t ldx, int nt, int jobs, int x_div, const int32_t *eid, int mode) {
     const bool xal = ldx % 4 == 0 && ((uintptr_t)x & 15) == 0;
     const int64_t qcols = ws[0]->cols, xrows = (int64_t)(jobs - 1) / x_div + nt;
-    int planes = mv_planes(g, mode);
-    // weights of 5 bits and more take x in int16 precision (two planes): those bits are bought
-    // for accuracy, and int8 x moved the mixed 3/6/8-bit fixture's top-1 agreement below 99%
-    // (98.55% with int8 x for its 6-bit weight, 98.96% under tensor parallelism with int8 x for
-    // its 8-bit one); 4-bit weights keep one plane
-    if (planes == 1 && mode == MV_AUTO && !env_on("STRATA_CUDA_DP4A_X8"))
-        for (int i = 0; i < n; i++)
-            if (ws[i]->qbits >= 5) planes = 2;
-    if (planes && (!g->xq || !g->xs || qcols % 32 || (size_t)(xrows * qcols * planes) > g->xq_elems)) planes = 0;
+    const int planes = mv_group_planes(g, n, ws, xrows, mode);
     bool quantised = false;
     int done = 0;
     bool used[8] = {false};
@@ -216,7 +259,8 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
         if (kind >= MVK_QD) {
             if (!quantised) {
                 const int64_t blocks = xrows * (qcols / 32);
-                k_quant_x<<<(unsigned)((blocks + 7) / 8), 256, 0, g->st>>>(x, ldx, (int)xrows, qcols, planes, g->xq, g->xs);
+                launch_k(k_quant_x, (unsigned)((blocks + 7) / 8), 256, 0, g->st, x, ldx, (int)xrows, qcols, planes, g->xq,
+                         g->xs);
                 quantised = true;
             }
             a.xq = g->xq, a.xs = g->xs;
@@ -285,7 +329,7 @@ static bool linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w
         return false;
     }
     int64_t n = (int64_t)T * cols;
-    if (!xb_has_x) k_f32_to_bf16<<<grid_for(n, 256), 256, 0, g->st>>>(x, n, g->xb);
+    if (!xb_has_x) launch_k(k_f32_to_bf16, grid_for(n, 256), 256, 0, g->st, x, n, g->xb);
     const float one = 1.0f, zero = 0.0f;
     if (!w.qbits && w.dtype == SFT_BF16) {
         cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w.rows, T, (int)cols, &one, w.w, CUDA_R_16BF, (int)cols,
@@ -295,7 +339,7 @@ static bool linear(gctx *g, float *y, int64_t ldy, const float *x, const dlin &w
     int64_t rc = (int64_t)(g->wb_elems / (size_t)cols);
     for (int64_t r0 = 0; r0 < w.rows; r0 += rc) {
         int64_t nr = std::min(rc, w.rows - r0);
-        k_dequant_bf16<<<grid_for(nr * cols, 256), 256, 0, g->st>>>(w, r0, nr, g->wb);
+        launch_k(k_dequant_bf16, grid_for(nr * cols, 256), 256, 0, g->st, w, r0, nr, g->wb);
         cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, T, (int)cols, &one, g->wb, CUDA_R_16BF, (int)cols,
                      g->xb, CUDA_R_16BF, (int)cols, &zero, y + r0, CUDA_R_32F, (int)ldy, CUBLAS_COMPUTE_32F,
                      CUBLAS_GEMM_DEFAULT);
@@ -334,15 +378,15 @@ static int norm_v_threads(int n, const void *out, const void *x, const void *y, 
 static void rmsnorm(gctx *g, float *out, const float *x, const float *w, int64_t rows, int n, float eps) {
     if (n >= 512) {
         if (int th = norm_v_threads(n, out, x, nullptr, w))
-            k_add_rmsnorm_v<false><<<(unsigned)rows, th, 0, g->st>>>(out, (float *)x, nullptr, w, n, eps);
-        else k_rmsnorm_block<<<(unsigned)rows, 256, 0, g->st>>>(out, x, w, n, eps);
-    } else k_rmsnorm_warp<<<(unsigned)((rows + 7) / 8), 256, 0, g->st>>>(out, x, w, rows, n, eps);
+            launch_k(k_add_rmsnorm_v<false>, (unsigned)rows, th, 0, g->st, out, (float *)x, nullptr, w, n, eps);
+        else launch_k(k_rmsnorm_block, (unsigned)rows, 256, 0, g->st, out, x, w, n, eps);
+    } else launch_k(k_rmsnorm_warp, (unsigned)((rows + 7) / 8), 256, 0, g->st, out, x, w, rows, n, eps);
 }
 
 // x += y; out = rmsnorm(x) * w over T rows of n
 static void add_rmsnorm(gctx *g, float *out, float *x, const float *y, const float *w, int T, int n, float eps) {
-    if (int th = norm_v_threads(n, out, x, y, w)) k_add_rmsnorm_v<true><<<(unsigned)T, th, 0, g->st>>>(out, x, y, w, n, eps);
-    else k_add_rmsnorm<<<(unsigned)T, 256, 0, g->st>>>(out, x, y, w, n, eps);
+    if (int th = norm_v_threads(n, out, x, y, w)) launch_k(k_add_rmsnorm_v<true>, (unsigned)T, th, 0, g->st, out, x, y, w, n, eps);
+    else launch_k(k_add_rmsnorm, (unsigned)T, 256, 0, g->st, out, x, y, w, n, eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,16 +411,16 @@ static void attn_decode(gctx *g, float *out, float *part, const float *q, const 
     if (!force_split && T <= MV_MAXT && (hd == 64 || hd == 128) && H % Hkv == 0 && G <= 16) {
         const dim3 grid((unsigned)(T * Hkv), (unsigned)nsplit);
         if (hd == 128)
-            k_attn_gqa_mma<128><<<grid, AT2_WARPS * 32, 0, g->st>>>(part, q, kl, vl, pos, slot, H, Hkv, scale, slot_stride,
+            launch_k(k_attn_gqa_mma<128>, grid, AT2_WARPS * 32, 0, g->st, part, q, kl, vl, pos, slot, H, Hkv, scale, slot_stride,
                                                                    nsplit, 2 * sms);
         else
-            k_attn_gqa_mma<64><<<grid, AT2_WARPS * 32, 0, g->st>>>(part, q, kl, vl, pos, slot, H, Hkv, scale, slot_stride,
+            launch_k(k_attn_gqa_mma<64>, grid, AT2_WARPS * 32, 0, g->st, part, q, kl, vl, pos, slot, H, Hkv, scale, slot_stride,
                                                                   nsplit, 2 * sms);
     } else {
-        k_attn_split<<<dim3((unsigned)(T * H), (unsigned)nsplit), ATT_WARPS * 32, 0, g->st>>>(
+        launch_k(k_attn_split, dim3((unsigned)(T * H), (unsigned)nsplit), ATT_WARPS * 32, 0, g->st, 
             part, q, kl, vl, pos, slot, H, Hkv, hd, scale, slot_stride, chunk, nsplit);
     }
-    k_attn_combine<<<T * H, 128, 0, g->st>>>(out, part, hd, nsplit);
+    launch_k(k_attn_combine, T * H, 128, 0, g->st, out, part, hd, nsplit);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -423,9 +467,9 @@ static void moe_router(gctx *g, const moe_w &m, const moe_buf &b, const float *x
         if (planes) a.xq = g->xq + (int64_t)t0 * D * planes, a.xs = g->xs + (int64_t)t0 * (D / 32);
         a.T = n, a.E = E, a.K = K, a.S = S, a.sigmoid = m.sigmoid, a.norm = m.norm, a.planes = planes;
         const dim3 grid((unsigned)moe_rt_blocks(E, S), (unsigned)((n + MOE_NT - 1) / MOE_NT));
-        if (!fast) k_moe_router<0><<<grid, MOE_RT_WARPS * 32, 0, g->st>>>(a);
-        else if (w.qbits == 8) k_moe_router<8><<<grid, MOE_RT_WARPS * 32, 0, g->st>>>(a);
-        else k_moe_router<4><<<grid, MOE_RT_WARPS * 32, 0, g->st>>>(a);
+        if (!fast) launch_k(k_moe_router<0>, grid, MOE_RT_WARPS * 32, 0, g->st, a);
+        else if (w.qbits == 8) launch_k(k_moe_router<8>, grid, MOE_RT_WARPS * 32, 0, g->st, a);
+        else launch_k(k_moe_router<4>, grid, MOE_RT_WARPS * 32, 0, g->st, a);
     }
 }
 
@@ -462,22 +506,22 @@ static int moe_fused_planes(const gctx *g, const moe_w &m, int T) {
 // k_moe_gateup / k_moe_down for the experts' bit width (5/6: planes, two planes of x only)
 template <int XP, int SDT> static void moe_gateup_fire(cudaStream_t st, int bits, dim3 grid, const moe_gu_args &a) {
     if constexpr (XP == 2) {
-        if (bits == 5) return (void)(k_moe_gateup<5, XP, SDT><<<grid, MOE_GU_WARPS * 32, 0, st>>>(a));
-        if (bits == 6) return (void)(k_moe_gateup<6, XP, SDT><<<grid, MOE_GU_WARPS * 32, 0, st>>>(a));
+        if (bits == 5) return (void)(launch_k(k_moe_gateup<5, XP, SDT>, grid, MOE_GU_WARPS * 32, 0, st, a));
+        if (bits == 6) return (void)(launch_k(k_moe_gateup<6, XP, SDT>, grid, MOE_GU_WARPS * 32, 0, st, a));
     }
     assert(bits == 4 || bits == 8); // moe_fused_planes admits nothing else
-    if (bits == 8) k_moe_gateup<8, XP, SDT><<<grid, MOE_GU_WARPS * 32, 0, st>>>(a);
-    else k_moe_gateup<4, XP, SDT><<<grid, MOE_GU_WARPS * 32, 0, st>>>(a);
+    if (bits == 8) launch_k(k_moe_gateup<8, XP, SDT>, grid, MOE_GU_WARPS * 32, 0, st, a);
+    else launch_k(k_moe_gateup<4, XP, SDT>, grid, MOE_GU_WARPS * 32, 0, st, a);
 }
 
 template <int XP, int SDT> static void moe_down_fire(cudaStream_t st, int bits, dim3 grid, const moe_dn_args &a) {
     if constexpr (XP == 2) {
-        if (bits == 5) return (void)(k_moe_down<5, XP, SDT><<<grid, MOE_DN_WARPS * 32, 0, st>>>(a));
-        if (bits == 6) return (void)(k_moe_down<6, XP, SDT><<<grid, MOE_DN_WARPS * 32, 0, st>>>(a));
+        if (bits == 5) return (void)(launch_k(k_moe_down<5, XP, SDT>, grid, MOE_DN_WARPS * 32, 0, st, a));
+        if (bits == 6) return (void)(launch_k(k_moe_down<6, XP, SDT>, grid, MOE_DN_WARPS * 32, 0, st, a));
     }
     assert(bits == 4 || bits == 8);
-    if (bits == 8) k_moe_down<8, XP, SDT><<<grid, MOE_DN_WARPS * 32, 0, st>>>(a);
-    else k_moe_down<4, XP, SDT><<<grid, MOE_DN_WARPS * 32, 0, st>>>(a);
+    if (bits == 8) launch_k(k_moe_down<8, XP, SDT>, grid, MOE_DN_WARPS * 32, 0, st, a);
+    else launch_k(k_moe_down<4, XP, SDT>, grid, MOE_DN_WARPS * 32, 0, st, a);
 }
 
 // out[T, D] = the MoE feed-forward of xn[T, D] (enqueue only). b's buffers hold T rows (gate / up
@@ -508,10 +552,10 @@ static void moe_ffn(gctx *g, const moe_w &m, const moe_buf &b, const float *xn, 
     mark(g, "moe experts gate/up");
     mv_launch2(g, m.eg, b.gate, F, m.eu, b.up, F, xn, D, 1, T * K, K, b.sel);
     mark(g, "swiglu");
-    k_swiglu<<<grid_for((int64_t)T * K * F, 256), 256, 0, st>>>(b.gate, b.gate, b.up, (int64_t)T * K * F);
+    launch_k(k_swiglu, grid_for((int64_t)T * K * F, 256), 256, 0, st, b.gate, b.gate, b.up, (int64_t)T * K * F);
     mark(g, "moe experts down");
     mv_launch(g, m.ed, b.gate, F, b.ye, D, 1, T * K, 1, b.sel, 0);
-    k_moe_combine<<<T, 256, 0, st>>>(out, b.ye, b.selw, K, D);
+    launch_k(k_moe_combine, T, 256, 0, st, out, b.ye, b.selw, K, D);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -650,7 +694,7 @@ static cudaError_t put_planes(char *dst, const wt_linear *w, char *stg, size_t s
         cudaError_t e = cudaMemcpy(stg, (const char *)w->w + (size_t)r0 * w->row_bytes, (size_t)n * w->row_bytes,
                                    cudaMemcpyHostToDevice);
         if (e != cudaSuccess) return e;
-        k_mv56_pack<<<grid_for(n * (w->cols / 32), 256), 256>>>((const uint32_t *)stg, r0, n, w->rows, w->cols, w->qbits, dst);
+        launch_k(k_mv56_pack, grid_for(n * (w->cols / 32), 256), 256, 0, 0, (const uint32_t *)stg, r0, n, w->rows, w->cols, w->qbits, dst);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
     return cudaSuccess;
@@ -767,12 +811,12 @@ static int synth_lin(cuda_model *c, int64_t rows, int64_t cols, int bits, int gr
         const double levels = (double)(1u << bits);
         const float s0 = (float)(sd / sqrt((levels * levels - 1.0) / 12.0)), qmid = (float)((levels - 1.0) / 2.0);
         size_t nw = wb * E / 4;
-        k_synth_u32<<<grid_for((int64_t)nw, 256), 256, 0, c->g.st>>>((uint32_t *)pw, nw, seed);
-        k_synth_scales<<<grid_for((int64_t)(sn * E), 256), 256, 0, c->g.st>>>((__nv_bfloat16 *)ps, (__nv_bfloat16 *)pb,
+        launch_k(k_synth_u32, grid_for((int64_t)nw, 256), 256, 0, c->g.st, (uint32_t *)pw, nw, seed);
+        launch_k(k_synth_scales, grid_for((int64_t)(sn * E), 256), 256, 0, c->g.st, (__nv_bfloat16 *)ps, (__nv_bfloat16 *)pb,
                                                                                 sn * E, seed ^ 0x5CA1E5ull, s0, qmid);
     } else {
         size_t n = wb * E / 2;
-        k_synth_bf16<<<grid_for((int64_t)n, 256), 256, 0, c->g.st>>>((__nv_bfloat16 *)pw, n, seed, 0.f, sd * 1.7320508f);
+        launch_k(k_synth_bf16, grid_for((int64_t)n, 256), 256, 0, c->g.st, (__nv_bfloat16 *)pw, n, seed, 0.f, sd * 1.7320508f);
     }
     CU_TRY(cudaGetLastError());
     d->w = pw, d->s = ps, d->b = pb, d->e_wstride = wb, d->e_sstride = sn;
@@ -782,7 +826,7 @@ static int synth_lin(cuda_model *c, int64_t rows, int64_t cols, int bits, int gr
 static int synth_f32(cuda_model *c, size_t n, uint64_t seed, float center, float amp, float **dst, st_err *err) {
     int rc = dalloc(c, dst, n, &c->weight_bytes, err);
     if (rc) return rc;
-    k_synth_f32<<<grid_for((int64_t)n, 256), 256, 0, c->g.st>>>(*dst, n, seed, center, amp);
+    launch_k(k_synth_f32, grid_for((int64_t)n, 256), 256, 0, c->g.st, *dst, n, seed, center, amp);
     CU_TRY(cudaGetLastError());
     return ST_OK;
 }
@@ -922,6 +966,10 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     }
     cublasSetStream(c->g.blas, c->g.st);
     cublasSetMathMode(c->g.blas, CUBLAS_DEFAULT_MATH);
+    { // PDL trigger placement of this device's kernels (PDL_ENTRY)
+        const int early = pdl_on() && env_on("STRATA_CUDA_PDL_EARLY");
+        cudaMemcpyToSymbol(c_pdl_early, &early, sizeof early);
+    }
     // MoE models: prefill linears stay fp32 like decode. The expert choice is discontinuous in
     // the router input, so the bf16 rounding of the GEMM path (fine for dense models, ~5e-3)
     // flips near-tied top-k choices against the CPU reference and the logits jump (the T > 8
@@ -1135,10 +1183,10 @@ static void attn_prefill(gctx *g, float *out, const float *q, const __nv_bfloat1
     const dim3 grid((unsigned)attp_blocks(T, H / Hkv), (unsigned)Hkv);
     if (hd == 64) {
         cudaFuncSetAttribute(k_attn_prefill<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        k_attn_prefill<64><<<grid, ATTP_THREADS, smem, g->st>>>(a);
+        launch_k(k_attn_prefill<64>, grid, ATTP_THREADS, smem, g->st, a);
     } else {
         cudaFuncSetAttribute(k_attn_prefill<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        k_attn_prefill<128><<<grid, ATTP_THREADS, smem, g->st>>>(a);
+        launch_k(k_attn_prefill<128>, grid, ATTP_THREADS, smem, g->st, a);
     }
 }
 
@@ -1155,12 +1203,12 @@ static void residual_add(cuda_model *c, float *xn, const float *w, int T) {
     const float eps = c->d->norm_eps;
     if (c->tp_n > 1) {
         const unsigned grid = (unsigned)std::min(T, c->pv.max_chunks);
-        if (w) k_tp_add_rmsnorm<true><<<grid, TP_THREADS, 0, g->st>>>(c->pv, xn, c->x, c->tmp, w, T, D, eps);
-        else k_tp_add_rmsnorm<false><<<grid, TP_THREADS, 0, g->st>>>(c->pv, nullptr, c->x, c->tmp, nullptr, T, D, eps);
+        if (w) launch_k(k_tp_add_rmsnorm<true>, grid, TP_THREADS, 0, g->st, c->pv, xn, c->x, c->tmp, w, T, D, eps);
+        else launch_k(k_tp_add_rmsnorm<false>, grid, TP_THREADS, 0, g->st, c->pv, nullptr, c->x, c->tmp, nullptr, T, D, eps);
         return;
     }
     if (w) add_rmsnorm(g, xn, c->x, c->tmp, w, T, D, eps);
-    else k_add<<<grid_for((int64_t)T * D, 256), 256, 0, g->st>>>(c->x, c->tmp, (int64_t)T * D);
+    else launch_k(k_add, grid_for((int64_t)T * D, 256), 256, 0, g->st, c->x, c->tmp, (int64_t)T * D);
 }
 
 static void enqueue(cuda_model *c, int T, int outm) {
@@ -1173,7 +1221,7 @@ static void enqueue(cuda_model *c, int T, int outm) {
     const float eps = d->norm_eps, scale = 1.0f / sqrtf((float)hd);
     if (c->has_embed) { // else x already holds the previous stage's hidden states
         mark(g, "embed");
-        k_embed<<<T, 256, 0, st>>>(c->x, tok, T, c->embed);
+        launch_k(k_embed, T, 256, 0, st, c->x, tok, T, c->embed);
     }
     for (int l = c->l0; l < c->l1; l++) {
         const dlayer &L = c->L[(size_t)l];
@@ -1190,7 +1238,7 @@ static void enqueue(cuda_model *c, int T, int outm) {
         }
         mark(g, "qk-norm + rope + kv store");
         if (d->qk_norm == QK_NORM_FULL && c->tp_n > 1) { // the norm spans every rank's heads
-            k_tp_qk_norm_full<<<(unsigned)std::min(T, c->pv.max_chunks), TP_THREADS, 0, st>>>(
+            launch_k(k_tp_qk_norm_full, (unsigned)std::min(T, c->pv.max_chunks), TP_THREADS, 0, st, 
                 c->pv, c->q, qd, c->k, kvd, L.q_norm, L.k_norm, c->tp_scr, T, c->qd_all, c->kvd_all, eps);
         } else if (d->qk_norm == QK_NORM_FULL) {
             rmsnorm(g, c->q, c->q, L.q_norm, T, qd, eps);
@@ -1201,7 +1249,7 @@ static void enqueue(cuda_model *c, int T, int outm) {
         {   // per-head QK-norm + RoPE + K/V store: one warp per q / k / v head row
             const bool hn = d->qk_norm == QK_NORM_HEAD;
             const int64_t warps = (int64_t)T * (H + 2 * Hkv);
-            k_qk_rope_kv<<<(unsigned)((warps + 3) / 4), 128, 0, st>>>(c->q, H, c->k, Hkv, c->v, hn ? L.q_norm : nullptr,
+            launch_k(k_qk_rope_kv, (unsigned)((warps + 3) / 4), 128, 0, st, c->q, H, c->k, Hkv, c->v, hn ? L.q_norm : nullptr,
                                                                       hn ? L.k_norm : nullptr, eps, pos, hd, d->n_rot,
                                                                       c->inv_freq, kl, vl, slot, c->kv_slot_stride, T);
         }
@@ -1230,7 +1278,7 @@ static void enqueue(cuda_model *c, int T, int outm) {
                 linear_n(g, 2, ws, ys, ld, c->xn, T);
             }
             mark(g, "swiglu");
-            k_swiglu<<<grid_for((int64_t)T * d->n_ff, 256), 256, 0, st>>>(c->gate, c->gate, c->up, (int64_t)T * d->n_ff);
+            launch_k(k_swiglu, grid_for((int64_t)T * d->n_ff, 256), 256, 0, st, c->gate, c->gate, c->up, (int64_t)T * d->n_ff);
             mark(g, "linear down");
             linear(g, c->tmp, D, c->gate, L.w_down, T);
         }
@@ -1256,8 +1304,8 @@ static void enqueue(cuda_model *c, int T, int outm) {
     linear(g, c->logits, V, c->xn, c->output, T);
     if (outm == OUT_GREEDY) {
         mark(g, "argmax");
-        k_argmax<<<T, 1024, 0, st>>>(c->logits, V, c->next);
-        k_advance<<<1, 32, 0, st>>>(c->io, c->next, c->io + B, T, c->gen_log, c->gen_counter);
+        launch_k(k_argmax, T, 1024, 0, st, c->logits, V, c->next);
+        launch_k(k_advance, 1, 32, 0, st, c->io, c->next, c->io + B, T, c->gen_log, c->gen_counter);
     }
 }
 
@@ -1363,6 +1411,7 @@ extern "C" void cuda_model_stage(const cuda_model *c, int *layer_begin, int *lay
 typedef CUresult (*write_value_fn)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 
 __global__ void k_write_flag(volatile uint32_t *flag, uint32_t v) {
+    PDL_ENTRY();
     __threadfence_system();
     *flag = v;
     __threadfence_system();
@@ -1404,11 +1453,11 @@ static void stage_enqueue(cuda_model *c, int T, int kind) {
     if (kind == 0) cudaMemcpyAsync(c->h_out, c->x, (size_t)T * D * 4, cudaMemcpyDeviceToHost, st);
     else if (kind == 1) cudaMemcpyAsync(c->h_out, c->logits, (size_t)V * 4, cudaMemcpyDeviceToHost, st);
     else {
-        k_argmax<<<T, 1024, 0, st>>>(c->logits, V, c->next);
+        launch_k(k_argmax, T, 1024, 0, st, c->logits, V, c->next);
         cudaMemcpyAsync(c->h_tok, c->next, (size_t)T * 4, cudaMemcpyDeviceToHost, st);
     }
     if (c->write_value) ((write_value_fn)c->write_value)((CUstream)st, (CUdeviceptr)c->d_flag, 1, 0);
-    else k_write_flag<<<1, 1, 0, st>>>((volatile uint32_t *)c->d_flag, 1);
+    else launch_k(k_write_flag, 1, 1, 0, st, (volatile uint32_t *)c->d_flag, 1);
 }
 
 extern "C" int cuda_stage_submit(cuda_model *c, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
@@ -1602,7 +1651,7 @@ extern "C" int cuda_model_kv_fill_synthetic(cuda_model *c, int slot, int n_token
     if (slot < 0 || slot >= c->o.n_slots || n_tokens < 0 || n_tokens > c->o.max_ctx)
         return st_err_set(err, ST_ERR_ARG, "cannot fill %d tokens of slot %d", n_tokens, slot);
     size_t n = c->kv_slot_stride;
-    k_fill_kv<<<grid_for((int64_t)n, 256), 256, 0, c->g.st>>>(c->kc + (size_t)slot * n, c->vc + (size_t)slot * n, n, 7);
+    launch_k(k_fill_kv, grid_for((int64_t)n, 256), 256, 0, c->g.st, c->kc + (size_t)slot * n, c->vc + (size_t)slot * n, n, 7);
     return cu_check(err, "kv fill");
 }
 
@@ -1649,6 +1698,7 @@ extern "C" double cuda_measure_copy_bandwidth(int device, size_t bytes, int reps
 // bf16 values in [-0.5, 0.5) from a hash of the index (operands of the GEMM rate probe: not
 // zeros, whose products some hardware paths could make cheaper)
 __global__ void k_fill_bf16_hash(__nv_bfloat16 *p, size_t n, uint32_t seed) {
+    PDL_ENTRY();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         uint32_t h = (uint32_t)i * 0x9E3779B1u ^ seed;
         h ^= h >> 15, h *= 0x85EBCA77u, h ^= h >> 13;
@@ -1673,8 +1723,8 @@ extern "C" double cuda_measure_gemm_tflops_shape(int device, int64_t m, int64_t 
         cudaEventCreate(&e1) != cudaSuccess)
         goto done;
     cublasSetStream(h, st);
-    k_fill_bf16_hash<<<1024, 256, 0, st>>>(w, (size_t)m * k, 1);
-    k_fill_bf16_hash<<<1024, 256, 0, st>>>(x, (size_t)n * k, 2);
+    launch_k(k_fill_bf16_hash, 1024, 256, 0, st, w, (size_t)m * k, 1);
+    launch_k(k_fill_bf16_hash, 1024, 256, 0, st, x, (size_t)n * k, 2);
     for (int r = -1; r < reps; r++) { // r = -1: warm-up (heuristics, clocks)
         cudaEventRecord(e0, st);
         cublasStatus_t bs = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)k, &one, w, CUDA_R_16BF, (int)k,
@@ -1845,7 +1895,7 @@ extern "C" int cuda_op_embed(const wt_linear *table, const int32_t *tokens, int 
     if (op_weight(oc, table, &d)) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
     const int32_t *dt = oc.put(tokens, (size_t)T);
     float *dy = oc.put<float>(nullptr, (size_t)T * table->cols);
-    k_embed<<<T, 256, 0, oc.g.st>>>(dy, dt, T, d);
+    launch_k(k_embed, T, 256, 0, oc.g.st, dy, dt, T, d);
     return op_end(oc, out, dy, (size_t)T * table->cols * 4, err);
 }
 
@@ -1865,7 +1915,7 @@ extern "C" int cuda_op_rope(float *x, const int32_t *pos, int T, int n_heads, in
     const double *di = oc.put(inv_freq, (size_t)std::max(1, n_rot / 2));
     // the decode path's fused kernel (no norm, no K/V store)
     const int64_t warps = (int64_t)T * n_heads;
-    k_qk_rope_kv<<<(unsigned)((warps + 3) / 4), 128, 0, oc.g.st>>>(dx, n_heads, nullptr, 0, nullptr, nullptr, nullptr, 0.f,
+    launch_k(k_qk_rope_kv, (unsigned)((warps + 3) / 4), 128, 0, oc.g.st, dx, n_heads, nullptr, 0, nullptr, nullptr, nullptr, 0.f,
                                                                    dp, hd, n_rot, di, nullptr, nullptr, nullptr, 0, T);
     return op_end(oc, x, dx, (size_t)T * n_heads * hd * 4, err);
 }
@@ -1911,7 +1961,7 @@ extern "C" int cuda_op_swiglu(const float *gate, const float *up, int64_t n, flo
     OP_BEGIN();
     float *dg = oc.put(gate, (size_t)n);
     const float *du = oc.put(up, (size_t)n);
-    k_swiglu<<<grid_for(n, 256), 256, 0, oc.g.st>>>(dg, dg, du, n);
+    launch_k(k_swiglu, grid_for(n, 256), 256, 0, oc.g.st, dg, dg, du, n);
     return op_end(oc, out, dg, (size_t)n * 4, err);
 }
 
@@ -1923,7 +1973,7 @@ extern "C" int cuda_op_moe_route(const float *logits, const float *bias, int T, 
     const float *db = bias ? oc.put(bias, (size_t)E) : nullptr;
     int32_t *ds = oc.put<int32_t>(nullptr, (size_t)T * K);
     float *dw = oc.put<float>(nullptr, (size_t)T * K);
-    k_moe_route<<<(T + 3) / 4, 128, 0, oc.g.st>>>(dl, db, T, E, K, sigmoid, norm_topk, ds, dw);
+    launch_k(k_moe_route, (T + 3) / 4, 128, 0, oc.g.st, dl, db, T, E, K, sigmoid, norm_topk, ds, dw);
     int rc = op_end(oc, sel, ds, (size_t)T * K * 4, err);
     if (rc) return rc;
     CU_TRY(cudaMemcpy(w, dw, (size_t)T * K * 4, cudaMemcpyDeviceToHost));
@@ -2038,7 +2088,7 @@ extern "C" int cuda_op_argmax(const float *x, int rows, int n, int32_t *out, st_
     OP_BEGIN();
     const float *dx = oc.put(x, (size_t)rows * n);
     int32_t *dy = oc.put<int32_t>(nullptr, (size_t)rows);
-    k_argmax<<<rows, 1024, 0, oc.g.st>>>(dx, n, dy);
+    launch_k(k_argmax, rows, 1024, 0, oc.g.st, dx, n, dy);
     return op_end(oc, out, dy, (size_t)rows * 4, err);
 }
 

@@ -106,6 +106,7 @@ __device__ __forceinline__ void moe_route_any(const float *lg, const float *bias
 // Routing alone (cuda_op_moe_route): one warp per token of logits[T, E].
 __global__ void k_moe_route(const float *logits, const float *bias, int T, int E, int K, int sigmoid, int norm_topk,
                             int32_t *sel, float *selw) {
+    PDL_ENTRY();
     const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= T) return;
     moe_route_any(logits + (size_t)t * E, bias, E, K, sigmoid, norm_topk, sel + (size_t)t * K, selw + (size_t)t * K, lane);
@@ -113,33 +114,13 @@ __global__ void k_moe_route(const float *logits, const float *bias, int T, int E
 
 // out[t, :] = sum_k selw[t, k] * ye[t*K + k, :] (the unfused path)
 __global__ void k_moe_combine(float *out, const float *ye, const float *selw, int K, int D) {
+    PDL_ENTRY();
     const int t = blockIdx.x;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float acc = 0.f;
         for (int k = 0; k < K; k++) acc += selw[t * K + k] * ye[((size_t)t * K + k) * D + i];
         out[(size_t)t * D + i] = acc;
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// x quantisation for the dp4a kernels, one warp per block of 32 values (lane l holds value l):
-// the arithmetic of k_quant_x (d = amax / qmax, codes rounded to nearest, the float and integer
-// sums), written to o[32 * planes] and *st.
-
-__device__ __forceinline__ void moe_quant32(float v, int lane, int planes, int8_t *o, float4 *st) {
-    const float amax = warp_max(fabsf(v)), sum = warp_sum(v);
-    const float qmax = planes == 2 ? XQ_MAX2 : XQ_MAX1;
-    const float id = amax > 0.f ? qmax / amax : 0.f;
-    int q = __float2int_rn(v * id);
-    q = max(-(int)qmax, min((int)qmax, q)); // tiny amax: id may be inf
-    const int qs = __reduce_add_sync(0xffffffffu, q);
-    const int pos = moe_xq_pos(lane);
-    if (planes == 2) {
-        const int hi = moe_xq_hi(q);
-        o[pos] = (int8_t)hi;
-        o[32 + pos] = (int8_t)(q - hi * 256);
-    } else o[pos] = (int8_t)q;
-    if (lane == 0) *st = make_float4(amax / qmax, sum, __int_as_float(qs), 0.f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,6 +153,16 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) k_moe_router(moe_rt_args a)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int S = a.S, rpb = MOE_RT_WARPS / S;
     const int row = blockIdx.x * rpb + warp / S, sl = warp % S;
+    if (BITS > 0 && row < a.E) { // the router rows are weights: prefetched before the PDL wait
+        const int lines = (int)((a.w.row_bytes + 127) / 128);
+        for (int i = sl * 32 + lane; i < lines; i += 32 * S) prefetch_l2(a.w.w + (size_t)row * a.w.row_bytes + (size_t)i * 128);
+        if (sl == 0 && lane == 0) {
+            const size_t o = (size_t)row * a.w.srow * (a.w.sdtype == SFT_F32 ? 4 : 2);
+            prefetch_l2(a.w.s + o);
+            prefetch_l2(a.w.b + o);
+        }
+    }
+    PDL_ENTRY();
     const int t0 = blockIdx.y * MOE_NT, nt = min(MOE_NT, a.T - t0);
     const dlin &w = a.w;
     const int64_t D = w.cols;
@@ -242,7 +233,7 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) k_moe_router(moe_rt_args a)
         for (int q = blockIdx.x * MOE_RT_WARPS + warp; q < nq; q += nw) {
             const int t = q / nb, c = q % nb;
             const int64_t blk = (int64_t)(t0 + t) * nb + c;
-            moe_quant32(x[(int64_t)t * D + (int64_t)c * 32 + lane], lane, a.planes, a.xq + blk * 32 * a.planes, a.xs + blk);
+            quant32(x[(int64_t)t * D + (int64_t)c * 32 + lane], lane, a.planes, a.xq + blk * 32 * a.planes, a.xs + blk);
         }
     }
     // the last block of this token row to finish routes the tokens (threadFenceReduction pattern)
@@ -276,11 +267,12 @@ struct moe_gu_args {
 // chunks of 32 values, the dp4a arithmetic of k_mv_qd, or of k_mv_qp for BITS 5/6: planes
 // weights, one 16-byte W and one 4/8-byte H load per row and chunk), h = g / (1 + exp(-g)) * u
 // (k_swiglu's expression) into shared memory, then warp 0 quantises the 32 values of h
-// (moe_quant32). BITS 5/6 need gate and up with pk = 1 and moe_pk_fits (moe_fused_planes).
+// (quant32). BITS 5/6 need gate and up with pk = 1 and moe_pk_fits (moe_fused_planes).
 // Registers (ptxas sm_90a, two planes, bf16 scales): 4-bit 102, 8-bit 128, 5-bit 127, 6-bit 127
 // (H rows as int offsets: with pointers the 6-bit kernel took 130, one block per SM), no spills.
 template <int BITS, int XP, int SDT>
 __global__ void __launch_bounds__(MOE_GU_WARPS * 32) k_moe_gateup(moe_gu_args a) {
+    PDL_ENTRY();
     static_assert(MOE_GU_WARPS * MOE_GU_R == 32, "a block holds one 32-value block of h");
     static_assert(BITS == 4 || BITS == 5 || BITS == 6 || BITS == 8, "4/8-bit MLX rows, 5/6-bit planes");
     constexpr bool PK = BITS == 5 || BITS == 6; // planes layout (cuda_mv56.cuh)
@@ -374,7 +366,7 @@ __global__ void __launch_bounds__(MOE_GU_WARPS * 32) k_moe_gateup(moe_gu_args a)
     __syncthreads();
     if (warp == 0) {
         const int64_t blk = (int64_t)j * gridDim.x + blockIdx.x;
-        moe_quant32(hb[lane], lane, XP, a.hq + blk * 32 * XP, a.hs + blk);
+        quant32(hb[lane], lane, XP, a.hq + blk * 32 * XP, a.hs + blk);
     }
 }
 
@@ -398,6 +390,7 @@ struct moe_dn_args {
 // weights (pk = 1, moe_pk_fits), k_mv_qp's loads and dot.
 template <int BITS, int XP, int SDT>
 __global__ void __launch_bounds__(MOE_DN_WARPS * 32) k_moe_down(moe_dn_args a) {
+    PDL_ENTRY();
     static_assert(BITS == 4 || BITS == 5 || BITS == 6 || BITS == 8, "4/8-bit MLX rows, 5/6-bit planes");
     constexpr bool PK = BITS == 5 || BITS == 6; // planes layout (cuda_mv56.cuh)
     constexpr int NW = PK ? 4 : BITS, NH = PK ? BITS - 4 : 1; // W / H words per row and chunk

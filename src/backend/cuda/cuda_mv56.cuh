@@ -18,6 +18,7 @@
 // MLX layout at mlx (n rows of cols*bits/32 words, row r0 first) -> the planes of the expert at
 // dst (16-byte aligned, mv56_bytes bytes). Borrows both buffers.
 __global__ void k_mv56_pack(const uint32_t *mlx, int64_t r0, int64_t n, int64_t rows, int64_t cols, int bits, char *dst) {
+    PDL_ENTRY();
     const int64_t items = n * (cols / 32);
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < items; i += (int64_t)gridDim.x * blockDim.x)
         mv56_pack_item(bits, rows, cols, mlx, r0, i, dst);

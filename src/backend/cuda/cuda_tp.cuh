@@ -34,6 +34,7 @@ __device__ __forceinline__ void tp_rows(int T, int *r0, int *r1) {
 template <bool NORM>
 __global__ void __launch_bounds__(TP_THREADS)
     k_tp_add_rmsnorm(cuda_peer_view v, float *out, float *x, const float *y, const float *w, int T, int n, float eps) {
+    PDL_ENTRY();
     __shared__ float sh[32];
     const uint32_t e = cuda_peer_begin(v);
     if (!e) return;
@@ -74,6 +75,7 @@ __global__ void __launch_bounds__(TP_THREADS)
 __global__ void __launch_bounds__(TP_THREADS)
     k_tp_qk_norm_full(cuda_peer_view v, float *q, int nq, float *k, int nk, const float *wq, const float *wk,
                       float *scr, int T, int nq_all, int nk_all, float eps) {
+    PDL_ENTRY();
     __shared__ float sh[32];
     const uint32_t e = cuda_peer_begin(v);
     if (!e) return;
