@@ -99,6 +99,7 @@ typedef struct node {
     cp_nccl_id ncl_offer;   /* an offer that came before its LOAD (ncl_offer_held)            */
     int ncl_offer_held;
     int ncl_timeout_ms;
+    int ncl_test_skip, ncl_n_in; /* STRATA_TEST_NCCL_SKIP_RECV (see on_act); headers on NCCL seen */
     /* a linked sender's figures of its last finished decode step, reported in the next header
      * (its header leaves before the step runs): GPU time of the layers and of the send */
     uint64_t ncl_prev_compute_ns, ncl_prev_send_ns;
@@ -338,33 +339,43 @@ static void ncl_join_abandon(ncl_join *j) {
 static void gpu_drain(node *n);
 #endif
 
-/* Drops both NCCL links of this stage with ncclCommAbort (never waits for the peer), and any
- * join in progress. A step in flight that used them is waited for (bounded: its NCCL calls
- * return after the abort) and dropped. */
-static void ncl_drop(node *n) {
-#ifdef STRATA_HAVE_CUDA
-    ncl_join_abandon(n->join_in), n->join_in = NULL;
-    if (!n->nc_in && !n->nc_out) return;
-    cuda_nccl_abort(n->nc_in), cuda_nccl_abort(n->nc_out);
-    n->nc_in = n->nc_out = NULL;
+/* Drops this stage's NCCL links in `which` (CUDA_STAGE_IN_NCCL / _OUT_NCCL bits; the inbound
+ * join in progress too with IN) with ncclCommAbort, which never waits for the peer. A step in
+ * flight that used one of them is waited for (bounded: its NCCL calls return after the abort)
+ * and dropped. A dropped inbound link is announced to its sender with `why` (CP_NCCL_ACK with an
+ * error: its rows would otherwise go on into a receive that never comes); why NULL: not. */
+static void ncl_drop(node *n, int which, const char *why) {
     st_err e = {0};
-    if (n->gpu && n->gp.active && n->gp.io) {
+    if ((which & CUDA_STAGE_IN_NCCL) && why && n->data_in && n->loaded) {
+        /* also when this end has no communicator (any more): the sender thinks it has one */
+        cp_nccl_ack a = {.epoch = n->load.epoch, .status = ST_ERR_NET, .stage = n->load.stage};
+        snprintf(a.msg, sizeof a.msg, "stage %d dropped the link: %s", n->load.stage, why);
+        xport_send_copy(n->data_in, CP_NCCL_ACK, &a, sizeof a, &e);
+    }
+#ifdef STRATA_HAVE_CUDA
+    if (which & CUDA_STAGE_IN_NCCL) ncl_join_abandon(n->join_in), n->join_in = NULL;
+    cuda_nccl_comm *in = (which & CUDA_STAGE_IN_NCCL) ? n->nc_in : NULL;
+    cuda_nccl_comm *out = (which & CUDA_STAGE_OUT_NCCL) ? n->nc_out : NULL;
+    if (!in && !out) return;
+    cuda_nccl_abort(in), cuda_nccl_abort(out);
+    if (in) n->nc_in = NULL;
+    if (out) n->nc_out = NULL;
+    if (n->gpu && n->gp.active && (n->gp.io & which)) {
         uint64_t dl = st_time_ns() + 2000000000ull;
         while (!cuda_stage_done(n->gpu) && st_time_ns() < dl) {
         }
         if (!cuda_stage_done(n->gpu)) {
-            ST_ERROR("stage %d: the GPU stream did not finish 2 s after aborting its NCCL links; this stage stops "
+            ST_ERROR("stage %d: the GPU stream did not finish 2 s after aborting its NCCL link; this stage stops "
                      "running steps",
                      n->load.stage);
             n->gpu_dead = 1;
         } else cuda_stage_finish(n->gpu, 1, &e); /* the step's data is garbage: dropped */
         n->gp.active = 0;
     }
-    if (n->gpu && !n->gpu_dead) cuda_stage_set_nccl(n->gpu, NULL, NULL, &e);
-#else
-    (void)n;
+    if (n->gpu && !n->gpu_dead) cuda_stage_set_nccl(n->gpu, n->nc_in, n->nc_out, &e);
 #endif
 }
+#define NCL_BOTH (CUDA_STAGE_IN_NCCL | CUDA_STAGE_OUT_NCCL)
 
 /* The inbound join finished or ran out of time: attach the communicator or report why not. */
 static void ncl_join_tick(node *n, int wait) {
@@ -520,7 +531,7 @@ static void stage_unload(node *n) {
     free(n->slots), n->slots = NULL;
     free(n->pos_buf), free(n->slot_buf), n->pos_buf = n->slot_buf = NULL;
     free(n->logits), free(n->logits2), n->logits = n->logits2 = NULL;
-    ncl_drop(n); /* aborts (never waits on the peer) before the stream is waited for */
+    ncl_drop(n, NCL_BOTH, NULL); /* aborts (never waits on the peer) before the stream is waited for */
 #ifdef STRATA_HAVE_CUDA
     if (n->gpu && n->gpu_dead)
         ST_ERROR("stage %d: the GPU stage is left allocated (its stream never finished)", n->load.stage);
@@ -880,7 +891,7 @@ static void gpu_drain(node *n) {
             ST_ERROR("stage %d: a step waited more than %d ms on the NCCL link %s: aborting the communicator, "
                      "back to the host copy path (step dropped)",
                      n->load.stage, n->ncl_timeout_ms, lk);
-            ncl_drop(n);
+            ncl_drop(n, w ? w : n->gp.io, "a step timed out");
             return;
         }
     }
@@ -917,14 +928,14 @@ static void gpu_rows(node *n, dp_act *h, const int32_t *tokens, const float *hid
     size_t len = 0;
     uint8_t *b = NULL;
     if ((io & CUDA_STAGE_OUT_NCCL) && !(b = act_send_buf(n, 0, &len))) {
-        if (io & CUDA_STAGE_IN_NCCL) ncl_drop(n); /* the rows in NCCL would stay unmatched */
+        if (io & CUDA_STAGE_IN_NCCL) ncl_drop(n, CUDA_STAGE_IN_NCCL, "next hop unavailable"); /* rows unmatched */
         return;
     }
     const uint64_t t0 = st_time_ns(); /* compute includes the launch */
     if (cuda_stage_submit(n->gpu, l->with_embed ? tokens : NULL, l->with_embed || (io & CUDA_STAGE_IN_NCCL) ? NULL : hidden_in,
                           n->pos_buf, n->slot_buf, h->T, kind, io, &err)) {
         ST_WARN("stage %d: GPU submit failed: %s", l->stage, err.msg);
-        if (io) ncl_drop(n);
+        if (io) ncl_drop(n, io, "GPU submit failed");
         return;
     }
     n->gp.active = 1, n->gp.kind = kind, n->gp.io = io, n->gp.h = *h, n->gp.t0 = t0, n->gp.t_in = t_in;
@@ -990,7 +1001,7 @@ static void on_act(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
     if (!n->loaded || h.epoch != n->load.epoch) return; /* stale epoch: silently dropped */
     if (n->load.stage == 0 || h.slot < 0 || h.slot >= n->load.n_slots || h.T < 1 || h.T > n->load.max_batch ||
         h.pos0 < 0 || h.pos0 + h.T > n->load.max_ctx) {
-        if (h.flags & ACT_NCCL) ncl_drop(n); /* its rows would stay in NCCL, unmatched */
+        if (h.flags & ACT_NCCL) ncl_drop(n, CUDA_STAGE_IN_NCCL, "bad ACT fields"); /* its rows stay unmatched */
         return ST_WARN("ACT: bad fields, dropped");
     }
     if ((h.flags & ACT_NCCL) && !n->nc_in && n->join_in) ncl_join_tick(n, 1); /* the join is finishing */
@@ -998,12 +1009,19 @@ static void on_act(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
     int on_nccl = ncl_act_payload(&h, len, n->D, n->nc_in != NULL, &err);
     if (on_nccl < 0) {
         /* an unmatched NCCL send stalls the sender until its timeout aborts the link: drop ours too */
-        if (h.flags & ACT_NCCL) ncl_drop(n);
+        if (h.flags & ACT_NCCL) ncl_drop(n, CUDA_STAGE_IN_NCCL, err.msg);
         return ST_WARN("%s, dropped", err.msg);
     }
     if ((h.flags & ACT_FIRST) && (h.params.n_eos < 0 || h.params.n_eos > CP_MAX_EOS)) {
-        if (on_nccl) ncl_drop(n);
+        if (on_nccl) ncl_drop(n, CUDA_STAGE_IN_NCCL, "bad ACT params");
         return ST_WARN("ACT: bad params, dropped");
+    }
+    if (on_nccl && n->ncl_test_skip > 0 && ++n->ncl_n_in == n->ncl_test_skip) {
+        /* STRATA_TEST_NCCL_SKIP_RECV=N: the N-th header on NCCL is dropped without its receive, as
+         * if this stage had lost it: the link must go down on both ends and the run recover */
+        ST_WARN("stage %d: STRATA_TEST_NCCL_SKIP_RECV: dropping NCCL step %d without its receive", n->load.stage,
+                n->ncl_n_in);
+        return ncl_drop(n, CUDA_STAGE_IN_NCCL, "test: a step dropped without its receive");
     }
     stage_rows(n, &h, NULL, on_nccl ? NULL : (const float *)(p + sizeof h), t_in);
 }
@@ -1228,8 +1246,18 @@ static int node_loop(node *n) {
                 ST_WARN("downstream data link lost: %s", err.msg);
                 xport_close(n->data_out), n->data_out = NULL;
             } else if (r == 1) {
-                ST_WARN("unexpected frame on the downstream link dropped");
-                xport_release(n->data_out);
+                cp_nccl_ack a;
+                st_err e2 = {0};
+                if (m.type == CP_NCCL_ACK && ncl_parse_ack(m.data, m.len, n->load.epoch, &a, &e2) == 0 && a.status) {
+                    if (n->nc_out)
+                        ST_WARN("stage %d: NCCL link to stage %d: %s; host copy path", n->load.stage, n->load.stage + 1,
+                                a.msg);
+                    xport_release(n->data_out);
+                    ncl_drop(n, CUDA_STAGE_OUT_NCCL, a.msg);
+                } else {
+                    ST_WARN("unexpected frame 0x%x on the downstream link dropped", m.type);
+                    xport_release(n->data_out);
+                }
             }
         }
         for (int i = 0; i < NODE_MAX_CTRL; i++)
@@ -1258,6 +1286,7 @@ int node_run(const node_opts *o, volatile sig_atomic_t *stop, st_err *err) {
     pthread_mutex_init(&n->mu, NULL);
     n->cuda_dev = -1;
     n->ncl_timeout_ms = ncl_timeout_ms();
+    if (getenv("STRATA_TEST_NCCL_SKIP_RECV")) n->ncl_test_skip = atoi(getenv("STRATA_TEST_NCCL_SKIP_RECV"));
     if (o->device && strcmp(o->device, "cpu")) {
         char *end = NULL;
         if (!strcmp(o->device, "cuda")) n->cuda_dev = 0;

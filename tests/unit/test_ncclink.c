@@ -301,6 +301,12 @@ static void test_live_node(void **state) {
     dp_act h1 = {.epoch = 10, .seq_id = 77, .slot = 0, .pos0 = 0, .T = 1, .flags = ACT_NCCL | ACT_FIRST | ACT_LAST};
     h1.params = (cp_seq){.epoch = 10, .seq_id = 77, .max_tokens = 4, .n_eos = 0, .top_p = 1.0f, .repetition_penalty = 1.0f};
     assert_int_equal(xport_send_copy(d, DP_ACT, &h1, sizeof h1, &err), 0);
+    /* the sender hears that the link is down (else its rows would go on into NCCL) */
+    assert_int_equal(wait_frame(d, CP_NCCL_ACK, &m, 3000), 1);
+    assert_int_equal(ncl_parse_ack(m.data, m.len, 10, &a, &err), 0);
+    xport_release(d);
+    assert_int_equal(a.status, ST_ERR_NET);
+    assert_non_null(strstr(a.msg, "dropped the link"));
     size_t plen = sizeof h1 + (size_t)r.n_embd * 4;
     uint8_t *pay = calloc(1, plen);
     assert_non_null(pay);

@@ -9,7 +9,8 @@
 #      (the stream raises a mapped flag, no host synchronisation) and host mode
 #      (cudaStreamSynchronize + send): token time, per-stage compute, per-hop hand-off,
 #      orchestration; then a GPU stage feeding a CPU stage;
-#   3. with GPUS=2: the same model over two GPUs (one stage per GPU).
+#   3. with GPUS=2: the same model over two GPUs (one stage per GPU);
+#   4. with GPUS=2: a step lost on an NCCL link (test hook): fallback, replay, GPUs still usable.
 # MODES: stream, host (the hand-off over shm), nccl, nccl-host (hidden states between GPU stages
 # over NCCL, `cluster-gen --xport nccl`, with stream / host sync). NCCL needs libnccl.so.2 on the
 # library path or STRATA_NCCL_LIB. Phase 1 checks the nccl mode too (over two GPUs with GPUS=2;
@@ -27,7 +28,7 @@ BUDGET=${BUDGET:-420}
 GPUS=${GPUS:-1}
 BENCH_MODEL=${BENCH_MODEL:-synthetic:qwen3-8b:bf16}
 NTOK=${NTOK:-128}
-PHASES=${PHASES:-123}      # which of the phases below to run
+PHASES=${PHASES:-1234}     # which of the phases below to run
 MODES=${MODES:-stream host nccl}
 export STRATA_NCCL_TIMEOUT_MS=${STRATA_NCCL_TIMEOUT_MS:-10000}
 # NCCL (the nccl modes) from the Python package nvidia-nccl-cu13 when it is there (strata dlopens it)
@@ -143,6 +144,32 @@ if [[ $PHASES == *3* ]] && [ "$GPUS" -ge 2 ] && [ "$(left)" -gt 60 ]; then
     if [[ $mode == nccl* ]] && ! grep -q "link nccl" <<<"$out"; then
       echo "$mode 2 GPUs: NCCL did not connect (figures above are the fallback's): $(ncclnote "$(sync_of $mode)")" | tee -a "$SUM"
     fi
+  done
+fi
+# 4. (GPUS=2) a lost NCCL step: stage 1 drops its 20th header on NCCL without posting the receive
+# (STRATA_TEST_NCCL_SKIP_RECV). Expected: stage 1 drops the link and tells stage 0; stage 0's send
+# either completes or is aborted within STRATA_NCCL_TIMEOUT_MS (2 s here); both fall back to the
+# host copy path, the coordinator's stall timer (10 s) replays, the ids equal an undisturbed run,
+# and both GPUs stay usable (a 1-stage run on each afterwards).
+if [[ $PHASES == *4* ]] && [ "$GPUS" -ge 2 ] && [ "$(left)" -gt 100 ]; then
+  echo "== 4. a lost NCCL step" | tee -a "$SUM"
+  SM=${STALL_MODEL:-synthetic:qwen3-0.6b:bf16}
+  saved_to=$STRATA_NCCL_TIMEOUT_MS
+  export STRATA_NCCL_TIMEOUT_MS=2000
+  nodes stream cuda:0 cuda:1
+  ref=$(gen "$SM" --peers "$PEERS" --stages 2 --prompt-ids 1,2,3,4 --max-tokens 48 --no-eos --xport nccl 2>"$OUT/lost-ref.err" | grep '^ids')
+  export STRATA_TEST_NCCL_SKIP_RECV=20
+  nodes stream cuda:0 cuda:1
+  unset STRATA_TEST_NCCL_SKIP_RECV
+  export STRATA_NCCL_TIMEOUT_MS=$saved_to
+  t0=$(date +%s)
+  out=$(GEN_TIMEOUT=90 gen "$SM" --peers "$PEERS" --stages 2 --prompt-ids 1,2,3,4 --max-tokens 48 --no-eos --xport nccl 2>"$OUT/lost.err" | grep '^ids')
+  echo "lost step: $(grep -o -m1 'link [a-z]*' "$OUT/lost-ref.err") ids $( [ -n "$ref" ] && [ "$out" = "$ref" ] && echo equal || echo DIFFER) in $(( $(date +%s) - t0 )) s, $(grep -o 'recoveries [0-9]*' "$OUT/lost.err")" | tee -a "$SUM"
+  grep -h -E "SKIP_RECV|dropped the link|waited more than|NCCL link to stage|stream did not finish" "$OUT"/node-stream-*.log | sed 's/^/  /' | tee -a "$SUM"
+  for g in 0 1; do
+    nodes stream cuda:$g
+    r=$(gen "$SM" --peers "$PEERS" --stages 1 --prompt-ids 1,2,3,4 --max-tokens 8 --no-eos 2>/dev/null | grep -c '^ids')
+    echo "GPU $g after the lost step: $( [ "$r" = 1 ] && echo usable || echo 'NOT USABLE')" | tee -a "$SUM"
   done
 fi
 cleanup

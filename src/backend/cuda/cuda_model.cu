@@ -1461,36 +1461,35 @@ extern "C" int cuda_stage_set_nccl(cuda_model *c, cuda_nccl_comm *in, cuda_nccl_
 static int stage_submit_nccl(cuda_model *c, int T, int kind, int io, st_err *err) {
     cudaStream_t st = c->g.st;
     const size_t n = (size_t)T * (size_t)c->d->n_embd;
-    cudaEventRecord(c->nev[0], st);
     int rc = ST_OK;
+    cudaGraphExec_t *ge = T <= MV_MAXT ? &c->ngraph[kind][io][T] : nullptr;
+    if (ge && !*ge && !c->o.no_graph && c->nwarm[kind][io][T]) {
+        // second use: capture first, while the stream is idle (the previous step has been
+        // finished), then enqueue the receive and launch the graph behind it
+        cudaGraph_t graph = nullptr;
+        cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+        if (e == cudaSuccess) {
+            stage_body(c, T, kind, io);
+            e = cudaStreamEndCapture(st, &graph);
+        }
+        if (e == cudaSuccess) e = cudaGraphInstantiate(ge, graph, 0);
+        if (graph) cudaGraphDestroy(graph);
+        if (e != cudaSuccess) {
+            *ge = nullptr;
+            c->o.no_graph = 1;
+            cudaGetLastError();
+            ST_WARN("CUDA: graph capture of a stage step failed (%s); launching kernels eagerly", cudaGetErrorString(e));
+        }
+    }
+    cudaEventRecord(c->nev[0], st);
     if ((io & CUDA_STAGE_IN_NCCL) && (rc = cuda_nccl_recv_f32(c->nc_in, c->x, n, 0, (cuda_comm_stream)st, err)))
         goto fail;
     cudaEventRecord(c->nev[1], st);
-    {
-        cudaGraphExec_t *ge = T <= MV_MAXT ? &c->ngraph[kind][io][T] : nullptr;
-        if (ge && !*ge && !c->o.no_graph && c->nwarm[kind][io][T]) { // second use: capture, then launch
-            cudaGraph_t graph = nullptr;
-            cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
-            if (e == cudaSuccess) {
-                stage_body(c, T, kind, io);
-                e = cudaStreamEndCapture(st, &graph);
-            }
-            if (e == cudaSuccess) e = cudaGraphInstantiate(ge, graph, 0);
-            if (graph) cudaGraphDestroy(graph);
-            if (e != cudaSuccess) {
-                *ge = nullptr;
-                c->o.no_graph = 1;
-                cudaGetLastError();
-                ST_WARN("CUDA: graph capture of a stage step failed (%s); launching kernels eagerly",
-                        cudaGetErrorString(e));
-            }
-        }
-        if (ge && *ge) CU_TRY(cudaGraphLaunch(*ge, st));
-        else {
-            stage_body(c, T, kind, io); // first use (loads every kernel), T > MV_MAXT, or no graphs
-            if (ge) c->nwarm[kind][io][T] = 1;
-            CU_TRY(cudaGetLastError());
-        }
+    if (ge && *ge) CU_TRY(cudaGraphLaunch(*ge, st));
+    else {
+        stage_body(c, T, kind, io); // first use (loads every kernel), T > MV_MAXT, or no graphs
+        if (ge) c->nwarm[kind][io][T] = 1;
+        CU_TRY(cudaGetLastError());
     }
     cudaEventRecord(c->nev[2], st);
     if ((io & CUDA_STAGE_OUT_NCCL) && (rc = cuda_nccl_send_f32(c->nc_out, c->x, n, 1, (cuda_comm_stream)st, err)))
