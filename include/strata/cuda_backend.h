@@ -96,7 +96,9 @@ int cuda_stage_submit(cuda_model *cm, const int32_t *tokens, const float *hidden
  * A submit with io & CUDA_STAGE_IN_NCCL (hidden_in NULL) enqueues ncclRecv of the T x n_embd
  * fp32 rows into the layer input before the layers; io & CUDA_STAGE_OUT_NCCL (kind 0) enqueues
  * ncclSend of the output rows after them instead of the copy to cuda_stage_output. Both stay
- * outside the captured graph, on the same stream; the flag comes after the send. A step whose
+ * outside the captured graph, on the same stream (STRATA_NCCL_GRAPH=1 at cuda_stage_set_nccl:
+ * captured into it, graphs rebuilt when the communicators change; the step is then timed as a
+ * whole); the flag comes after the send. A step whose
  * peer never posts the matching call never raises its flag: the caller bounds its wait and
  * aborts the communicator (cuda_nccl_abort), after which the stream completes. */
 typedef struct cuda_nccl_comm cuda_nccl_comm;

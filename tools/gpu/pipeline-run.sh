@@ -12,7 +12,8 @@
 #   3. with GPUS=2: the same model over two GPUs (one stage per GPU);
 #   4. with GPUS=2: a step lost on an NCCL link (test hook): fallback, replay, GPUs still usable.
 # MODES: stream, host (the hand-off over shm), nccl, nccl-host (hidden states between GPU stages
-# over NCCL, `cluster-gen --xport nccl`, with stream / host sync). NCCL needs libnccl.so.2 on the
+# over NCCL, `cluster-gen --xport nccl`, with stream / host sync), nccl-graph (nccl with the
+# receive / send captured into the stage graphs: STRATA_NCCL_GRAPH=1 on the nodes). NCCL needs libnccl.so.2 on the
 # library path or STRATA_NCCL_LIB. Phase 1 checks the nccl mode too (over two GPUs with GPUS=2;
 # on one GPU only if NCCL accepts two ranks on one device, else a line says it was skipped), and
 # every nccl row says whether the link really ran over NCCL ("link nccl" in its stats) or fell
@@ -29,7 +30,7 @@ GPUS=${GPUS:-1}
 BENCH_MODEL=${BENCH_MODEL:-synthetic:qwen3-8b:bf16}
 NTOK=${NTOK:-128}
 PHASES=${PHASES:-1234}     # which of the phases below to run
-MODES=${MODES:-stream host nccl}
+MODES=${MODES:-stream host nccl nccl-graph}
 export STRATA_NCCL_TIMEOUT_MS=${STRATA_NCCL_TIMEOUT_MS:-10000}
 # NCCL (the nccl modes) from the Python package nvidia-nccl-cu13 when it is there (strata dlopens it)
 PYNCCL=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
@@ -64,6 +65,7 @@ nodes() {
 }
 
 gen() { timeout "${GEN_TIMEOUT:-120}" "$S" cluster-gen "$@"; }
+graph_env() { if [[ $1 == *graph* ]]; then export STRATA_NCCL_GRAPH=1; else unset STRATA_NCCL_GRAPH; fi; }
 sync_of() { [[ $1 == *host* ]] && echo host || echo stream; }       # MODE -> node --sync-mode
 xport_of() { [[ $1 == nccl* ]] && echo "--xport nccl" || true; }   # MODE -> cluster-gen option
 # ncclnote LOGPREFIX: why the nodes' NCCL links did not come up (their first warning), or ""
@@ -101,6 +103,12 @@ echo "== 1. correctness" | tee -a "$SUM"
     note=$( [ "$link" = "link nccl" ] || echo "(fell back: $(ncclnote stream))" )
     echo "$m $st GPU stages ($devs), --xport nccl: $link $(grep -E '^golden|^logits' <<<"$r" | tr '\n' ' ') greedy $(grep -E '^golden' <<<"$rg") ids $( [ "$(grep '^ids' <<<"$rg")" = "$(grep '^ids' <<<"$r1")" ] && echo equal || echo DIFFER) $note" | tee -a "$SUM"
   done
+  export STRATA_NCCL_GRAPH=1 # the receive / send inside the captured graphs
+  nodes stream cuda:0 $( [ "$GPUS" -ge 2 ] && echo cuda:1 || echo cuda:0 )
+  unset STRATA_NCCL_GRAPH
+  r=$(gen "$d" --peers "$PEERS" --stages 2 --golden 3 --max-tokens 12 --check-logits "$tmp/$m.ref" --xport nccl 2>"$OUT/c-$m-nccl-graph.err")
+  rg=$(gen "$d" --peers "$PEERS" --stages 2 --golden 3 --max-tokens 12 --xport nccl 2>/dev/null)
+  echo "$m 2 GPU stages, --xport nccl, NCCL in the graphs: $(grep -o -m1 'link [a-z]*' "$OUT/c-$m-nccl-graph.err") $(grep -E '^golden|^logits' <<<"$r" | tr '\n' ' ') greedy ids $( [ "$(grep '^ids' <<<"$rg")" = "$(grep '^ids' <<<"$r1")" ] && echo equal || echo DIFFER) $(grep -h -m1 'graph capture' "$OUT"/node-stream-*.log)" | tee -a "$SUM"
   nodes host cuda:0 $( [ "$GPUS" -ge 2 ] && echo cuda:1 || echo cuda:0 )
   r=$(gen "$d" --peers "$PEERS" --stages 2 --golden 3 --max-tokens 12 --check-logits "$tmp/$m.ref" --xport nccl 2>"$OUT/c-$m-nccl-host.err")
   echo "$m 2 GPU stages, --xport nccl, host sync: $(grep -o -m1 'link [a-z]*' "$OUT/c-$m-nccl-host.err") $(grep -E '^golden|^logits' <<<"$r" | tr '\n' ' ')" | tee -a "$SUM"
@@ -119,6 +127,7 @@ bench() { # LABEL STAGES [cluster-gen options] : cluster-gen on the running node
 }
 [[ $PHASES == *2* ]] && for mode in $MODES; do
   [ "$(left)" -gt 90 ] || { echo "skipped $mode: time" | tee -a "$SUM"; continue; }
+  graph_env $mode
   nodes "$(sync_of $mode)" cuda:0 cuda:0 cuda:0
   for st in 1 2 3; do
     out=$(bench "$mode $st-stage" $st $(xport_of $mode))
@@ -130,6 +139,7 @@ bench() { # LABEL STAGES [cluster-gen options] : cluster-gen on the running node
     fi
   done
 done
+unset STRATA_NCCL_GRAPH
 if [[ $PHASES == *2* ]] && [ "$(left)" -gt 60 ]; then # a GPU stage feeding a CPU stage (small model)
   nodes stream cuda:0 cpu
   BENCH_MODEL=${MIXED_MODEL:-synthetic:qwen3-0.6b:bf16} NTOK=32 bench "gpu+cpu stream" 2
@@ -138,6 +148,7 @@ if [[ $PHASES == *3* ]] && [ "$GPUS" -ge 2 ] && [ "$(left)" -gt 60 ]; then
   echo "== 3. two GPUs" | tee -a "$SUM"
   for mode in $MODES; do
     [ "$(left)" -gt 45 ] || { echo "skipped $mode 2 GPUs: time" | tee -a "$SUM"; continue; }
+    graph_env $mode
     nodes "$(sync_of $mode)" cuda:0 cuda:1
     out=$(bench "$mode 2 GPUs" 2 $(xport_of $mode))
     echo "$out"
@@ -146,6 +157,7 @@ if [[ $PHASES == *3* ]] && [ "$GPUS" -ge 2 ] && [ "$(left)" -gt 60 ]; then
     fi
   done
 fi
+unset STRATA_NCCL_GRAPH
 # 4. (GPUS=2) a lost NCCL step: stage 1 drops its 20th header on NCCL without posting the receive
 # (STRATA_TEST_NCCL_SKIP_RECV). Expected: stage 1 drops the link and tells stage 0; stage 0's send
 # either completes or is aborted within STRATA_NCCL_TIMEOUT_MS (2 s here); both fall back to the

@@ -576,6 +576,8 @@ struct cuda_model {
     unsigned char nwarm[3][4][MV_MAXT + 1];
     cudaEvent_t nev[4];
     int nev_ok, s_io;
+    int nc_graph;            // STRATA_NCCL_GRAPH=1: the receive / send are captured into the graph too
+    int s_split;             // the step's events split receive / layers / send (0: one graph did all)
     // STRATA_STAGE_DIAG=1: events around each step; cuda_stage_diag reports the split of a
     // step's host-seen time into GPU execution and the tail after the flag
     int diag;
@@ -1450,6 +1452,15 @@ extern "C" int cuda_stage_set_nccl(cuda_model *c, cuda_nccl_comm *in, cuda_nccl_
         for (int i = 0; i < 4; i++) CU_TRY(cudaEventCreate(&c->nev[i]));
         c->nev_ok = 1;
     }
+    const char *g = getenv("STRATA_NCCL_GRAPH");
+    c->nc_graph = g && !strcmp(g, "1");
+    if (c->nc_graph && (in != c->nc_in || out != c->nc_out)) // graphs holding the old communicators
+        for (int k = 0; k < 3; k++)
+            for (int io = 0; io < 4; io++)
+                for (int b = 0; b <= MV_MAXT; b++) {
+                    if (c->ngraph[k][io][b]) cudaGraphExecDestroy(c->ngraph[k][io][b]);
+                    c->ngraph[k][io][b] = nullptr, c->nwarm[k][io][b] = 0;
+                }
     c->nc_in = in, c->nc_out = out;
     return ST_OK;
 }
@@ -1458,19 +1469,37 @@ extern "C" int cuda_stage_set_nccl(cuda_model *c, cuda_nccl_comm *in, cuda_nccl_
 // stage's stream, the flag last. The NCCL calls stay outside the captured graph (the graph is
 // the layers and the small host copies), so a link that falls back to the host path reuses the
 // same graphs and a failed capture cannot leave NCCL half-captured.
+// The receive, body and send of an NCCL step (STRATA_NCCL_GRAPH=1 captures all three).
+static int stage_nccl_ops(cuda_model *c, int T, int kind, int io, int with_nccl, st_err *err) {
+    cudaStream_t st = c->g.st;
+    const size_t n = (size_t)T * (size_t)c->d->n_embd;
+    int rc;
+    if (with_nccl && (io & CUDA_STAGE_IN_NCCL) &&
+        (rc = cuda_nccl_recv_f32(c->nc_in, c->x, n, 0, (cuda_comm_stream)st, err)))
+        return rc;
+    stage_body(c, T, kind, io);
+    if (with_nccl && (io & CUDA_STAGE_OUT_NCCL) &&
+        (rc = cuda_nccl_send_f32(c->nc_out, c->x, n, 1, (cuda_comm_stream)st, err)))
+        return rc;
+    return ST_OK;
+}
+
 static int stage_submit_nccl(cuda_model *c, int T, int kind, int io, st_err *err) {
     cudaStream_t st = c->g.st;
     const size_t n = (size_t)T * (size_t)c->d->n_embd;
+    const int ing = c->nc_graph; // NCCL calls inside the graph (else right before / after it)
     int rc = ST_OK;
     cudaGraphExec_t *ge = T <= MV_MAXT ? &c->ngraph[kind][io][T] : nullptr;
     if (ge && !*ge && !c->o.no_graph && c->nwarm[kind][io][T]) {
         // second use: capture first, while the stream is idle (the previous step has been
         // finished), then enqueue the receive and launch the graph behind it
         cudaGraph_t graph = nullptr;
+        st_err ce = {0};
         cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
         if (e == cudaSuccess) {
-            stage_body(c, T, kind, io);
+            int r2 = stage_nccl_ops(c, T, kind, io, ing, &ce);
             e = cudaStreamEndCapture(st, &graph);
+            if (r2 && e == cudaSuccess) e = cudaErrorStreamCaptureInvalidated;
         }
         if (e == cudaSuccess) e = cudaGraphInstantiate(ge, graph, 0);
         if (graph) cudaGraphDestroy(graph);
@@ -1478,11 +1507,14 @@ static int stage_submit_nccl(cuda_model *c, int T, int kind, int io, st_err *err
             *ge = nullptr;
             c->o.no_graph = 1;
             cudaGetLastError();
-            ST_WARN("CUDA: graph capture of a stage step failed (%s); launching kernels eagerly", cudaGetErrorString(e));
+            ST_WARN("CUDA: graph capture of a stage step%s failed (%s%s%s); launching kernels eagerly",
+                    ing ? " with its NCCL calls" : "", cudaGetErrorString(e), ce.msg[0] ? ": " : "", ce.msg);
         }
     }
+    const int ops_in_graph = ing && ge && *ge;
     cudaEventRecord(c->nev[0], st);
-    if ((io & CUDA_STAGE_IN_NCCL) && (rc = cuda_nccl_recv_f32(c->nc_in, c->x, n, 0, (cuda_comm_stream)st, err)))
+    if (!ops_in_graph && (io & CUDA_STAGE_IN_NCCL) &&
+        (rc = cuda_nccl_recv_f32(c->nc_in, c->x, n, 0, (cuda_comm_stream)st, err)))
         goto fail;
     cudaEventRecord(c->nev[1], st);
     if (ge && *ge) CU_TRY(cudaGraphLaunch(*ge, st));
@@ -1492,12 +1524,14 @@ static int stage_submit_nccl(cuda_model *c, int T, int kind, int io, st_err *err
         CU_TRY(cudaGetLastError());
     }
     cudaEventRecord(c->nev[2], st);
-    if ((io & CUDA_STAGE_OUT_NCCL) && (rc = cuda_nccl_send_f32(c->nc_out, c->x, n, 1, (cuda_comm_stream)st, err)))
+    if (!ops_in_graph && (io & CUDA_STAGE_OUT_NCCL) &&
+        (rc = cuda_nccl_send_f32(c->nc_out, c->x, n, 1, (cuda_comm_stream)st, err)))
         goto fail;
     cudaEventRecord(c->nev[3], st);
     stage_flag(c);
     CU_TRY(cudaGetLastError());
-    c->s_T = T, c->s_kind = kind, c->s_io = io, c->s_pending = 1;
+    // with the NCCL calls inside the graph the events only bracket the whole graph: no split
+    c->s_T = T, c->s_kind = kind, c->s_io = io, c->s_pending = 1, c->s_split = !ops_in_graph;
     return ST_OK;
 fail:
     // what was enqueued before the failed call still runs and no flag follows it; the caller
@@ -1607,7 +1641,7 @@ extern "C" int cuda_stage_diag(cuda_model *c, double *gpu_ms, double *tail_us) {
 }
 
 extern "C" int cuda_stage_nccl_times(const cuda_model *c, double *recv_us, double *compute_us, double *send_us) {
-    if (!c->s_io || c->s_pending || !c->nev_ok) return 0;
+    if (!c->s_io || c->s_pending || !c->nev_ok || !c->s_split) return 0;
     float a = 0, b = 0, d = 0;
     if (cudaEventElapsedTime(&a, c->nev[0], c->nev[1]) != cudaSuccess ||
         cudaEventElapsedTime(&b, c->nev[1], c->nev[2]) != cudaSuccess ||
