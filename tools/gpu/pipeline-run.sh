@@ -69,7 +69,7 @@ graph_env() { if [[ $1 == *graph* ]]; then export STRATA_NCCL_GRAPH=1; else unse
 sync_of() { [[ $1 == *host* ]] && echo host || echo stream; }       # MODE -> node --sync-mode
 xport_of() { [[ $1 == nccl* ]] && echo "--xport nccl" || true; }   # MODE -> cluster-gen option
 # ncclnote LOGPREFIX: why the nodes' NCCL links did not come up (their first warning), or ""
-ncclnote() { grep -h -m1 -E "NCCL (link|offer)|NCCL: " "$OUT"/node-"$1"-*.log 2>/dev/null | grep -iE "warn|refused|declined|host copy" | head -1; }
+ncclnote() { grep -h -E "NCCL (link|offer)|NCCL: " "$OUT"/node-"$1"-*.log 2>/dev/null | grep -iE "warn|refused|declined|host copy" | head -1; }
 
 echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
 
