@@ -261,6 +261,8 @@ static void *beacon_main(void *arg) {
 /* One rank joining a 2-rank communicator on a helper thread (ncclCommInitRank blocks until the
  * peer joins, without a timeout of its own). The node polls it; a join it gives up on is
  * abandoned: the thread then aborts whatever it gets and frees the struct itself. */
+_Static_assert(NCL_ID_BYTES == CUDA_NCCL_ID_BYTES, "the offer carries an ncclUniqueId");
+
 typedef struct ncl_join {
     uint8_t id[NCL_ID_BYTES];
     int rank, device;
