@@ -1465,11 +1465,7 @@ extern "C" int cuda_stage_set_nccl(cuda_model *c, cuda_nccl_comm *in, cuda_nccl_
     return ST_OK;
 }
 
-// A step with an NCCL receive before and/or a send after its layers (io != 0): all on the
-// stage's stream, the flag last. The NCCL calls stay outside the captured graph (the graph is
-// the layers and the small host copies), so a link that falls back to the host path reuses the
-// same graphs and a failed capture cannot leave NCCL half-captured.
-// The receive, body and send of an NCCL step (STRATA_NCCL_GRAPH=1 captures all three).
+// The receive, body and send of an NCCL step, as STRATA_NCCL_GRAPH=1 captures them.
 static int stage_nccl_ops(cuda_model *c, int T, int kind, int io, int with_nccl, st_err *err) {
     cudaStream_t st = c->g.st;
     const size_t n = (size_t)T * (size_t)c->d->n_embd;
@@ -1484,6 +1480,10 @@ static int stage_nccl_ops(cuda_model *c, int T, int kind, int io, int with_nccl,
     return ST_OK;
 }
 
+// A step with an NCCL receive before and/or a send after its layers (io != 0): all on the
+// stage's stream, the flag last. By default the NCCL calls stay outside the captured graph (the
+// graph is the layers and the small host copies), so a link that falls back to the host path
+// reuses the same graphs and a failed capture cannot leave NCCL half-captured.
 static int stage_submit_nccl(cuda_model *c, int T, int kind, int io, st_err *err) {
     cudaStream_t st = c->g.st;
     const size_t n = (size_t)T * (size_t)c->d->n_embd;
