@@ -83,6 +83,9 @@ typedef struct coord_opts {
     int max_batch;            /* prefill chunk (default 64)                                      */
     int n_threads;            /* per node (0 = node's default)                                   */
     int xport_pref;           /* data links: XPORT_PREF_AUTO (shm on one host), TCP, SHM        */
+    int nccl;                 /* --xport nccl: hidden states between two GPU stages over NCCL
+                               * (bootstrapped over the data link; xport_pref elsewhere and as
+                               * the fallback; src/cluster/ncclink.h)                             */
     int n_buffers;            /* --xport-buffers (default 8)                                     */
     int max_inflight;         /* --xport-max-inflight (default 256)                              */
     int data_mac;             /* --data-mac                                                      */
@@ -151,7 +154,7 @@ typedef struct coord_stats {
     double hop_ms[CLUSTER_MAX_STAGES];           /* mean per hop: i -> i+1, last -> 0 (index n-1) */
     double orch_us_per_token; /* decode token time minus compute and hops (single sequence)      */
     double recovery_s;        /* time from loss detection to continuing                            */
-    char data_link[8];        /* "tcp" or "shm" (as reported by stage 0)                          */
+    char data_link[8];        /* "tcp", "shm" or "nccl" (stage 0's link to stage 1)               */
 } coord_stats;
 
 /* Connects, authenticates, queries devices, plans and loads. Logs the plan. */
@@ -249,7 +252,7 @@ typedef struct coord_stage_info {
     uint64_t mem_total, mem_free;
     int layer_begin, layer_end, with_embed, with_output;
     uint64_t weight_bytes, kv_bytes, rss_bytes;
-    char next_kind[8];        /* data link to the next stage: "tcp", "shm" or ""               */
+    char next_kind[8];        /* data link to the next stage: "tcp", "shm", "nccl" or ""       */
 } coord_stage_info;
 typedef struct coord_info {
     int n_stages, n_layer, n_slots, max_ctx, n_peers, n_alive;

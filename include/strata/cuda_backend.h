@@ -87,7 +87,29 @@ void cuda_model_stage(const cuda_model *cm, int *layer_begin, int *layer_end, in
  * kind 1: logits of the last row -> cuda_stage_output [n_vocab];
  * kind 2: greedy id of every row (T <= 8) -> cuda_stage_tokens [T]. */
 int cuda_stage_submit(cuda_model *cm, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
-                      const int32_t *slot, int T, int kind, st_err *err);
+                      const int32_t *slot, int T, int kind, int io, st_err *err);
+
+/* NCCL data links between GPU stages (src/cluster/ncclink.h). cuda_stage_set_nccl attaches the
+ * communicators of the hop in (this stage is rank 1, the previous stage rank 0) and the hop out
+ * (rank 0; the next stage rank 1), borrowed until detached with NULLs; only with no step in
+ * flight; ST_ERR_ARG for an input link on the first stage or an output link on the last.
+ * A submit with io & CUDA_STAGE_IN_NCCL (hidden_in NULL) enqueues ncclRecv of the T x n_embd
+ * fp32 rows into the layer input before the layers; io & CUDA_STAGE_OUT_NCCL (kind 0) enqueues
+ * ncclSend of the output rows after them instead of the copy to cuda_stage_output. Both stay
+ * outside the captured graph, on the same stream (STRATA_NCCL_GRAPH=1 at cuda_stage_set_nccl:
+ * captured into it, graphs rebuilt when the communicators change; the step is then timed as a
+ * whole); the flag comes after the send. A step whose
+ * peer never posts the matching call never raises its flag: the caller bounds its wait and
+ * aborts the communicator (cuda_nccl_abort), after which the stream completes. */
+typedef struct cuda_nccl_comm cuda_nccl_comm;
+enum { CUDA_STAGE_IN_NCCL = 1, CUDA_STAGE_OUT_NCCL = 2 };
+int cuda_stage_set_nccl(cuda_model *cm, cuda_nccl_comm *in, cuda_nccl_comm *out, st_err *err);
+/* After a finished step with io != 0: GPU time (events) of the wait for the received rows, the
+ * layers, and the send, in us. Returns 0 when not available (no NCCL step, events not ready). */
+int cuda_stage_nccl_times(const cuda_model *cm, double *recv_us, double *compute_us, double *send_us);
+/* For a step in flight with io != 0: which NCCL call it is stuck in (CUDA_STAGE_IN_NCCL: the
+ * receive started and has not finished; CUDA_STAGE_OUT_NCCL: the send), 0 if neither / unknown. */
+int cuda_stage_nccl_stalled(const cuda_model *cm);
 int cuda_stage_done(const cuda_model *cm);
 int cuda_stage_finish(cuda_model *cm, int spin, st_err *err);
 const float *cuda_stage_output(const cuda_model *cm);

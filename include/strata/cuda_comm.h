@@ -62,6 +62,11 @@ int cuda_nccl_init_rank(cuda_nccl_comm **out, const uint8_t id[CUDA_NCCL_ID_BYTE
 /* Destroys the communicator (waits for its pending operations). NULL is a no-op. */
 void cuda_nccl_free(cuda_nccl_comm *c);
 
+/* ncclCommAbort: destroys the communicator without waiting; operations still pending on a
+ * stream (a send or receive whose peer never came) return, leaving their buffers undefined.
+ * Never blocks on the peer. NULL is a no-op. */
+void cuda_nccl_abort(cuda_nccl_comm *c);
+
 int cuda_nccl_rank(const cuda_nccl_comm *c);
 int cuda_nccl_device(const cuda_nccl_comm *c);
 

@@ -118,6 +118,7 @@ typedef struct serve_cluster_opts {
     const char *model_name;     /* NULL: the directory's base name                             */
     int n_stages;               /* 0: as many as the nodes/layers allow                        */
     int xport_pref;             /* XPORT_PREF_AUTO / TCP / SHM for the data links               */
+    int nccl;                   /* --xport nccl: NCCL between two GPU stages (coord_opts.nccl)   */
     int max_ctx, n_slots, n_threads, max_batch;
 } serve_cluster_opts;
 

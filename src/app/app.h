@@ -21,7 +21,7 @@ int cmd_serve(int argc, char **argv);
 /* bench_cluster.c: the bench table on a running cluster (fills r; prints stage/hop table). */
 struct bench_result;
 struct st_err;
-int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen, int conc, int threads,
+int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen, int conc, int threads, int nccl,
                   struct bench_result *r, struct st_err *err);
 
 /* run_cluster.c: strata run --peers (tokenise here, generate on the nodes, stream text). */

@@ -31,13 +31,13 @@ static void on_token(void *ud, int seq, int32_t id, const float *logits, int n_v
     if (seq == 0 && r->n < r->cap) r->t[r->n++] = st_time_s();
 }
 
-int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen, int conc, int threads,
+int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen, int conc, int threads, int nccl,
                   bench_result *r, st_err *err) {
     int max_conc = conc > 16 ? conc : 16;
     /* placed by the solver for throughput (16 sequences in flight), on matvec rates the nodes
      * re-measure just before planning: the table then compares its prediction with the run */
     coord_opts o = {.model_dir = model_dir, .peers = peers, .max_ctx = prompt + gen + 32, .n_slots = max_conc,
-                    .max_batch = 64, .n_threads = threads, .objective = 1, .calib_mb = 64};
+                    .max_batch = 64, .n_threads = threads, .objective = 1, .calib_mb = 64, .nccl = nccl};
     coord *c = NULL;
     int rc = coord_init(&c, &o, err);
     if (rc) return rc;

@@ -31,6 +31,7 @@ static void usage(void) {
             "  --gen N           decoded tokens for latency figures (default 64)\n"
             "  --concurrency N   sequences decoding together for aggregate TPS (default 1)\n"
             "  --peers A:P,...   run on a cluster of `strata node` processes (MODEL_DIR on every node)\n"
+            "  --xport nccl      with --peers: hidden states between GPU stages over NCCL\n"
             "  --context N       target context for the max-stable-context test (default: the model's max)\n"
             "  --no-max-context  skip the max-context test\n"
             "  --threads N       CPU threads (default: all)\n"
@@ -449,6 +450,7 @@ out:
 
 int cmd_bench(int argc, char **argv) {
     const char *dir = NULL, *synthetic = NULL, *out_dir = ".", *compare = NULL, *peers = NULL;
+    int bench_nccl = 0;
     int prompt = 128, gen = 64, conc = 1, threads = 0, exact = 0, do_max = 1, cuda = 0, tp = 1;
     int64_t ctx_target = 0;
     for (int i = 1; i < argc; i++) {
@@ -456,6 +458,14 @@ int cmd_bench(int argc, char **argv) {
         int more = i + 1 < argc;
         if (!strcmp(a, "--synthetic") && more) synthetic = argv[++i];
         else if (!strcmp(a, "--peers") && more) peers = argv[++i];
+        else if (!strcmp(a, "--xport") && more) {
+            const char *x = argv[++i];
+            if (strcmp(x, "nccl") && strcmp(x, "auto")) {
+                fprintf(stderr, "strata bench: --xport is nccl or auto, got '%s'\n", x);
+                return 2;
+            }
+            bench_nccl = !strcmp(x, "nccl");
+        }
         else if (!strcmp(a, "--prompt") && more) prompt = atoi(argv[++i]);
         else if (!strcmp(a, "--gen") && more) gen = atoi(argv[++i]);
         else if (!strcmp(a, "--concurrency") && more) conc = atoi(argv[++i]);
@@ -494,11 +504,12 @@ int cmd_bench(int argc, char **argv) {
         memset(&cr, 0, sizeof cr);
         machine_desc(cr.machine, sizeof cr.machine);
         snprintf(cr.model, sizeof cr.model, "%s", dir);
-        snprintf(cr.flags, sizeof cr.flags, "--peers %s --prompt %d --gen %d --concurrency %d", peers, prompt, gen, conc);
+        snprintf(cr.flags, sizeof cr.flags, "--peers %s --prompt %d --gen %d --concurrency %d%s", peers, prompt, gen, conc,
+                 bench_nccl ? " --xport nccl" : "");
         snprintf(cr.max_ctx_note, sizeof cr.max_ctx_note, "not measured on a cluster here (see strata plan)");
         cr.prompt_tokens = prompt, cr.gen_tokens = gen, cr.concurrency = conc;
         st_err cerr = {0};
-        if (bench_cluster(dir, peers, prompt, gen, conc, threads, &cr, &cerr)) {
+        if (bench_cluster(dir, peers, prompt, gen, conc, threads, bench_nccl, &cr, &cerr)) {
             fprintf(stderr, "strata: %s\n", cerr.msg);
             return 1;
         }

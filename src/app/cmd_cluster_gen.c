@@ -29,7 +29,8 @@ static void usage(FILE *f) {
                "  --probe-bytes N         link probe transfer per direction (default 4 MiB)\n"
                "  --calib-mb N            nodes re-measure their decode matvec rate on N MiB before planning\n"
                "  --stages N              even split over the first N peers (at most one stage per layer)\n"
-               "  --xport auto|tcp|shm    data links (default auto: shm between nodes of one host)\n"
+               "  --xport auto|tcp|shm|nccl  data links (default auto: shm between nodes of one host; nccl:\n"
+               "                          NCCL between two GPU stages, auto elsewhere)\n"
                "  --xport-buffers N       ring slots per link (default 8)\n"
                "  --xport-max-inflight N  outstanding frames per link (default 256)\n"
                "  --data-mac              MAC data frames too\n"
@@ -190,6 +191,7 @@ int cmd_cluster_gen(int argc, char **argv) {
         else if (!strcmp(a, "--xport") && more) {
             const char *k = argv[++i];
             o.xport_pref = !strcmp(k, "tcp") ? XPORT_PREF_TCP : !strcmp(k, "shm") ? XPORT_PREF_SHM : XPORT_PREF_AUTO;
+            o.nccl = !strcmp(k, "nccl");
         } else if (!strcmp(a, "--xport-buffers") && more) o.n_buffers = atoi(argv[++i]);
         else if (!strcmp(a, "--xport-max-inflight") && more) o.max_inflight = atoi(argv[++i]);
         else if (!strcmp(a, "--data-mac")) o.data_mac = 1;
@@ -322,8 +324,9 @@ int cmd_cluster_gen(int argc, char **argv) {
                 st.n_stages, st.data_link, st.n_tokens, st.wall_s, st.tok_s, st.decode_token_ms, st.orch_us_per_token,
                 st.n_recoveries, st.recovery_s, g.max_gap_s);
         for (int k = 0; k < st.n_stages; k++)
-            fprintf(stderr, "stats: stage %d compute %.3f ms, hop %d->%d %.3f ms\n", k, st.stage_compute_ms[k], k,
-                    (k + 1) % st.n_stages, st.hop_ms[k]);
+            fprintf(stderr, "stats: stage %d compute %.3f ms, hop %d->%d %.3f ms, residency %.0f%%\n", k,
+                    st.stage_compute_ms[k], k, (k + 1) % st.n_stages, st.hop_ms[k],
+                    st.decode_token_ms > 0 ? 100.0 * st.stage_compute_ms[k] / st.decode_token_ms : 0.0);
         coord_plan_info pi;
         coord_get_plan(c, &pi);
         if (pi.planned) {

@@ -24,7 +24,11 @@ static void usage(FILE *f) {
                "  --port-file FILE      write the bound port (with --listen HOST:0)\n"
                "  --no-bw-probe         skip the memory bandwidth measurement at start\n"
                "  --device cpu|cuda[:N] run the stage on the CPU (default) or CUDA device N\n"
-               "  --sync-mode stream|host  GPU hand-off: stream-ordered flag (default) or host sync\n");
+               "  --sync-mode stream|host  GPU hand-off: stream-ordered flag (default) or host sync\n"
+               "GPU stages join NCCL links when the coordinator runs with --xport nccl; environment:\n"
+               "  STRATA_NCCL_TIMEOUT_MS  bound on a step in flight over NCCL (default 10000; joins: 3x)\n"
+               "  STRATA_NCCL_GRAPH=1     capture the NCCL receive / send into the stage graphs\n"
+               "  STRATA_NCCL_LIB         the NCCL library to load (default libnccl.so.2)\n");
 }
 
 static uint64_t parse_bytes(const char *s) {

@@ -51,7 +51,8 @@ static void usage(void) {
             "  --peers A:P,B:P,...   serve from these `strata node` processes (pipeline stages)\n"
             "  --cluster-key K       shared key (default: env STRATA_CLUSTER_KEY)\n"
             "  --stages N            pipeline stages (default: as many as nodes and layers allow)\n"
-            "  --xport tcp|shm       data links between stages (default: shm on one host, else tcp)\n"
+            "  --xport tcp|shm|nccl  data links between stages (default: shm on one host, else tcp; nccl:\n"
+            "                        NCCL between two GPU stages, the default elsewhere)\n"
             "  --batch N             prefill chunk on the nodes (default 64)\n"
             "Endpoints: POST /v1/chat/completions, /v1/completions; GET /v1/models, /v1/cluster, /health,\n"
             "/metrics, / (dashboard). Test hooks (environment): STRATA_SERVE_LOAD_DELAY_MS delays the\n"
@@ -166,8 +167,9 @@ int cmd_serve(int argc, char **argv) {
             if (!strcmp(v, "tcp")) co.xport_pref = XPORT_PREF_TCP;
             else if (!strcmp(v, "shm")) co.xport_pref = XPORT_PREF_SHM;
             else if (!strcmp(v, "auto")) co.xport_pref = XPORT_PREF_AUTO;
+            else if (!strcmp(v, "nccl")) co.xport_pref = XPORT_PREF_AUTO, co.nccl = 1;
             else {
-                fprintf(stderr, "strata serve: --xport %s: expected tcp, shm or auto\n", v);
+                fprintf(stderr, "strata serve: --xport %s: expected tcp, shm, auto or nccl\n", v);
                 goto usage_err;
             }
         }

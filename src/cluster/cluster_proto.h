@@ -20,6 +20,9 @@ enum {
     CP_ERROR = 0x18,    /* node -> coord: char msg[]                                 */
     CP_PROBE_REQ = 0x20, /* coord -> node: cp_probe_req (measure links to these peers) */
     CP_PROBE_RES = 0x21, /* node -> coord: cp_probe_res                                */
+    /* NCCL data links (ncclink.h): control types (always MACed), sent on a DATA link */
+    CP_NCCL_ID = 0x30,  /* stage i -> i+1: cp_nccl_id (bootstrap a 2-rank communicator) */
+    CP_NCCL_ACK = 0x31, /* stage i+1 -> i: cp_nccl_ack (joining, or why not)          */
     DP_ACT = 0x100,     /* stage i -> i+1: dp_act + float hidden[T * n_embd]         */
     DP_TOKEN = 0x101,   /* last stage -> stage 0: dp_token                           */
     /* link probes (linkprobe.c), on a XPORT_ROLE_PROBE link from the measuring node */
@@ -79,7 +82,8 @@ typedef struct cp_load {
     int32_t layer_begin, layer_end, with_embed, with_output;
     int32_t stage, n_stages, max_ctx, n_slots;
     int32_t max_batch, n_threads, n_buffers, max_inflight;
-    int32_t data_mac, xport_pref, exact, pad;
+    int32_t data_mac, xport_pref, exact;
+    int32_t nccl;             /* 1: hidden states to a next GPU stage over NCCL (ncclink.h)  */
     char model_dir[1024];
     char next_addr[64];
 } cp_load;
@@ -102,7 +106,9 @@ typedef struct cp_seq {
     uint64_t seed;
 } cp_seq;
 
-enum { ACT_FIRST = 1, ACT_LAST = 2 };
+/* ACT_NCCL: the T x n_embd floats are not in this frame: the sender's GPU sends them over the
+ * link's NCCL communicator, one ncclSend per such header, in header order (ncclink.h). */
+enum { ACT_FIRST = 1, ACT_LAST = 2, ACT_NCCL = 4 };
 
 typedef struct dp_act {
     uint64_t epoch, seq_id;

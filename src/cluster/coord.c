@@ -208,7 +208,7 @@ static int plan_and_load(coord *c, st_err *err) {
                      .with_output = s == S - 1, .stage = s, .n_stages = S, .max_ctx = c->o.max_ctx,
                      .n_slots = c->o.n_slots, .max_batch = c->o.max_batch, .n_threads = c->o.n_threads,
                      .n_buffers = c->o.n_buffers, .max_inflight = c->o.max_inflight, .data_mac = c->o.data_mac,
-                     .xport_pref = c->o.xport_pref, .exact = c->o.exact};
+                     .xport_pref = c->o.xport_pref, .exact = c->o.exact, .nccl = c->o.nccl};
         snprintf(l.model_dir, sizeof l.model_dir, "%s", c->o.model_dir);
         snprintf(l.next_addr, sizeof l.next_addr, "%s", c->peers[c->stage_peer[(s + 1) % S]].addr);
         ST_INFO("plan (epoch %llu): stage %d on %s: layers %d..%d%s%s", (unsigned long long)c->epoch, s, p->addr,

@@ -9,12 +9,14 @@
 #include "calib.h"
 #include "cluster_proto.h"
 #include "linkprobe.h"
+#include "ncclink.h"
 #include "strata/bench.h"
 #include "strata/model.h"
 #include "strata/pool.h"
 #include "strata/gpu.h"
 #include "strata/synth.h"
 #include "strata/cuda_backend.h" /* declarations only; calls are under STRATA_HAVE_CUDA */
+#include "strata/cuda_comm.h"    /* likewise */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -83,10 +85,24 @@ typedef struct node {
     int gdesc_set;
     struct {
         int active, kind, greedy;
+        int io;             /* CUDA_STAGE_*_NCCL of the step in flight                        */
         dp_act h;
         uint64_t t0, t_in, t_last;
     } gp;
     int diag_every;         /* steps since the last STRATA_STAGE_DIAG line                    */
+    int gpu_dead;           /* a stream did not finish even after its NCCL link was aborted   */
+    /* NCCL data links (ncclink.h): nc_out = the hop to the next stage (rank 0), nc_in = the
+     * hop from the previous one (rank 1), joined by a helper thread (join_in) */
+    cuda_nccl_comm *nc_in, *nc_out;
+    struct ncl_join *join_in;
+    uint64_t join_in_deadline;
+    cp_nccl_id ncl_offer;   /* an offer that came before its LOAD (ncl_offer_held)            */
+    int ncl_offer_held;
+    int ncl_timeout_ms;
+    int ncl_test_skip, ncl_n_in; /* STRATA_TEST_NCCL_SKIP_RECV (see on_act); headers on NCCL seen */
+    /* a linked sender's figures of its last finished decode step, reported in the next header
+     * (its header leaves before the step runs): GPU time of the layers and of the send */
+    uint64_t ncl_prev_compute_ns, ncl_prev_send_ns;
 } node;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -240,6 +256,272 @@ static void *beacon_main(void *arg) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* NCCL data links (ncclink.h)                                                                */
+
+/* One rank joining a 2-rank communicator on a helper thread (ncclCommInitRank blocks until the
+ * peer joins, without a timeout of its own). The node polls it; a join it gives up on is
+ * abandoned: the thread then aborts whatever it gets and frees the struct itself. */
+_Static_assert(NCL_ID_BYTES == CUDA_NCCL_ID_BYTES, "the offer carries an ncclUniqueId");
+
+typedef struct ncl_join {
+    uint8_t id[NCL_ID_BYTES];
+    int rank, device;
+    pthread_mutex_t mu;
+    int done, abandoned, rc;
+    st_err err;
+    cuda_nccl_comm *comm;
+} ncl_join;
+
+#ifdef STRATA_HAVE_CUDA
+static void *ncl_join_main(void *arg) {
+    ncl_join *j = arg;
+    st_err e = {0};
+    cuda_nccl_comm *c = NULL;
+    int rc = cuda_nccl_init_rank(&c, j->id, 2, j->rank, j->device, &e);
+    pthread_mutex_lock(&j->mu);
+    j->done = 1, j->rc = rc, j->err = e, j->comm = c;
+    int abandoned = j->abandoned;
+    pthread_mutex_unlock(&j->mu);
+    if (abandoned) {
+        cuda_nccl_abort(c);
+        pthread_mutex_destroy(&j->mu);
+        free(j);
+    }
+    return NULL;
+}
+
+/* Starts joining as `rank` on `device` (a detached thread). NULL with err on failure. */
+static ncl_join *ncl_join_start(const uint8_t id[NCL_ID_BYTES], int rank, int device, st_err *err) {
+    ncl_join *j = calloc(1, sizeof *j);
+    if (!j) return st_err_set(err, ST_ERR_NOMEM, "NCCL join"), NULL;
+    memcpy(j->id, id, NCL_ID_BYTES);
+    j->rank = rank, j->device = device;
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    int bad = pthread_create(&t, &a, ncl_join_main, j);
+    pthread_attr_destroy(&a);
+    if (bad) {
+        pthread_mutex_destroy(&j->mu);
+        free(j);
+        return st_err_set(err, ST_ERR_INTERNAL, "cannot start the NCCL join thread"), NULL;
+    }
+    return j;
+}
+
+/* 0 while the join runs; 1 when it finished: *comm is the communicator (owned by the caller) or
+ * NULL with err set, and j is freed. */
+static int ncl_join_poll(ncl_join *j, cuda_nccl_comm **comm, st_err *err) {
+    pthread_mutex_lock(&j->mu);
+    int done = j->done;
+    pthread_mutex_unlock(&j->mu);
+    if (!done) return 0;
+    *comm = j->comm;
+    if (j->rc) st_err_set(err, j->rc, "%s", j->err.msg);
+    pthread_mutex_destroy(&j->mu);
+    free(j);
+    return 1;
+}
+
+/* Gives up on a join: its communicator, whenever it comes, is aborted. NULL is a no-op. */
+static void ncl_join_abandon(ncl_join *j) {
+    if (!j) return;
+    pthread_mutex_lock(&j->mu);
+    int done = j->done;
+    j->abandoned = 1;
+    pthread_mutex_unlock(&j->mu);
+    if (done) { /* the thread has already looked at `abandoned`: clean up here */
+        cuda_nccl_abort(j->comm);
+        pthread_mutex_destroy(&j->mu);
+        free(j);
+    }
+}
+static void gpu_drain(node *n);
+#endif
+
+/* Drops this stage's NCCL links in `which` (CUDA_STAGE_IN_NCCL / _OUT_NCCL bits; the inbound
+ * join in progress too with IN) with ncclCommAbort, which never waits for the peer. A step in
+ * flight that used one of them is waited for (bounded: its NCCL calls return after the abort)
+ * and dropped. A dropped inbound link is announced to its sender with `why` (CP_NCCL_ACK with an
+ * error: its rows would otherwise go on into a receive that never comes); why NULL: not. */
+static void ncl_drop(node *n, int which, const char *why) {
+    st_err e = {0};
+    if ((which & CUDA_STAGE_IN_NCCL) && why && n->data_in && n->loaded) {
+        /* also when this end has no communicator (any more): the sender thinks it has one */
+        cp_nccl_ack a = {.epoch = n->load.epoch, .status = ST_ERR_NET, .stage = n->load.stage};
+        snprintf(a.msg, sizeof a.msg, "stage %d dropped the link: %s", n->load.stage, why);
+        xport_send_copy(n->data_in, CP_NCCL_ACK, &a, sizeof a, &e);
+    }
+#ifdef STRATA_HAVE_CUDA
+    if (which & CUDA_STAGE_IN_NCCL) ncl_join_abandon(n->join_in), n->join_in = NULL;
+    cuda_nccl_comm *in = (which & CUDA_STAGE_IN_NCCL) ? n->nc_in : NULL;
+    cuda_nccl_comm *out = (which & CUDA_STAGE_OUT_NCCL) ? n->nc_out : NULL;
+    if (!in && !out) return;
+    cuda_nccl_abort(in), cuda_nccl_abort(out);
+    if (in) n->nc_in = NULL;
+    if (out) n->nc_out = NULL;
+    if (n->gpu && n->gp.active && (n->gp.io & which)) {
+        uint64_t dl = st_time_ns() + 2000000000ull;
+        while (!cuda_stage_done(n->gpu) && st_time_ns() < dl) {
+        }
+        if (!cuda_stage_done(n->gpu)) {
+            ST_ERROR("stage %d: the GPU stream did not finish 2 s after aborting its NCCL link; this stage stops "
+                     "running steps",
+                     n->load.stage);
+            n->gpu_dead = 1;
+        } else cuda_stage_finish(n->gpu, 1, &e); /* the step's data is garbage: dropped */
+        n->gp.active = 0;
+    }
+    if (n->gpu && !n->gpu_dead) cuda_stage_set_nccl(n->gpu, n->nc_in, n->nc_out, &e);
+#endif
+}
+#define NCL_BOTH (CUDA_STAGE_IN_NCCL | CUDA_STAGE_OUT_NCCL)
+
+/* The inbound join finished or ran out of time: attach the communicator or report why not. */
+static void ncl_join_tick(node *n, int wait) {
+#ifdef STRATA_HAVE_CUDA
+    if (!n->join_in) return;
+    st_err err = {0};
+    cuda_nccl_comm *c = NULL;
+    int done;
+    while (!(done = ncl_join_poll(n->join_in, &c, &err)) && wait && st_time_ns() < n->join_in_deadline) usleep(200);
+    if (!done) {
+        if (st_time_ns() < n->join_in_deadline) return;
+        ST_WARN("stage %d: NCCL link from stage %d: the communicator was not up within %d ms; host copy path",
+                n->load.stage, n->load.stage - 1, 3 * n->ncl_timeout_ms);
+        ncl_join_abandon(n->join_in), n->join_in = NULL;
+        return;
+    }
+    n->join_in = NULL;
+    if (!c) return ST_WARN("stage %d: NCCL link from stage %d: %s; host copy path", n->load.stage, n->load.stage - 1, err.msg);
+    gpu_drain(n);
+    if (!n->gpu || n->gpu_dead || cuda_stage_set_nccl(n->gpu, c, n->nc_out, &err)) {
+        cuda_nccl_abort(c);
+        return ST_WARN("stage %d: NCCL link from stage %d: %s; host copy path", n->load.stage, n->load.stage - 1,
+                       n->gpu ? err.msg : "no GPU stage");
+    }
+    n->nc_in = c;
+    ST_INFO("stage %d: hidden states from stage %d arrive over NCCL", n->load.stage, n->load.stage - 1);
+#else
+    (void)n, (void)wait;
+#endif
+}
+
+/* A CP_NCCL_ID offer from the previous stage (already parsed): join as rank 1 from a helper
+ * thread and answer CP_NCCL_ACK 0, or answer why not. An offer for an epoch not loaded yet is
+ * held until its LOAD. */
+static void ncl_offer(node *n, const cp_nccl_id *m) {
+    st_err err = {0}, e2 = {0};
+    ncl_self self = {.loaded = n->loaded, .epoch = n->load.epoch, .stage = n->load.stage, .n_stages = n->load.n_stages,
+                     .gpu = n->gpu != NULL && !n->gpu_dead, .n_embd = n->D, .max_batch = n->load.max_batch};
+    int rc = ncl_check_id(m, &self, &err);
+    if (rc == NCL_LATER) {
+        n->ncl_offer = *m, n->ncl_offer_held = 1;
+        return;
+    }
+    cp_nccl_ack a = {.epoch = m->epoch, .stage = n->load.stage};
+#ifdef STRATA_HAVE_CUDA
+    if (rc == NCL_ACCEPT && !(rc = cuda_nccl_load(&err))) {
+        ncl_join_abandon(n->join_in), n->join_in = NULL;
+        if (n->nc_in) { /* a new offer replaces the old link */
+            gpu_drain(n);
+            cuda_nccl_abort(n->nc_in), n->nc_in = NULL;
+            if (n->gpu && !n->gpu_dead) cuda_stage_set_nccl(n->gpu, NULL, n->nc_out, &e2);
+        }
+        if (!(n->join_in = ncl_join_start(m->id, 1, n->cuda_dev, &err))) rc = err.code;
+        n->join_in_deadline = st_time_ns() + (uint64_t)n->ncl_timeout_ms * 3000000ull;
+    }
+#else
+    if (rc == NCL_ACCEPT) rc = st_err_set(&err, ST_ERR_UNSUPPORTED, "this strata was built without CUDA");
+#endif
+    a.status = rc;
+    if (rc) {
+        snprintf(a.msg, sizeof a.msg, "%s", err.msg);
+        ST_WARN("NCCL offer from stage %d refused: %s", (int)m->stage, err.msg);
+    }
+    if (n->data_in && xport_send_copy(n->data_in, CP_NCCL_ACK, &a, sizeof a, &e2))
+        ST_WARN("NCCL answer to stage %d: %s", (int)m->stage, e2.msg);
+}
+
+/* A CP_NCCL_ID frame on the inbound data link: malformed ones get a refusal (one line). */
+static void on_nccl_id(node *n, const uint8_t *p, size_t len) {
+    cp_nccl_id m;
+    st_err err = {0}, e2 = {0};
+    if (ncl_parse_id(p, len, &m, &err)) {
+        ST_WARN("%s, refused", err.msg);
+        cp_nccl_ack a = {.status = err.code, .stage = n->load.stage};
+        if (len >= sizeof a.epoch) memcpy(&a.epoch, p, sizeof a.epoch);
+        snprintf(a.msg, sizeof a.msg, "%s", err.msg);
+        if (n->data_in && xport_send_copy(n->data_in, CP_NCCL_ACK, &a, sizeof a, &e2)) ST_DEBUG("%s", e2.msg);
+        return;
+    }
+    ncl_offer(n, &m);
+}
+
+/* Stage i (a GPU stage, not the last) offers stage i+1 an NCCL link over the data link just
+ * connected and waits for it: the answer (up to 300 s: the next stage answers once its own LOAD
+ * is done), then the join (3 x ncl_timeout_ms). Any failure leaves the host copy path, with
+ * one warning naming the link. */
+static void ncl_link_out(node *n, const cp_load *l) {
+#ifdef STRATA_HAVE_CUDA
+    char link[112];
+    snprintf(link, sizeof link, "NCCL link stage %d -> %d (%s)", l->stage, l->stage + 1, l->next_addr);
+    st_err err = {0};
+    cp_nccl_id m = {.epoch = l->epoch, .version = NCL_VERSION, .stage = l->stage, .n_embd = n->D,
+                    .max_batch = l->max_batch};
+    if (cuda_nccl_load(&err) || cuda_nccl_get_id(m.id, &err) ||
+        xport_send_copy(n->data_out, CP_NCCL_ID, &m, sizeof m, &err))
+        return ST_WARN("%s: %s; host copy path", link, err.msg);
+    uint64_t dl = st_time_ns() + 300000000000ull;
+    cp_nccl_ack a;
+    int got = 0;
+    while (!got && !*n->stop) {
+        if (st_time_ns() > dl) return ST_WARN("%s: no answer from the next stage in 300 s; host copy path", link);
+        xport_flush(n->data_out);
+        xport_wait(&n->data_out, 1, NULL, 0, 50);
+        xport_msg f;
+        int r = xport_recv(n->data_out, &f, &err);
+        if (r < 0) return ST_WARN("%s: data link lost: %s", link, err.msg);
+        if (r == 0) continue;
+        if (f.type == CP_NCCL_ACK) {
+            int rc = ncl_parse_ack(f.data, f.len, l->epoch, &a, &err);
+            xport_release(n->data_out);
+            if (rc) return ST_WARN("%s: %s; host copy path", link, err.msg);
+            got = 1;
+        } else {
+            ST_WARN("%s: unexpected frame 0x%x while waiting for the answer, dropped", link, f.type);
+            xport_release(n->data_out);
+        }
+    }
+    if (!got) return;
+    if (a.status) return ST_WARN("%s: the next stage declined (%s); host copy path", link, a.msg);
+    ncl_join *j = ncl_join_start(m.id, 0, n->cuda_dev, &err);
+    if (!j) return ST_WARN("%s: %s; host copy path", link, err.msg);
+    dl = st_time_ns() + (uint64_t)n->ncl_timeout_ms * 3000000ull;
+    cuda_nccl_comm *c = NULL;
+    while (!ncl_join_poll(j, &c, &err)) {
+        if (st_time_ns() > dl || *n->stop) {
+            ncl_join_abandon(j);
+            return ST_WARN("%s: the communicator was not up within %d ms; host copy path", link, 3 * n->ncl_timeout_ms);
+        }
+        usleep(500);
+    }
+    if (!c) return ST_WARN("%s: %s; host copy path", link, err.msg);
+    if (cuda_stage_set_nccl(n->gpu, n->nc_in, c, &err)) {
+        cuda_nccl_abort(c);
+        return ST_WARN("%s: %s; host copy path", link, err.msg);
+    }
+    n->nc_out = c;
+    int v = cuda_nccl_version();
+    ST_INFO("%s: hidden states go over NCCL %d.%d.%d", link, v / 10000, v / 100 % 100, v % 100);
+#else
+    (void)n, (void)l;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* loading                                                                                    */
 
 static void stage_unload(node *n) {
@@ -251,8 +533,11 @@ static void stage_unload(node *n) {
     free(n->slots), n->slots = NULL;
     free(n->pos_buf), free(n->slot_buf), n->pos_buf = n->slot_buf = NULL;
     free(n->logits), free(n->logits2), n->logits = n->logits2 = NULL;
+    ncl_drop(n, NCL_BOTH, NULL); /* aborts (never waits on the peer) before the stream is waited for */
 #ifdef STRATA_HAVE_CUDA
-    if (n->gpu) {
+    if (n->gpu && n->gpu_dead)
+        ST_ERROR("stage %d: the GPU stage is left allocated (its stream never finished)", n->load.stage);
+    else if (n->gpu) {
         if (n->gp.active) {
             st_err e = {0};
             cuda_stage_finish(n->gpu, 0, &e);
@@ -260,7 +545,8 @@ static void stage_unload(node *n) {
         cuda_model_free(n->gpu);
     }
 #endif
-    n->gpu = NULL, n->gp.active = 0;
+    n->gpu = NULL, n->gp.active = 0, n->gpu_dead = 0;
+    n->ncl_prev_compute_ns = n->ncl_prev_send_ns = 0;
     if (n->gdesc_set) model_desc_free(&n->gdesc), n->gdesc_set = 0;
     model_ctx_free(n->ctx), n->ctx = NULL;
     model_free(n->m), n->m = NULL;
@@ -387,6 +673,16 @@ loaded_gpu:
         snprintf(r.next_kind, sizeof r.next_kind, "%s", xport_kind_name(n->data_out));
     }
     n->loaded = 1;
+    /* NCCL links: first answer an offer from the previous stage that came before this LOAD (the
+     * join runs on its own), then offer one to the next stage (blocks until it is up or refused) */
+    if (n->ncl_offer_held) {
+        n->ncl_offer_held = 0;
+        if (n->ncl_offer.epoch >= l->epoch) ncl_offer(n, &n->ncl_offer);
+    }
+    if (l->nccl && n->gpu && !l->with_output && l->n_stages > 1) {
+        ncl_link_out(n, l);
+        if (n->nc_out) snprintf(r.next_kind, sizeof r.next_kind, "nccl");
+    }
     r.n_vocab = n->V, r.n_embd = n->D;
     stage_memory(n, &r.weight_bytes, &r.kv_bytes);
     r.rss_bytes = rss_bytes();
@@ -401,6 +697,13 @@ loaded_gpu:
 fail:
     ST_ERROR("LOAD failed: %s", err.msg);
     stage_unload(n);
+    if (n->ncl_offer_held && n->ncl_offer.epoch == l->epoch && n->data_in) { /* its sender waits for an answer */
+        cp_nccl_ack a = {.epoch = l->epoch, .status = ST_ERR_UNSUPPORTED, .stage = l->stage};
+        snprintf(a.msg, sizeof a.msg, "stage %d failed to load", l->stage);
+        st_err e3 = {0};
+        xport_send_copy(n->data_in, CP_NCCL_ACK, &a, sizeof a, &e3);
+        n->ncl_offer_held = 0;
+    }
     r.status = err.code ? err.code : ST_ERR_INTERNAL;
     snprintf(r.msg, sizeof r.msg, "%s", err.msg);
     st_err e2 = {0};
@@ -446,7 +749,7 @@ static void gpu_rows(node *n, dp_act *h, const int32_t *tokens, const float *hid
 
 /* The send buffer for T rows of hidden states to the next stage (header + [T, D] floats), or
  * NULL with a warning when the next hop is unavailable (the step is dropped; recovery replays). */
-static uint8_t *act_send_buf(node *n, int T, size_t *len) {
+static uint8_t *act_send_buf(node *n, int T, size_t *len) { /* T = 0: the header alone (ACT_NCCL) */
     *len = sizeof(dp_act) + (size_t)T * (size_t)n->D * 4;
     uint8_t *b = xport_send_buf(n->data_out, *len);
     if (!b)
@@ -542,8 +845,20 @@ static void gpu_complete(node *n) {
     const cp_load *l = &n->load;
     dp_act *h = &n->gp.h;
     n->gp.active = 0;
-    h->compute_ns[l->stage] = st_time_ns() - n->gp.t0;
-    if (l->stage > 0) h->hop_ns[l->stage - 1] = n->gp.t_in > h->t_sent ? n->gp.t_in - h->t_sent : 0;
+    const int io = n->gp.io;
+    uint64_t compute = st_time_ns() - n->gp.t0;
+    double rus = 0, cus = 0, sus = 0;
+    const int timed = io && cuda_stage_nccl_times(n->gpu, &rus, &cus, &sus);
+    if (timed) compute = (uint64_t)(cus * 1e3);
+    if (io & CUDA_STAGE_OUT_NCCL) { /* its header has left: these figures ride on the next one */
+        if (h->T == 1) n->ncl_prev_compute_ns = compute, n->ncl_prev_send_ns = timed ? (uint64_t)(sus * 1e3) : 0;
+        return;
+    }
+    h->compute_ns[l->stage] = compute;
+    /* a hop over NCCL keeps what its sender reported (the GPU time of its send) */
+    if (l->stage > 0 && !(io & CUDA_STAGE_IN_NCCL))
+        h->hop_ns[l->stage - 1] = n->gp.t_in > h->t_sent ? n->gp.t_in - h->t_sent : 0;
+    h->flags &= ~ACT_NCCL;
     if (!l->with_output) {
         size_t len;
         uint8_t *b = act_send_buf(n, h->T, &len);
@@ -565,6 +880,23 @@ static void gpu_complete(node *n) {
 static void gpu_drain(node *n) {
     if (!n->gp.active) return;
     st_err err = {0};
+    if (n->gp.io) { /* bounded: a peer that never posts its half must not wedge this GPU */
+        const uint64_t dl = n->gp.t0 + (uint64_t)n->ncl_timeout_ms * 1000000ull;
+        while (!cuda_stage_done(n->gpu)) {
+            if (st_time_ns() <= dl) continue;
+            int w = cuda_stage_nccl_stalled(n->gpu);
+            char lk[96];
+            if (w == CUDA_STAGE_IN_NCCL) snprintf(lk, sizeof lk, "from stage %d", n->load.stage - 1);
+            else if (w == CUDA_STAGE_OUT_NCCL) snprintf(lk, sizeof lk, "to stage %d (%s)", n->load.stage + 1, n->load.next_addr);
+            else snprintf(lk, sizeof lk, "%s stage %d", n->gp.io & CUDA_STAGE_IN_NCCL ? "from" : "to",
+                          n->gp.io & CUDA_STAGE_IN_NCCL ? n->load.stage - 1 : n->load.stage + 1);
+            ST_ERROR("stage %d: a step waited more than %d ms on the NCCL link %s: aborting the communicator, "
+                     "back to the host copy path (step dropped)",
+                     n->load.stage, n->ncl_timeout_ms, lk);
+            ncl_drop(n, w ? w : n->gp.io, "a step timed out");
+            return;
+        }
+    }
     if (cuda_stage_finish(n->gpu, !n->o->sync_host, &err)) {
         ST_WARN("stage %d: GPU step failed: %s", n->load.stage, err.msg);
         n->gp.active = 0;
@@ -592,13 +924,36 @@ static void gpu_rows(node *n, dp_act *h, const int32_t *tokens, const float *hid
                      p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f && !p->want_logits && h->T <= 8;
         kind = greedy && (h->flags & ACT_LAST) ? 2 : 1;
     }
-    const uint64_t t0 = st_time_ns(); /* compute includes the launch */
-    if (cuda_stage_submit(n->gpu, l->with_embed ? tokens : NULL, l->with_embed ? NULL : hidden_in, n->pos_buf,
-                          n->slot_buf, h->T, kind, &err)) {
-        ST_WARN("stage %d: GPU submit failed: %s", l->stage, err.msg);
+    if (n->gpu_dead) return ST_WARN("stage %d: the GPU stage is out of service, step dropped", l->stage);
+    int io = (h->flags & ACT_NCCL) ? CUDA_STAGE_IN_NCCL : 0;
+    if (n->nc_out && !l->with_output) io |= CUDA_STAGE_OUT_NCCL;
+    size_t len = 0;
+    uint8_t *b = NULL;
+    if ((io & CUDA_STAGE_OUT_NCCL) && !(b = act_send_buf(n, 0, &len))) {
+        if (io & CUDA_STAGE_IN_NCCL) ncl_drop(n, CUDA_STAGE_IN_NCCL, "next hop unavailable"); /* rows unmatched */
         return;
     }
-    n->gp.active = 1, n->gp.kind = kind, n->gp.h = *h, n->gp.t0 = t0, n->gp.t_in = t_in;
+    const uint64_t t0 = st_time_ns(); /* compute includes the launch */
+    if (cuda_stage_submit(n->gpu, l->with_embed ? tokens : NULL, l->with_embed || (io & CUDA_STAGE_IN_NCCL) ? NULL : hidden_in,
+                          n->pos_buf, n->slot_buf, h->T, kind, io, &err)) {
+        ST_WARN("stage %d: GPU submit failed: %s", l->stage, err.msg);
+        if (io) ncl_drop(n, io, "GPU submit failed");
+        return;
+    }
+    n->gp.active = 1, n->gp.kind = kind, n->gp.io = io, n->gp.h = *h, n->gp.t0 = t0, n->gp.t_in = t_in;
+    if (io & CUDA_STAGE_OUT_NCCL) {
+        /* the rows follow on the stream's ncclSend: the header leaves now, before the GPU is done,
+         * so the next stage's receive and layers queue up behind it on its own stream. It
+         * carries this stage's figures of its previous decode step (see gpu_complete). */
+        dp_act *o = &n->gp.h;
+        o->flags |= ACT_NCCL;
+        o->compute_ns[l->stage] = n->ncl_prev_compute_ns;
+        o->hop_ns[l->stage] = n->ncl_prev_send_ns;
+        if (l->stage > 0 && !(io & CUDA_STAGE_IN_NCCL)) o->hop_ns[l->stage - 1] = t_in > o->t_sent ? t_in - o->t_sent : 0;
+        o->t_sent = st_time_ns();
+        memcpy(b, o, sizeof *o);
+        if (xport_send(n->data_out, DP_ACT, len, &err)) ST_WARN("stage %d: send: %s", l->stage, err.msg);
+    }
     if (n->o->sync_host) gpu_drain(n);
 }
 #endif
@@ -647,11 +1002,30 @@ static void on_act(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
     memcpy(&h, p, sizeof h);
     if (!n->loaded || h.epoch != n->load.epoch) return; /* stale epoch: silently dropped */
     if (n->load.stage == 0 || h.slot < 0 || h.slot >= n->load.n_slots || h.T < 1 || h.T > n->load.max_batch ||
-        h.pos0 < 0 || h.pos0 + h.T > n->load.max_ctx || len != sizeof h + (size_t)h.T * (size_t)n->D * 4)
+        h.pos0 < 0 || h.pos0 + h.T > n->load.max_ctx) {
+        if (h.flags & ACT_NCCL) ncl_drop(n, CUDA_STAGE_IN_NCCL, "bad ACT fields"); /* its rows stay unmatched */
         return ST_WARN("ACT: bad fields, dropped");
-    if ((h.flags & ACT_FIRST) && (h.params.n_eos < 0 || h.params.n_eos > CP_MAX_EOS))
+    }
+    if ((h.flags & ACT_NCCL) && !n->nc_in && n->join_in) ncl_join_tick(n, 1); /* the join is finishing */
+    st_err err = {0};
+    int on_nccl = ncl_act_payload(&h, len, n->D, n->nc_in != NULL, &err);
+    if (on_nccl < 0) {
+        /* an unmatched NCCL send stalls the sender until its timeout aborts the link: drop ours too */
+        if (h.flags & ACT_NCCL) ncl_drop(n, CUDA_STAGE_IN_NCCL, err.msg);
+        return ST_WARN("%s, dropped", err.msg);
+    }
+    if ((h.flags & ACT_FIRST) && (h.params.n_eos < 0 || h.params.n_eos > CP_MAX_EOS)) {
+        if (on_nccl) ncl_drop(n, CUDA_STAGE_IN_NCCL, "bad ACT params");
         return ST_WARN("ACT: bad params, dropped");
-    stage_rows(n, &h, NULL, (const float *)(p + sizeof h), t_in);
+    }
+    if (on_nccl && n->ncl_test_skip > 0 && ++n->ncl_n_in == n->ncl_test_skip) {
+        /* STRATA_TEST_NCCL_SKIP_RECV=N: the N-th header on NCCL is dropped without its receive, as
+         * if this stage had lost it: the link must go down on both ends and the run recover */
+        ST_WARN("stage %d: STRATA_TEST_NCCL_SKIP_RECV: dropping NCCL step %d without its receive", n->load.stage,
+                n->ncl_n_in);
+        return ncl_drop(n, CUDA_STAGE_IN_NCCL, "test: a step dropped without its receive");
+    }
+    stage_rows(n, &h, NULL, on_nccl ? NULL : (const float *)(p + sizeof h), t_in);
 }
 
 static void on_token(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
@@ -856,11 +1230,16 @@ static int node_loop(node *n) {
             uint64_t t_in = st_time_ns();
             if (m.type == DP_ACT) on_act(n, m.data, m.len, t_in);
             else if (m.type == DP_TOKEN) on_token(n, m.data, m.len, t_in);
+            else if (m.type == CP_NCCL_ID) on_nccl_id(n, m.data, m.len);
             else ST_WARN("data message type 0x%x dropped", m.type);
             if (n->data_in) xport_release(n->data_in);
         }
 #ifdef STRATA_HAVE_CUDA
-        if (n->gp.active && cuda_stage_done(n->gpu)) gpu_drain(n);
+        /* a step with NCCL io past its timeout: gpu_drain aborts the link and reports it */
+        if (n->gp.active && (cuda_stage_done(n->gpu) ||
+                             (n->gp.io && st_time_ns() - n->gp.t0 > (uint64_t)n->ncl_timeout_ms * 1000000ull)))
+            gpu_drain(n);
+        if (n->join_in) ncl_join_tick(n, 0);
 #endif
         if (n->data_out) {
             xport_flush(n->data_out);
@@ -869,8 +1248,18 @@ static int node_loop(node *n) {
                 ST_WARN("downstream data link lost: %s", err.msg);
                 xport_close(n->data_out), n->data_out = NULL;
             } else if (r == 1) {
-                ST_WARN("unexpected frame on the downstream link dropped");
-                xport_release(n->data_out);
+                cp_nccl_ack a;
+                st_err e2 = {0};
+                if (m.type == CP_NCCL_ACK && ncl_parse_ack(m.data, m.len, n->load.epoch, &a, &e2) == 0 && a.status) {
+                    if (n->nc_out)
+                        ST_WARN("stage %d: NCCL link to stage %d: %s; host copy path", n->load.stage, n->load.stage + 1,
+                                a.msg);
+                    xport_release(n->data_out);
+                    ncl_drop(n, CUDA_STAGE_OUT_NCCL, a.msg);
+                } else {
+                    ST_WARN("unexpected frame 0x%x on the downstream link dropped", m.type);
+                    xport_release(n->data_out);
+                }
             }
         }
         for (int i = 0; i < NODE_MAX_CTRL; i++)
@@ -898,6 +1287,8 @@ int node_run(const node_opts *o, volatile sig_atomic_t *stop, st_err *err) {
     int rc = 0, port = 0, thread = 0;
     pthread_mutex_init(&n->mu, NULL);
     n->cuda_dev = -1;
+    n->ncl_timeout_ms = ncl_timeout_ms();
+    if (getenv("STRATA_TEST_NCCL_SKIP_RECV")) n->ncl_test_skip = atoi(getenv("STRATA_TEST_NCCL_SKIP_RECV"));
     if (o->device && strcmp(o->device, "cpu")) {
         char *end = NULL;
         if (!strcmp(o->device, "cuda")) n->cuda_dev = 0;

@@ -295,7 +295,7 @@ int serve_backend_cluster_open(serve_backend **out, const char *model_dir, const
     }
     coord_opts co = {.model_dir = model_dir, .peers = o.peers, .cluster_key = o.cluster_key, .n_stages = o.n_stages,
                      .max_ctx = max_ctx, .n_slots = o.n_slots > 0 ? o.n_slots : 4, .max_batch = o.max_batch,
-                     .n_threads = o.n_threads, .xport_pref = o.xport_pref};
+                     .n_threads = o.n_threads, .xport_pref = o.xport_pref, .nccl = o.nccl};
     if ((rc = coord_init(&cb->c, &co, err))) goto fail;
     in->max_ctx = max_ctx;
     in->n_slots = co.n_slots;

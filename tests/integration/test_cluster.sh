@@ -13,6 +13,7 @@
 #   equivalence   every fixture model, 2 and 3 stages, tcp and shm (and --data-mac): the greedy
 #                 ids equal the single-node run (--local) and transformers' greedy_3 (200-token
 #                 prompt, prefilled in chunks of 48), logits within 1e-4 relative at every step
+#   xport nccl    CPU stages ignore --xport nccl (default link, same ids, nothing NCCL logged)
 #   concurrency   4 sequences in flight give the same ids as one
 #   rogue peers   garbage, truncated and oversized frames, a silent connection: dropped, every
 #                 node stays up and the cluster still generates
@@ -192,6 +193,16 @@ for m in "$fx"/models/*/; do
     done
     echo "ok: $name: 2/3 stages x tcp/shm equal the single-node run ($ref_ids)"
 done
+
+# ---------------------------------------------------------------------------------------------
+# --xport nccl asks for NCCL between GPU stages only: CPU stages keep the default link (shm on
+# one host), same ids, and no node offers or refuses anything
+m=$fx/models/qwen3-bf16
+a=$(gen "$m" --peers "$P3" --stages 3 --golden 3 --max-tokens 8 2>/dev/null | grep '^ids:')
+b=$(gen "$m" --peers "$P3" --stages 3 --golden 3 --max-tokens 8 --xport nccl 2>"$tmp/err" | grep '^ids:')
+[ -n "$a" ] && [ "$a" = "$b" ] && ok || fail "xport nccl on CPU stages: ids differ ($a / $b)"
+grep -q "link shm" "$tmp/err" && ok || fail "xport nccl on CPU stages: data link is not shm"
+grep -q "NCCL" "$tmp"/n[012].log && fail "xport nccl on CPU stages: a CPU node spoke NCCL" || ok
 
 # ---------------------------------------------------------------------------------------------
 # several sequences in flight

@@ -34,6 +34,7 @@ struct nccl_api {
     decltype(&ncclCommInitAll) CommInitAll;
     decltype(&ncclCommInitRank) CommInitRank;
     decltype(&ncclCommDestroy) CommDestroy;
+    decltype(&ncclCommAbort) CommAbort;
     decltype(&ncclGroupStart) GroupStart;
     decltype(&ncclGroupEnd) GroupEnd;
     decltype(&ncclAllReduce) AllReduce;
@@ -86,7 +87,8 @@ static int nccl_load_locked(void) {
     } syms[] = {
         {"ncclGetVersion", (void **)&g_nccl.GetVersion},   {"ncclGetUniqueId", (void **)&g_nccl.GetUniqueId},
         {"ncclCommInitAll", (void **)&g_nccl.CommInitAll}, {"ncclCommInitRank", (void **)&g_nccl.CommInitRank},
-        {"ncclCommDestroy", (void **)&g_nccl.CommDestroy}, {"ncclGroupStart", (void **)&g_nccl.GroupStart},
+        {"ncclCommDestroy", (void **)&g_nccl.CommDestroy}, {"ncclCommAbort", (void **)&g_nccl.CommAbort},
+        {"ncclGroupStart", (void **)&g_nccl.GroupStart},
         {"ncclGroupEnd", (void **)&g_nccl.GroupEnd},       {"ncclAllReduce", (void **)&g_nccl.AllReduce},
         {"ncclSend", (void **)&g_nccl.Send},               {"ncclRecv", (void **)&g_nccl.Recv},
         {"ncclGetErrorString", (void **)&g_nccl.GetErrorString}, {"ncclGetLastError", (void **)&g_nccl.GetLastError},
@@ -214,6 +216,12 @@ extern "C" void cuda_nccl_free(cuda_nccl_comm *c) {
     free(c);
 }
 
+extern "C" void cuda_nccl_abort(cuda_nccl_comm *c) {
+    if (!c) return;
+    if (c->comm) g_nccl.CommAbort(c->comm);
+    free(c);
+}
+
 extern "C" int cuda_nccl_group_begin(st_err *err) {
     NCCL_READY();
     NCCL_TRY(g_nccl.GroupStart(), "ncclGroupStart", NULL);
@@ -256,6 +264,7 @@ extern "C" int cuda_nccl_init_rank(cuda_nccl_comm **out, const uint8_t id[CUDA_N
     return cuda_nccl_load(err);
 }
 extern "C" void cuda_nccl_free(cuda_nccl_comm *c) { free(c); }
+extern "C" void cuda_nccl_abort(cuda_nccl_comm *c) { free(c); }
 extern "C" int cuda_nccl_group_begin(st_err *err) { return cuda_nccl_load(err); }
 extern "C" int cuda_nccl_group_end(st_err *err) { return cuda_nccl_load(err); }
 extern "C" int cuda_nccl_allreduce_f32(cuda_nccl_comm *c, const float *in, float *out, size_t n, cuda_comm_stream st,

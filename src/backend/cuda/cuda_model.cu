@@ -6,6 +6,7 @@
 #define _Noreturn [[noreturn]]
 #endif
 #include "strata/cuda_backend.h"
+#include "strata/cuda_comm.h"
 
 #include "cuda_kernels.cuh"
 #include "cuda_attn_prefill.cuh"
@@ -610,6 +611,17 @@ struct cuda_model {
     void *write_value;       // cuStreamWriteValue32 (driver entry point), NULL: a kernel writes
     cudaGraphExec_t sgraph[3][MV_MAXT + 1];
     int s_T, s_kind, s_pending;
+    // NCCL links (cuda_stage_set_nccl): borrowed communicators of the hops in (rank 1) and out
+    // (rank 0); steps with io != 0 use graphs without the host copies, keyed [kind][io][T]
+    // (captured on the second use: the first runs eagerly behind the receive), and four events
+    // (before the receive, the layers, the send, after it) time the step's parts
+    cuda_nccl_comm *nc_in, *nc_out;
+    cudaGraphExec_t ngraph[3][4][MV_MAXT + 1];
+    unsigned char nwarm[3][4][MV_MAXT + 1];
+    cudaEvent_t nev[4];
+    int nev_ok, s_io;
+    int nc_graph;            // STRATA_NCCL_GRAPH=1: the receive / send are captured into the graph too
+    int s_split;             // the step's events split receive / layers / send (0: one graph did all)
     // STRATA_STAGE_DIAG=1: events around each step; cuda_stage_diag reports the split of a
     // step's host-seen time into GPU execution and the tail after the flag
     int diag;
@@ -766,9 +778,14 @@ extern "C" void cuda_model_free(cuda_model *c) {
     cudaDeviceSynchronize();
     for (int b = 0; b <= MV_MAXT; b++) {
         if (c->graph[b]) cudaGraphExecDestroy(c->graph[b]);
-        for (int k = 0; k < 3; k++)
+        for (int k = 0; k < 3; k++) {
             if (c->sgraph[k][b]) cudaGraphExecDestroy(c->sgraph[k][b]);
+            for (int io = 0; io < 4; io++)
+                if (c->ngraph[k][io][b]) cudaGraphExecDestroy(c->ngraph[k][io][b]);
+        }
     }
+    if (c->nev_ok)
+        for (int i = 0; i < 4; i++) cudaEventDestroy(c->nev[i]);
     if (c->h_x) cudaFreeHost(c->h_x);
     if (c->h_out) cudaFreeHost(c->h_out);
     if (c->h_tok) cudaFreeHost(c->h_tok);
@@ -1443,31 +1460,145 @@ static int stage_async_init(cuda_model *c, st_err *err) {
     return ST_OK;
 }
 
-// kind: 0 hidden out, 1 logits of the last row, 2 greedy id per row
-static void stage_enqueue(cuda_model *c, int T, int kind) {
+// The step's body. kind: 0 hidden out, 1 logits of the last row, 2 greedy id per row. io:
+// CUDA_STAGE_IN_NCCL: the rows are already in c->x (a receive precedes the body), no copy in;
+// CUDA_STAGE_OUT_NCCL: the hidden rows stay in c->x for the send that follows, no copy out.
+static void stage_body(cuda_model *c, int T, int kind, int io) {
     cudaStream_t st = c->g.st;
     const int B = c->o.max_batch, D = c->d->n_embd, V = c->d->n_vocab;
     cudaMemcpyAsync(c->io, c->h_io, 3 * (size_t)B * 4, cudaMemcpyHostToDevice, st);
-    if (!c->has_embed) cudaMemcpyAsync(c->x, c->h_x, (size_t)T * D * 4, cudaMemcpyHostToDevice, st);
+    if (!c->has_embed && !(io & CUDA_STAGE_IN_NCCL))
+        cudaMemcpyAsync(c->x, c->h_x, (size_t)T * D * 4, cudaMemcpyHostToDevice, st);
     enqueue(c, T, kind == 0 ? OUT_NONE : kind == 1 ? OUT_LAST : OUT_ALL);
-    if (kind == 0) cudaMemcpyAsync(c->h_out, c->x, (size_t)T * D * 4, cudaMemcpyDeviceToHost, st);
-    else if (kind == 1) cudaMemcpyAsync(c->h_out, c->logits, (size_t)V * 4, cudaMemcpyDeviceToHost, st);
+    if (kind == 0) {
+        if (!(io & CUDA_STAGE_OUT_NCCL)) cudaMemcpyAsync(c->h_out, c->x, (size_t)T * D * 4, cudaMemcpyDeviceToHost, st);
+    } else if (kind == 1) cudaMemcpyAsync(c->h_out, c->logits, (size_t)V * 4, cudaMemcpyDeviceToHost, st);
     else {
         launch_k(k_argmax, T, 1024, 0, st, c->logits, V, c->next);
         cudaMemcpyAsync(c->h_tok, c->next, (size_t)T * 4, cudaMemcpyDeviceToHost, st);
     }
+}
+
+// The last node of a step: the stream writes 1 into the mapped host flag.
+static void stage_flag(cuda_model *c) {
+    cudaStream_t st = c->g.st;
     if (c->write_value) ((write_value_fn)c->write_value)((CUstream)st, (CUdeviceptr)c->d_flag, 1, 0);
     else launch_k(k_write_flag, 1, 1, 0, st, (volatile uint32_t *)c->d_flag, 1);
 }
 
-extern "C" int cuda_stage_submit(cuda_model *c, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
-                                 const int32_t *slot, int T, int kind, st_err *err) {
+static void stage_enqueue(cuda_model *c, int T, int kind) {
+    stage_body(c, T, kind, 0);
+    stage_flag(c);
+}
+
+extern "C" int cuda_stage_set_nccl(cuda_model *c, cuda_nccl_comm *in, cuda_nccl_comm *out, st_err *err) {
     if (c->s_pending) return st_err_set(err, ST_ERR_INTERNAL, "CUDA stage: a step is still in flight");
+    if ((in && c->has_embed) || (out && c->has_output))
+        return st_err_set(err, ST_ERR_ARG, "CUDA stage: an NCCL %s link on the %s stage", in && c->has_embed ? "input" : "output",
+                          in && c->has_embed ? "first" : "last");
+    if ((in || out) && !c->nev_ok) {
+        CU_TRY(cudaSetDevice(c->o.device));
+        for (int i = 0; i < 4; i++) CU_TRY(cudaEventCreate(&c->nev[i]));
+        c->nev_ok = 1;
+    }
+    const char *g = getenv("STRATA_NCCL_GRAPH");
+    c->nc_graph = g && !strcmp(g, "1");
+    if (c->nc_graph && (in != c->nc_in || out != c->nc_out)) // graphs holding the old communicators
+        for (int k = 0; k < 3; k++)
+            for (int io = 0; io < 4; io++)
+                for (int b = 0; b <= MV_MAXT; b++) {
+                    if (c->ngraph[k][io][b]) cudaGraphExecDestroy(c->ngraph[k][io][b]);
+                    c->ngraph[k][io][b] = nullptr, c->nwarm[k][io][b] = 0;
+                }
+    c->nc_in = in, c->nc_out = out;
+    return ST_OK;
+}
+
+// The receive, body and send of an NCCL step, as STRATA_NCCL_GRAPH=1 captures them.
+static int stage_nccl_ops(cuda_model *c, int T, int kind, int io, int with_nccl, st_err *err) {
+    cudaStream_t st = c->g.st;
+    const size_t n = (size_t)T * (size_t)c->d->n_embd;
+    int rc;
+    if (with_nccl && (io & CUDA_STAGE_IN_NCCL) &&
+        (rc = cuda_nccl_recv_f32(c->nc_in, c->x, n, 0, (cuda_comm_stream)st, err)))
+        return rc;
+    stage_body(c, T, kind, io);
+    if (with_nccl && (io & CUDA_STAGE_OUT_NCCL) &&
+        (rc = cuda_nccl_send_f32(c->nc_out, c->x, n, 1, (cuda_comm_stream)st, err)))
+        return rc;
+    return ST_OK;
+}
+
+// A step with an NCCL receive before and/or a send after its layers (io != 0): all on the
+// stage's stream, the flag last. By default the NCCL calls stay outside the captured graph (the
+// graph is the layers and the small host copies), so a link that falls back to the host path
+// reuses the same graphs and a failed capture cannot leave NCCL half-captured.
+static int stage_submit_nccl(cuda_model *c, int T, int kind, int io, st_err *err) {
+    cudaStream_t st = c->g.st;
+    const size_t n = (size_t)T * (size_t)c->d->n_embd;
+    const int ing = c->nc_graph; // NCCL calls inside the graph (else right before / after it)
+    int rc = ST_OK;
+    cudaGraphExec_t *ge = T <= MV_MAXT ? &c->ngraph[kind][io][T] : nullptr;
+    if (ge && !*ge && !c->o.no_graph && c->nwarm[kind][io][T]) {
+        // second use: capture first, while the stream is idle (the previous step has been
+        // finished), then enqueue the receive and launch the graph behind it
+        cudaGraph_t graph = nullptr;
+        st_err ce = {0};
+        cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+        if (e == cudaSuccess) {
+            int r2 = stage_nccl_ops(c, T, kind, io, ing, &ce);
+            e = cudaStreamEndCapture(st, &graph);
+            if (r2 && e == cudaSuccess) e = cudaErrorStreamCaptureInvalidated;
+        }
+        if (e == cudaSuccess) e = cudaGraphInstantiate(ge, graph, 0);
+        if (graph) cudaGraphDestroy(graph);
+        if (e != cudaSuccess) {
+            *ge = nullptr;
+            c->o.no_graph = 1;
+            cudaGetLastError();
+            ST_WARN("CUDA: graph capture of a stage step%s failed (%s%s%s); launching kernels eagerly",
+                    ing ? " with its NCCL calls" : "", cudaGetErrorString(e), ce.msg[0] ? ": " : "", ce.msg);
+        }
+    }
+    const int ops_in_graph = ing && ge && *ge;
+    cudaEventRecord(c->nev[0], st);
+    if (!ops_in_graph && (io & CUDA_STAGE_IN_NCCL) &&
+        (rc = cuda_nccl_recv_f32(c->nc_in, c->x, n, 0, (cuda_comm_stream)st, err)))
+        goto fail;
+    cudaEventRecord(c->nev[1], st);
+    if (ge && *ge) CU_TRY(cudaGraphLaunch(*ge, st));
+    else {
+        stage_body(c, T, kind, io); // first use (loads every kernel), T > MV_MAXT, or no graphs
+        if (ge) c->nwarm[kind][io][T] = 1;
+        CU_TRY(cudaGetLastError());
+    }
+    cudaEventRecord(c->nev[2], st);
+    if (!ops_in_graph && (io & CUDA_STAGE_OUT_NCCL) &&
+        (rc = cuda_nccl_send_f32(c->nc_out, c->x, n, 1, (cuda_comm_stream)st, err)))
+        goto fail;
+    cudaEventRecord(c->nev[3], st);
+    stage_flag(c);
+    CU_TRY(cudaGetLastError());
+    // with the NCCL calls inside the graph the events only bracket the whole graph: no split
+    c->s_T = T, c->s_kind = kind, c->s_io = io, c->s_pending = 1, c->s_split = !ops_in_graph;
+    return ST_OK;
+fail:
+    // what was enqueued before the failed call still runs and no flag follows it; the caller
+    // treats the link as broken and aborts its communicators (which ends a pending receive)
+    *c->h_flag = 1;
+    return rc;
+}
+
+extern "C" int cuda_stage_submit(cuda_model *c, const int32_t *tokens, const float *hidden_in, const int32_t *pos,
+                                 const int32_t *slot, int T, int kind, int io, st_err *err) {
+    if (c->s_pending) return st_err_set(err, ST_ERR_INTERNAL, "CUDA stage: a step is still in flight");
+    const int in_nccl = (io & CUDA_STAGE_IN_NCCL) != 0, out_nccl = (io & CUDA_STAGE_OUT_NCCL) != 0;
     if (kind < 0 || kind > 2 || (kind > 0 && !c->has_output) || (kind == 0 && c->has_output) ||
-        (c->has_embed != (tokens != nullptr)) || (!c->has_embed && !hidden_in) || T < 1 || T > c->o.max_batch ||
-        (kind == 2 && T > MV_MAXT))
-        return st_err_set(err, ST_ERR_ARG, "CUDA stage: bad step (T %d, output kind %d, %s input)", T, kind,
-                          tokens ? "token" : "hidden");
+        (c->has_embed != (tokens != nullptr)) || (!c->has_embed && !hidden_in && !in_nccl) || T < 1 ||
+        T > c->o.max_batch || (kind == 2 && T > MV_MAXT) || io < 0 || io > 3 || (in_nccl && (!c->nc_in || hidden_in)) ||
+        (out_nccl && (!c->nc_out || kind != 0)))
+        return st_err_set(err, ST_ERR_ARG, "CUDA stage: bad step (T %d, output kind %d, %s input, NCCL io %d)", T, kind,
+                          tokens ? "token" : "hidden", io);
     int rc = stage_async_init(c, err);
     if (rc) return rc;
     if ((rc = check_rows(c, tokens, pos, slot, T, err))) return rc;
@@ -1476,9 +1607,11 @@ extern "C" int cuda_stage_submit(cuda_model *c, const int32_t *tokens, const flo
     if (tokens) memcpy(c->h_io, tokens, (size_t)T * 4);
     memcpy(c->h_io + B, pos, (size_t)T * 4);
     memcpy(c->h_io + 2 * B, slot, (size_t)T * 4);
-    if (!c->has_embed) memcpy(c->h_x, hidden_in, (size_t)T * D * 4);
+    if (!c->has_embed && !in_nccl) memcpy(c->h_x, hidden_in, (size_t)T * D * 4);
     *c->h_flag = 0;
     __sync_synchronize();
+    if (io) return stage_submit_nccl(c, T, kind, io, err);
+    c->s_io = 0;
     cudaGraphExec_t *ge = T <= MV_MAXT ? &c->sgraph[kind][T] : nullptr;
     if (ge && !*ge && !c->o.no_graph) { // first use: run eagerly (loads every kernel), then capture
         stage_enqueue(c, T, kind);
@@ -1554,6 +1687,31 @@ extern "C" int cuda_stage_diag(cuda_model *c, double *gpu_ms, double *tail_us) {
     int n = (int)c->d_n;
     c->d_gpu_ms = c->d_tail_us = 0, c->d_n = 0;
     return n;
+}
+
+extern "C" int cuda_stage_nccl_times(const cuda_model *c, double *recv_us, double *compute_us, double *send_us) {
+    if (!c->s_io || c->s_pending || !c->nev_ok || !c->s_split) return 0;
+    float a = 0, b = 0, d = 0;
+    if (cudaEventElapsedTime(&a, c->nev[0], c->nev[1]) != cudaSuccess ||
+        cudaEventElapsedTime(&b, c->nev[1], c->nev[2]) != cudaSuccess ||
+        cudaEventElapsedTime(&d, c->nev[2], c->nev[3]) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    *recv_us = a * 1e3, *compute_us = b * 1e3, *send_us = d * 1e3;
+    return 1;
+}
+
+extern "C" int cuda_stage_nccl_stalled(const cuda_model *c) {
+    if (!c->s_pending || !c->s_io) return 0;
+    if ((c->s_io & CUDA_STAGE_IN_NCCL) && cudaEventQuery(c->nev[0]) == cudaSuccess &&
+        cudaEventQuery(c->nev[1]) == cudaErrorNotReady)
+        return CUDA_STAGE_IN_NCCL;
+    if ((c->s_io & CUDA_STAGE_OUT_NCCL) && cudaEventQuery(c->nev[2]) == cudaSuccess &&
+        cudaEventQuery(c->nev[3]) == cudaErrorNotReady)
+        return CUDA_STAGE_OUT_NCCL;
+    cudaGetLastError();
+    return 0;
 }
 
 extern "C" const float *cuda_stage_output(const cuda_model *c) { return c->h_out; }
