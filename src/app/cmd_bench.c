@@ -255,6 +255,35 @@ static int die_init(const st_err *e, const model_desc *d, int layers, int64_t ct
     return 1;
 }
 
+/* The stored weight bytes of a synthetic preset (0 if the spec does not name one). */
+static double preset_bytes(const char *spec) {
+    uint64_t np = 0, nb = 0;
+    st_err e = {0};
+    return synth_preset_size(spec, &np, &nb, &e) ? 0 : (double)nb;
+}
+
+/* Refuses, before anything is allocated on a device, a KV cache that cannot fit: n_slots x ctx
+ * tokens of bf16 K/V over `layers` layers, split over tp GPUs, plus weight_bytes / tp (a lower
+ * bound of a GPU's weights: the embedding and output layer are whole on every GPU) beyond the
+ * free memory of one of GPUs 0..tp-1. One line on stderr with the sizes and the flags that shrink
+ * them; returns 1. 0: it may fit (cuda_model_init decides), or there is no GPU to ask. */
+static int kv_precheck(const model_desc *d, int layers, int64_t ctx, int n_slots, int tp, double weight_bytes) {
+    const double kv = (double)model_desc_kv_bytes_per_token(d, 2) * layers * (double)ctx * n_slots;
+    for (int i = 0; i < tp; i++) {
+        char name[128], b1[32], b2[32], b3[32], b4[32];
+        size_t total = 0, free_b = 0;
+        if (st_gpu_describe(i, name, sizeof name, &total, &free_b)) return 0;
+        if (kv / tp + weight_bytes / tp <= (double)free_b) continue;
+        fprintf(stderr,
+                "strata: the KV cache for %d sequences x %lld tokens is %s (%s per GPU) and the weights at least %s per "
+                "GPU: more than the %s free on GPU %d; lower --context or --concurrency\n",
+                n_slots, (long long)ctx, st_fmt_bytes(kv, b1, sizeof b1), st_fmt_bytes(kv / tp, b2, sizeof b2),
+                st_fmt_bytes(weight_bytes / tp, b3, sizeof b3), st_fmt_bytes((double)free_b, b4, sizeof b4), i);
+        return 1;
+    }
+    return 0;
+}
+
 /* The aggregate figures of n >= 2 sequences in slots 0..n-1, every one decoding from position
  * p0 as the single stream did. Sequence 0 is the single stream's (slot 0 already holds its
  * context; it restarts from `next`); the others are started either (fill: the KV cache of their
@@ -352,6 +381,8 @@ static int bench_cuda(model *m, bench_result *r, int prompt, int gen, int conc, 
     cuda_model_opts o = {.max_ctx = prompt + gen + 8, .n_slots = conc, .max_batch = prompt < 2048 ? prompt : 2048};
     if (conc > 1 && o.max_batch < CONC_ROWS) o.max_batch = CONC_ROWS; /* decode calls of up to 8 rows */
     if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    if (conc > 1 && kv_precheck(&m->desc, m->layer_end - m->layer_begin, o.max_ctx, conc, 1, (double)m->weight_bytes))
+        goto out;
     r->matrix_tflops = measure_matrix_rate(&m->desc, o.max_batch, stdout); /* before the weights take the memory */
     if (cuda_model_init(&cm, m, &o, &err)) {
         die_init(&err, &m->desc, m->layer_end - m->layer_begin, o.max_ctx, conc);
@@ -444,6 +475,7 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
     cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = conc, .max_batch = prompt < 512 ? prompt : 512};
     if (conc > 1 && o.max_batch < CONC_ROWS) o.max_batch = CONC_ROWS; /* decode calls of up to 8 rows */
     if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    if (conc > 1 && kv_precheck(&d, d.n_layer, ctx, conc, 1, preset_bytes(spec))) goto out;
     r->matrix_tflops = measure_matrix_rate(&d, o.max_batch, stdout); /* before the weights take the memory */
     fprintf(stderr, "strata: generating %s on the device (weights never on the host) ...\n", spec);
     uint64_t g0 = st_time_ns();
@@ -532,6 +564,7 @@ static int bench_cuda_tp(const char *spec, bench_result *r, int prompt, int gen,
     cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = conc, .max_batch = prompt < 512 ? prompt : 512};
     if (conc > 1 && o.max_batch < CONC_ROWS) o.max_batch = CONC_ROWS; /* decode calls of up to 8 rows */
     if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    if (conc > 1 && kv_precheck(&d, d.n_layer, ctx, conc, tp, preset_bytes(spec))) goto out;
     fprintf(stderr, "strata: generating %s on %d GPUs (tensor parallel; weights never on the host) ...\n", spec, tp);
     uint64_t g0 = st_time_ns();
     if (cuda_tp_init_synthetic(&ct, &d, &o, devs, tp, 1, &err)) {
