@@ -127,6 +127,10 @@ static json_t *to_json_all(const bench_result *r) {
         json_object_set_new(j, "prefill_tflops", json_real(r->prefill_tflops));
         json_object_set_new(j, "matrix_tflops", json_real(r->matrix_tflops));
     }
+    if (j && r->agg_step_p50_ms > 0) {
+        json_object_set_new(j, "agg_step_p50_ms", json_real(r->agg_step_p50_ms));
+        json_object_set_new(j, "agg_note", json_string(r->agg_note));
+    }
     return j;
 }
 
@@ -147,7 +151,10 @@ static void table(const bench_result *r, FILE *f) {
     fprintf(f, "| **Orchestration** | **%.1f us/token** | wall time per token outside the forward pass's kernels |\n",
             r->orch_us_per_token);
     fprintf(f, "| **Tokens Per Second** | **%.1f TPS** | single stream decode |\n", r->decode_tok_s);
-    if (r->concurrency > 1)
+    if (r->concurrency > 1 && r->agg_step_p50_ms > 0)
+        fprintf(f, "| **Aggregate TPS** | **%.1f TPS** | %d sequences decoding together, step p50 %.2f ms; %s |\n",
+                r->aggregate_tok_s, r->concurrency, r->agg_step_p50_ms, r->agg_note);
+    else if (r->concurrency > 1)
         fprintf(f, "| **Aggregate TPS** | **%.1f TPS** | %d sequences decoding together |\n", r->aggregate_tok_s,
                 r->concurrency);
     if (r->threads > 0)

@@ -52,6 +52,10 @@ typedef struct bench_result {
     double prefill_tflops;        /* prefill FLOP / TTFT, TFLOP/s (0: not measured)          */
     double matrix_tflops;         /* measured bf16 GEMM rate, TFLOP/s (0: not measured)      */
     char prefill_note[256];       /* how the FLOP were counted                               */
+    /* concurrent decode (CUDA, --concurrency N >= 2): wall time of one step that advances every
+     * sequence by one token; how the sequences were started and submitted */
+    double agg_step_p50_ms;       /* 0: not measured this way                                */
+    char agg_note[256];
 } bench_result;
 
 /* p-th percentile (0..100) of n values by linear interpolation between order statistics
@@ -78,6 +82,22 @@ double bench_residency(uint64_t busy_ns, uint64_t wall_ns, int threads);
 int bench_write_md(const bench_result *r, const char *path, st_err *err);
 int bench_write_json(const bench_result *r, const char *path, st_err *err);
 void bench_print_table(const bench_result *r, FILE *f);
+
+/* One greedy decode step of B rows (a backend's batched decode, e.g. cuda_model_decode_greedy):
+ * tokens[b] at pos[b] of slot[b] -> next[b]. Returns 0 or an ST_ERR_* code with err set. */
+typedef int (*bench_decode_fn)(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int B,
+                               int32_t *next, st_err *err);
+
+/* Advances n sequences (sequence i in slot i with token cur[i] at position pos[i]) by `steps`
+ * tokens: each step submits the rows in ceil(n / max_rows) calls of fn (rows i..i+max_rows-1,
+ * the last call the remainder), then every sequence's id becomes its token and its position
+ * advances by one. cur[n], pos[n] are updated in place (after a failure they hold the last
+ * complete step); scratch[2 n] (slots and ids) belongs to the caller, so nothing is allocated.
+ * step_ms[steps] (may be NULL) receives the wall time of each step, log0[steps] (may be NULL)
+ * sequence 0's ids, pr (may be NULL) one update per step. ST_ERR_ARG for n < 1, max_rows < 1,
+ * steps < 0; otherwise fn's first failure (err set by fn), the remaining rows not submitted. */
+int bench_decode_steps(bench_decode_fn fn, void *ctx, int n, int max_rows, int steps, int32_t *cur, int32_t *pos,
+                       int32_t *scratch, double *step_ms, int32_t *log0, st_progress *pr, st_err *err);
 
 /* Prints new/old ratios of the numeric metrics against an earlier report.json. */
 int bench_compare(const bench_result *r, const char *old_json_path, FILE *f, st_err *err);

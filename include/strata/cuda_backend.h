@@ -229,6 +229,12 @@ int cuda_tp_forward(cuda_tp *tp, const int32_t *tokens, const int32_t *pos, cons
 int cuda_tp_generate_greedy(cuda_tp *tp, int32_t token, int pos0, int slot, int n, int32_t *out, float *step_ms,
                             st_err *err);
 int cuda_tp_kv_fill_synthetic(cuda_tp *tp, int slot, int n_tokens, st_err *err);
+/* As cuda_model_decode_greedy over all ranks: B rows (1..8, at most max_batch) at their own
+ * slots and positions, one graph replay per rank (a graph per B, captured on first use); next[B]
+ * receives the ids, which every rank must agree on (ST_ERR_INTERNAL naming the GPUs and the row
+ * otherwise). Synchronous: returns when the ids are on the host. */
+int cuda_tp_decode_greedy(cuda_tp *tp, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int B,
+                          int32_t *next, st_err *err);
 void cuda_tp_get_info(const cuda_tp *tp, int rank, cuda_model_info *info);
 /* cuda_model_profile_step for rank 0 of the group (the all-reduces appear in "add + rmsnorm"). */
 int cuda_tp_profile_step(cuda_tp *tp, int pos, void *f, st_err *err);

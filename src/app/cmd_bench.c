@@ -12,6 +12,10 @@
  * - max stable context: the KV cache is allocated for max_position_embeddings (or the largest
  *   that fits in available memory, with the reason), filled with synthetic K/V to the end,
  *   and 8 tokens are decoded there.
+ * - aggregate TPS (--concurrency N >= 2): N sequences in N KV slots, each step advancing every
+ *   one by a token; tokens x N / wall time. CPU: one forward of N rows per step. CUDA: the
+ *   single-stream start position, ceil(N / 8) batched greedy decode calls (one graph replay of
+ *   <= 8 rows each, on every GPU with --tp) per step; step p50 in the report.
  */
 #include "app.h"
 #include "strata/bench.h"
@@ -19,6 +23,7 @@
 #include "strata/model.h"
 #include "strata/synth.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +34,8 @@ static void usage(void) {
             "usage: strata bench MODEL_DIR|--synthetic PRESET[:QUANT] [options]\n"
             "  --prompt N        prompt tokens for TTFT/prefill (default 128)\n"
             "  --gen N           decoded tokens for latency figures (default 64)\n"
-            "  --concurrency N   sequences decoding together for aggregate TPS (default 1)\n"
+            "  --concurrency N   sequences decoding together for aggregate TPS (default 1, at most 1024;\n"
+            "                    with --device cuda: N KV slots, rows in graph replays of <= 8 per step)\n"
             "  --peers A:P,...   run on a cluster of `strata node` processes (MODEL_DIR on every node)\n"
             "  --xport nccl      with --peers: hidden states between GPU stages over NCCL\n"
             "  --context N       target context for the max-stable-context test (default: the model's max)\n"
@@ -97,6 +103,18 @@ static void write_reports(const bench_result *r, const char *out_dir, const char
     if (compare && bench_compare(r, compare, stdout, &err)) fprintf(stderr, "strata: %s\n", err.msg);
 }
 
+/* Parses a decimal int in [lo, hi] (the whole string); returns 0, or -1 leaving *out as it was. */
+static int parse_int(const char *s, int lo, int hi, int *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < lo || v > hi) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+#define BENCH_MAX_CONC 1024 /* --concurrency: sequences (KV slots) decoding together */
+
 static int die(const st_err *e) {
     fprintf(stderr, "strata: %s\n", e->msg);
     return 1;
@@ -150,14 +168,20 @@ static double measure_matrix_rate(const model_desc *d, int tokens, FILE *f) {
 }
 
 
-/* A fixed pseudo-random prompt of n ids below V at positions 0..n-1 (the same every run). */
-static void random_prompt(int32_t *toks, int32_t *pos, int n, int V) {
-    uint64_t rng = 0x1234567;
+/* The prompt of concurrent sequence `seq` (0: random_prompt's): n ids below V at positions
+ * 0..n-1, a different fixed pseudo-random sequence for each seq. */
+static void random_prompt_seq(int32_t *toks, int32_t *pos, int n, int V, int seq) {
+    uint64_t rng = 0x1234567 + (uint64_t)seq * 0x9E3779B97F4A7C15ull;
     for (int i = 0; i < n; i++) {
         rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
         toks[i] = (int32_t)(rng % (uint64_t)V);
         pos[i] = i;
     }
+}
+
+/* A fixed pseudo-random prompt of n ids below V at positions 0..n-1 (the same every run). */
+static void random_prompt(int32_t *toks, int32_t *pos, int n, int V) {
+    random_prompt_seq(toks, pos, n, V, 0);
 }
 
 /* r->quant for a synthetic preset's descriptor. */
@@ -187,10 +211,166 @@ static int32_t argmax_f(const float *x, int n) {
     return k;
 }
 
+/* ---- N sequences decoding together (--concurrency N >= 2) ---------------------------------- */
+
+#define CONC_ROWS 8 /* rows of one batched decode call: the matrix-vector kernels' token limit */
+
+/* The operations the concurrent phase needs, over one GPU or a tensor-parallel group. */
+typedef struct conc_ops {
+    int (*forward)(void *h, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int T, float *logits,
+                   logits_mode mode, st_err *err);
+    int (*kv_fill)(void *h, int slot, int n_tokens, st_err *err);
+    bench_decode_fn decode;
+    const char *replay; /* what one call replays, for the note */
+} conc_ops;
+
+static int fwd_gpu(void *h, const int32_t *t, const int32_t *p, const int32_t *s, int T, float *lg, logits_mode m,
+                   st_err *e) {
+    return cuda_model_forward(h, t, p, s, T, lg, m, e);
+}
+static int fill_gpu(void *h, int slot, int n, st_err *e) { return cuda_model_kv_fill_synthetic(h, slot, n, e); }
+static int dec_gpu(void *h, const int32_t *t, const int32_t *p, const int32_t *s, int B, int32_t *nx, st_err *e) {
+    return cuda_model_decode_greedy(h, t, p, s, B, nx, e);
+}
+static int fwd_tp(void *h, const int32_t *t, const int32_t *p, const int32_t *s, int T, float *lg, logits_mode m,
+                  st_err *e) {
+    return cuda_tp_forward(h, t, p, s, T, lg, m, e);
+}
+static int fill_tp(void *h, int slot, int n, st_err *e) { return cuda_tp_kv_fill_synthetic(h, slot, n, e); }
+static int dec_tp(void *h, const int32_t *t, const int32_t *p, const int32_t *s, int B, int32_t *nx, st_err *e) {
+    return cuda_tp_decode_greedy(h, t, p, s, B, nx, e);
+}
+static const conc_ops CONC_GPU = {fwd_gpu, fill_gpu, dec_gpu, "one graph replay"};
+static const conc_ops CONC_TP = {fwd_tp, fill_tp, dec_tp, "one graph replay on every GPU"};
+
+/* A failed cuda_model_init / cuda_tp_init on stderr, one line. Out of device memory, the line
+ * adds the KV cache the run asked for (n_slots x ctx tokens over `layers` layers, bf16) and the
+ * flags that shrink it. Returns 1. */
+static int die_init(const st_err *e, const model_desc *d, int layers, int64_t ctx, int n_slots) {
+    if (e->code != ST_ERR_NOMEM) return die(e);
+    char kb[32];
+    const double kv = (double)model_desc_kv_bytes_per_token(d, 2) * layers * (double)ctx * n_slots;
+    fprintf(stderr, "strata: %s; the KV cache for %d sequence%s x %lld tokens is %s: lower --context%s\n", e->msg, n_slots,
+            n_slots > 1 ? "s" : "", (long long)ctx, st_fmt_bytes(kv, kb, sizeof kb),
+            n_slots > 1 ? " or --concurrency" : "");
+    return 1;
+}
+
+/* The stored weight bytes of a synthetic preset (0 if the spec does not name one). */
+static double preset_bytes(const char *spec) {
+    uint64_t np = 0, nb = 0;
+    st_err e = {0};
+    return synth_preset_size(spec, &np, &nb, &e) ? 0 : (double)nb;
+}
+
+/* Refuses, before anything is allocated on a device, a KV cache that cannot fit: n_slots x ctx
+ * tokens of bf16 K/V over `layers` layers, split over tp GPUs, plus weight_bytes / tp (a lower
+ * bound of a GPU's weights: the embedding and output layer are whole on every GPU) beyond the
+ * free memory of one of GPUs 0..tp-1. One line on stderr with the sizes and the flags that shrink
+ * them; returns 1. 0: it may fit (cuda_model_init decides), or there is no GPU to ask. */
+static int kv_precheck(const model_desc *d, int layers, int64_t ctx, int n_slots, int tp, double weight_bytes) {
+    const double kv = (double)model_desc_kv_bytes_per_token(d, 2) * layers * (double)ctx * n_slots;
+    for (int i = 0; i < tp; i++) {
+        char name[128], b1[32], b2[32], b3[32], b4[32];
+        size_t total = 0, free_b = 0;
+        if (st_gpu_describe(i, name, sizeof name, &total, &free_b)) return 0;
+        if (kv / tp + weight_bytes / tp <= (double)free_b) continue;
+        fprintf(stderr,
+                "strata: the KV cache for %d sequences x %lld tokens is %s (%s per GPU) and the weights at least %s per "
+                "GPU: more than the %s free on GPU %d; lower --context or --concurrency\n",
+                n_slots, (long long)ctx, st_fmt_bytes(kv, b1, sizeof b1), st_fmt_bytes(kv / tp, b2, sizeof b2),
+                st_fmt_bytes(weight_bytes / tp, b3, sizeof b3), st_fmt_bytes((double)free_b, b4, sizeof b4), i);
+        return 1;
+    }
+    return 0;
+}
+
+/* The aggregate figures of n >= 2 sequences in slots 0..n-1, every one decoding from position
+ * p0 as the single stream did. Sequence 0 is the single stream's (slot 0 already holds its
+ * context; it restarts from `next`); the others are started either (fill: the KV cache of their
+ * slot filled synthetically to p0, as the single stream's, so they start from distinct tokens
+ * next + 7919 s) or (!fill: a prefill of their own `prompt`-token prompt, random_prompt_seq, and
+ * its greedy id). Then one warm-up step (captures the graphs of both group sizes) and `gen` timed
+ * steps from p0 again, each advancing every sequence by one token in ceil(n / 8) decode calls of
+ * <= 8 rows (bench_decode_steps), timed by the host clock (staging, the replays and one
+ * synchronisation per call). Fills r->aggregate_tok_s, r->agg_step_p50_ms and r->agg_note; with
+ * ref[gen] (the single stream's ids from the same start) prints how far sequence 0 agrees with
+ * it (information: the B-row kernels need not round as the 1-row ones do). Returns 0, or 1
+ * after printing the error. */
+static int conc_phase(const conc_ops *ops, void *h, bench_result *r, int n, int prompt, int V, int32_t next, int fill,
+                      int p0, int gen, const int32_t *ref) {
+    st_err err = {0};
+    int rc = 1;
+    float *logits = malloc((size_t)V * sizeof(float));
+    int32_t *start = malloc((size_t)n * 4), *cur = malloc((size_t)n * 4), *pos = malloc((size_t)n * 4),
+            *scratch = malloc((size_t)n * 8), *log0 = malloc((size_t)gen * 4);
+    int32_t *toks = malloc((size_t)prompt * 4), *ppos = malloc((size_t)prompt * 4), *pslot = malloc((size_t)prompt * 4);
+    double *step = malloc((size_t)gen * sizeof(double));
+    if (!logits || !start || !cur || !pos || !scratch || !log0 || !toks || !ppos || !pslot || !step) {
+        fprintf(stderr, "strata: out of memory\n");
+        goto out;
+    }
+    st_progress pr;
+    st_progress_begin(&pr, fill ? "kv fill" : "prefill", n - 1, "seq");
+    start[0] = next;
+    for (int s = 1; s < n; s++) {
+        if (fill) {
+            if (ops->kv_fill(h, s, p0, &err)) goto fail;
+            start[s] = (int32_t)(((int64_t)next + 7919LL * s) % V);
+        } else {
+            random_prompt_seq(toks, ppos, prompt, V, s);
+            for (int i = 0; i < prompt; i++) pslot[i] = s;
+            if (ops->forward(h, toks, ppos, pslot, prompt, logits, LOGITS_LAST, &err)) goto fail;
+            start[s] = argmax_f(logits, V);
+        }
+        st_progress_update(&pr, s);
+    }
+    st_progress_end(&pr);
+    /* warm-up step: captures the graph of each group size; then the timed run from p0 again */
+    memcpy(cur, start, (size_t)n * 4);
+    for (int s = 0; s < n; s++) pos[s] = p0;
+    if (bench_decode_steps(ops->decode, h, n, CONC_ROWS, 1, cur, pos, scratch, NULL, NULL, NULL, &err)) goto fail;
+    memcpy(cur, start, (size_t)n * 4);
+    for (int s = 0; s < n; s++) pos[s] = p0;
+    char label[48];
+    snprintf(label, sizeof label, "decode x %d", n);
+    st_progress_begin(&pr, label, gen, "step");
+    if (bench_decode_steps(ops->decode, h, n, CONC_ROWS, gen, cur, pos, scratch, step, log0, &pr, &err)) goto fail;
+    st_progress_end(&pr);
+    double sum = 0;
+    for (int i = 0; i < gen; i++) sum += step[i];
+    const int calls = (n + CONC_ROWS - 1) / CONC_ROWS;
+    r->aggregate_tok_s = (double)n * gen / (sum * 1e-3);
+    r->agg_step_p50_ms = bench_percentile(step, (size_t)gen, 50);
+    snprintf(r->agg_note, sizeof r->agg_note,
+             "%d sequences: %d replays of <= %d rows per step (%s each), from position %d (%s); host wall time per "
+             "step",
+             n, calls, CONC_ROWS, ops->replay, p0,
+             fill ? "KV of every slot filled synthetically" : "each slot prefilled with its own prompt");
+    printf("cuda: %d sequences: %.1f tok/s aggregate, step p50 %.2f ms", n, r->aggregate_tok_s, r->agg_step_p50_ms);
+    if (ref) {
+        int agree = 0;
+        while (agree < gen && log0[agree] == ref[agree]) agree++;
+        printf("; sequence 0 matches the single stream for its first %d of %d tokens", agree, gen);
+    }
+    printf("\n");
+    rc = 0;
+    goto out;
+fail:
+    st_progress_end(&pr);
+    die(&err);
+out:
+    free(logits), free(start), free(cur), free(pos), free(scratch), free(log0), free(toks), free(ppos), free(pslot);
+    free(step);
+    return rc;
+}
+
 /* --device cuda: prefill (second of two runs, wall time incl. the logits copy), then `gen`
  * greedy steps replayed as a CUDA graph entirely on the device (per-step time from CUDA events),
- * MBU against the device-to-device copy bandwidth, and a per-kernel breakdown of one step. */
-static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char *out_dir, const char *compare) {
+ * MBU against the device-to-device copy bandwidth, and a per-kernel breakdown of one step. With
+ * conc >= 2 the cache holds conc slots and conc_phase measures the aggregate rate (each sequence
+ * prefilled with its own prompt). */
+static int bench_cuda(model *m, bench_result *r, int prompt, int gen, int conc, const char *out_dir, const char *compare) {
     st_err err = {0};
     cuda_model *cm = NULL;
     const int V = m->desc.n_vocab;
@@ -199,11 +379,14 @@ static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char
     int32_t *toks = malloc((size_t)prompt * 4), *pos = malloc((size_t)prompt * 4), *slot = calloc((size_t)prompt, 4),
             *outt = malloc((size_t)gen * 4);
     double *lat = malloc((size_t)gen * sizeof(double));
-    cuda_model_opts o = {.max_ctx = prompt + gen + 8, .n_slots = 1, .max_batch = prompt < 2048 ? prompt : 2048};
+    cuda_model_opts o = {.max_ctx = prompt + gen + 8, .n_slots = conc, .max_batch = prompt < 2048 ? prompt : 2048};
+    if (conc > 1 && o.max_batch < CONC_ROWS) o.max_batch = CONC_ROWS; /* decode calls of up to 8 rows */
     if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    if (conc > 1 && kv_precheck(&m->desc, m->layer_end - m->layer_begin, o.max_ctx, conc, 1, (double)m->weight_bytes))
+        goto out;
     r->matrix_tflops = measure_matrix_rate(&m->desc, o.max_batch, stdout); /* before the weights take the memory */
     if (cuda_model_init(&cm, m, &o, &err)) {
-        die(&err);
+        die_init(&err, &m->desc, m->layer_end - m->layer_begin, o.max_ctx, conc);
         goto out;
     }
     cuda_model_info info;
@@ -251,9 +434,10 @@ static int bench_cuda(model *m, bench_result *r, int prompt, int gen, const char
     r->bytes_per_token = bench_bytes_per_token(m, prompt + gen / 2, 2);
     r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
     r->max_ctx_target = m->desc.max_pos;
-    r->kv_bytes = (double)info.kv_bytes;
+    r->kv_bytes = (double)info.kv_bytes / conc; /* one sequence's (the cache holds conc slots) */
     snprintf(r->max_ctx_note, sizeof r->max_ctx_note,
              "not measured on CUDA; bandwidth = device-to-device copy (read + write); latency = CUDA events per graph replay");
+    if (conc > 1 && conc_phase(&CONC_GPU, cm, r, conc, prompt, V, next, 0, prompt, gen, outt)) goto out;
     bench_print_table(r, stdout);
     printf("\ncuda: weights on device %.2f GB, bytes/token %.2f GB, %.1f tok/s, MBU %.3f (copy bw %.0f GB/s)\n",
            info.weight_bytes / 1e9, r->bytes_per_token / 1e9, r->decode_tok_s, r->mbu, r->mem_bw_gbs);
@@ -271,8 +455,11 @@ out:
 #ifdef STRATA_HAVE_CUDA
 /* --synthetic SPEC --device cuda for presets larger than host memory: the weights are generated
  * in device memory (cuda_model_init_synthetic); prefill of `prompt` tokens, then with ctx > 0 the
- * KV cache is filled and `gen` greedy steps decode at the end of a ctx-token context. */
-static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, int gen, int64_t ctx, const char *out_dir) {
+ * KV cache is filled and `gen` greedy steps decode at the end of a ctx-token context. With
+ * conc >= 2: conc slots of ctx tokens, and conc_phase's aggregate rate from the same position
+ * (KV filled synthetically when ctx leaves room beyond the prompt, else prefilled prompts). */
+static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, int gen, int conc, int64_t ctx,
+                               const char *out_dir) {
     st_err err = {0};
     model_desc d;
     memset(&d, 0, sizeof d);
@@ -286,13 +473,15 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
     int32_t *toks = malloc((size_t)prompt * 4), *pos = malloc((size_t)prompt * 4), *slot = calloc((size_t)prompt, 4),
             *outt = malloc((size_t)gen * 4);
     double *lat = malloc((size_t)gen * sizeof(double));
-    cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = 1, .max_batch = prompt < 512 ? prompt : 512};
+    cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = conc, .max_batch = prompt < 512 ? prompt : 512};
+    if (conc > 1 && o.max_batch < CONC_ROWS) o.max_batch = CONC_ROWS; /* decode calls of up to 8 rows */
     if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    if (conc > 1 && kv_precheck(&d, d.n_layer, ctx, conc, 1, preset_bytes(spec))) goto out;
     r->matrix_tflops = measure_matrix_rate(&d, o.max_batch, stdout); /* before the weights take the memory */
     fprintf(stderr, "strata: generating %s on the device (weights never on the host) ...\n", spec);
     uint64_t g0 = st_time_ns();
     if (cuda_model_init_synthetic(&cm, &d, &o, 1, &err)) {
-        die(&err);
+        die_init(&err, &d, d.n_layer, ctx, conc);
         goto out;
     }
     cuda_model_info info;
@@ -332,8 +521,9 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
     r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
     r->max_ctx_target = d.max_pos;
     r->max_ctx_stable = ctx;
-    r->kv_bytes = (double)info.kv_bytes;
+    r->kv_bytes = (double)info.kv_bytes / conc; /* one sequence's (the cache holds conc slots) */
     snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "decode from position %d (KV filled synthetically); CUDA events per graph replay", p0);
+    if (conc > 1 && conc_phase(&CONC_GPU, cm, r, conc, prompt, V, next, pos0 > prompt, p0, gen, outt)) goto out;
     bench_print_table(r, stdout);
     printf("\ncuda: weights on device %.2f GB, bytes/token %.2f GB (weights %.2f GB), %.1f tok/s, MBU %.3f (copy bw %.0f GB/s)\n",
            info.weight_bytes / 1e9, r->bytes_per_token / 1e9, info.active_bytes / 1e9, r->decode_tok_s, r->mbu,
@@ -354,7 +544,8 @@ out:
  * `gen` graph-replayed greedy steps timed on GPU 0's stream (its step ends after the last
  * all-reduce, i.e. after every GPU's layers). MBU per GPU: each GPU's bytes per token (its
  * weight share + its KV share) / time / that GPU's copy bandwidth. */
-static int bench_cuda_tp(const char *spec, bench_result *r, int prompt, int gen, int64_t ctx, int tp, const char *out_dir) {
+static int bench_cuda_tp(const char *spec, bench_result *r, int prompt, int gen, int conc, int64_t ctx, int tp,
+                         const char *out_dir) {
     st_err err = {0};
     model_desc d;
     memset(&d, 0, sizeof d);
@@ -371,12 +562,14 @@ static int bench_cuda_tp(const char *spec, bench_result *r, int prompt, int gen,
     double *lat = malloc((size_t)gen * sizeof(double));
     int devs[8];
     for (int i = 0; i < 8; i++) devs[i] = i;
-    cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = 1, .max_batch = prompt < 512 ? prompt : 512};
+    cuda_model_opts o = {.max_ctx = (int)ctx, .n_slots = conc, .max_batch = prompt < 512 ? prompt : 512};
+    if (conc > 1 && o.max_batch < CONC_ROWS) o.max_batch = CONC_ROWS; /* decode calls of up to 8 rows */
     if (!logits || !step || !toks || !pos || !slot || !outt || !lat) goto out;
+    if (conc > 1 && kv_precheck(&d, d.n_layer, ctx, conc, tp, preset_bytes(spec))) goto out;
     fprintf(stderr, "strata: generating %s on %d GPUs (tensor parallel; weights never on the host) ...\n", spec, tp);
     uint64_t g0 = st_time_ns();
     if (cuda_tp_init_synthetic(&ct, &d, &o, devs, tp, 1, &err)) {
-        die(&err);
+        die_init(&err, &d, d.n_layer, ctx, conc);
         goto out;
     }
     cuda_model_info info[8];
@@ -385,8 +578,10 @@ static int bench_cuda_tp(const char *spec, bench_result *r, int prompt, int gen,
         cuda_tp_get_info(ct, i, &info[i]);
         wsum += info[i].weight_bytes, kvsum += info[i].kv_bytes;
         if (info[i].active_bytes > act_max) act_max = info[i].active_bytes;
-        fprintf(stderr, "strata: GPU %d: weights %.2f GB, KV %.2f GB (%d tokens), activations %.2f GB, free %.1f of %.1f GB\n",
-                i, info[i].weight_bytes / 1e9, info[i].kv_bytes / 1e9, (int)ctx, info[i].act_bytes / 1e9,
+        fprintf(stderr,
+                "strata: GPU %d: weights %.2f GB, KV %.2f GB (%d tokens x %d slots), activations %.2f GB, free %.1f of "
+                "%.1f GB\n",
+                i, info[i].weight_bytes / 1e9, info[i].kv_bytes / 1e9, (int)ctx, conc, info[i].act_bytes / 1e9,
                 info[i].mem_free / 1e9, info[i].mem_total / 1e9);
     }
     fprintf(stderr, "strata: generated in %.1f s\n", (double)(st_time_ns() - g0) * 1e-9);
@@ -428,11 +623,12 @@ static int bench_cuda_tp(const char *spec, bench_result *r, int prompt, int gen,
     r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
     r->max_ctx_target = d.max_pos;
     r->max_ctx_stable = ctx;
-    r->kv_bytes = (double)kvsum;
+    r->kv_bytes = (double)kvsum / conc; /* one sequence's (the cache holds conc slots) */
     snprintf(r->max_ctx_note, sizeof r->max_ctx_note,
              "decode from position %d (KV of every GPU filled synthetically); KV split over %d GPUs; CUDA events per "
              "graph replay; MBU per GPU",
              p0, tp);
+    if (conc > 1 && conc_phase(&CONC_TP, ct, r, conc, prompt, V, next, pos0 > prompt, p0, gen, outt)) goto out;
     bench_print_table(r, stdout);
     printf("\ncuda tp=%d: weights %.2f GB in all, per GPU bytes/token %.2f GB (weights %.2f GB), %.1f tok/s, MBU per GPU "
            "%.3f (copy bw %.0f GB/s)\n",
@@ -468,7 +664,13 @@ int cmd_bench(int argc, char **argv) {
         }
         else if (!strcmp(a, "--prompt") && more) prompt = atoi(argv[++i]);
         else if (!strcmp(a, "--gen") && more) gen = atoi(argv[++i]);
-        else if (!strcmp(a, "--concurrency") && more) conc = atoi(argv[++i]);
+        else if (!strcmp(a, "--concurrency") && more) {
+            if (parse_int(argv[++i], 1, BENCH_MAX_CONC, &conc)) {
+                fprintf(stderr, "strata: bench: --concurrency '%s': not a sequence count (1..%d)\n", argv[i],
+                        BENCH_MAX_CONC);
+                return 2;
+            }
+        }
         else if (!strcmp(a, "--context") && more) ctx_target = atoll(argv[++i]);
         else if (!strcmp(a, "--threads") && more) threads = atoi(argv[++i]);
         else if (!strcmp(a, "--tp") && more) tp = atoi(argv[++i]);
@@ -530,15 +732,15 @@ int cmd_bench(int argc, char **argv) {
     snprintf(r.flags, sizeof r.flags, "--prompt %d --gen %d --concurrency %d%s", prompt, gen, conc, exact ? " --exact" : "");
 #ifdef STRATA_HAVE_CUDA
     if (synthetic && cuda && tp > 1) {
-        r.prompt_tokens = prompt, r.gen_tokens = gen, r.concurrency = 1;
-        return bench_cuda_tp(synthetic, &r, prompt, gen, ctx_target, tp, out_dir);
+        r.prompt_tokens = prompt, r.gen_tokens = gen, r.concurrency = conc;
+        return bench_cuda_tp(synthetic, &r, prompt, gen, conc, ctx_target, tp, out_dir);
     }
     if (synthetic && cuda) { /* presets beyond host memory: weights generated on the GPU */
         uint64_t np = 0, nb = 0;
         if (!synth_preset_size(synthetic, &np, &nb, &err) && (nb > ((uint64_t)48 << 30) || getenv("STRATA_CUDA_DEVICE_SYNTH"))) {
             machine_desc(r.machine, sizeof r.machine);
-            r.prompt_tokens = prompt, r.gen_tokens = gen, r.concurrency = 1, r.params = (int64_t)np;
-            return bench_cuda_devsynth(synthetic, &r, prompt, gen, ctx_target, out_dir);
+            r.prompt_tokens = prompt, r.gen_tokens = gen, r.concurrency = conc, r.params = (int64_t)np;
+            return bench_cuda_devsynth(synthetic, &r, prompt, gen, conc, ctx_target, out_dir);
         }
     }
 #endif
@@ -559,7 +761,7 @@ int cmd_bench(int argc, char **argv) {
     r.concurrency = conc;
     if (cuda) {
 #ifdef STRATA_HAVE_CUDA
-        rc = bench_cuda(m, &r, prompt, gen, out_dir, compare);
+        rc = bench_cuda(m, &r, prompt, gen, conc, out_dir, compare);
 #else
         fprintf(stderr, "strata: --device cuda: built without CUDA\n");
 #endif

@@ -108,10 +108,114 @@ static void test_report_roundtrip(void **state) {
     free(md), free(js);
 }
 
+/* ---- bench_decode_steps: a fake batched decoder whose ids depend on (token, position, slot) */
+
+typedef struct fake_dec {
+    int calls, fail_at;   /* fail_at: index of the call that fails (-1: none)                   */
+    int sizes[64];        /* B of each call                                                    */
+    int rows[32];         /* times each slot was submitted                                     */
+    int bad;              /* a call with a slot outside 0..31                                   */
+} fake_dec;
+
+static int32_t fake_id(int32_t tok, int32_t pos, int32_t slot) { return (tok * 31 + pos * 7 + slot * 3 + 1) % 1009; }
+
+static int fake_decode(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *slot, int B, int32_t *next,
+                       st_err *err) {
+    fake_dec *f = ctx;
+    const int call = f->calls++;
+    if (call == f->fail_at) return st_err_set(err, ST_ERR_INTERNAL, "fake decode failed at call %d", call);
+    if (call < 64) f->sizes[call] = B;
+    for (int b = 0; b < B; b++) {
+        if (slot[b] < 0 || slot[b] >= 32) {
+            f->bad = 1;
+            continue;
+        }
+        f->rows[slot[b]]++;
+        next[b] = fake_id(tokens[b], pos[b], slot[b]);
+    }
+    return ST_OK;
+}
+
+static void test_decode_steps(void **state) {
+    (void)state;
+    enum { N = 19, STEPS = 5 };
+    fake_dec f;
+    memset(&f, 0, sizeof f);
+    f.fail_at = -1;
+    int32_t cur[N], pos[N], scratch[2 * N], log0[STEPS], want_cur[N], want_pos[N], want_log0[STEPS];
+    double ms[STEPS];
+    for (int s = 0; s < N; s++) cur[s] = want_cur[s] = s * 13, pos[s] = want_pos[s] = 100 + s;
+    for (int st = 0; st < STEPS; st++) /* sequentially, one sequence at a time */
+        for (int s = 0; s < N; s++) {
+            want_cur[s] = fake_id(want_cur[s], want_pos[s], s), want_pos[s]++;
+            if (s == 0) want_log0[st] = want_cur[0];
+        }
+    st_err err = {0};
+    assert_int_equal(bench_decode_steps(fake_decode, &f, N, 8, STEPS, cur, pos, scratch, ms, log0, NULL, &err), 0);
+    assert_int_equal(f.calls, STEPS * 3); /* ceil(19 / 8) calls per step */
+    for (int c = 0; c < f.calls; c++) assert_int_equal(f.sizes[c], c % 3 == 2 ? 3 : 8);
+    assert_false(f.bad);
+    for (int s = 0; s < N; s++) assert_int_equal(f.rows[s], STEPS);
+    assert_memory_equal(cur, want_cur, sizeof cur);
+    assert_memory_equal(pos, want_pos, sizeof pos);
+    assert_memory_equal(log0, want_log0, sizeof log0);
+    for (int st = 0; st < STEPS; st++) assert_true(ms[st] >= 0);
+
+    /* n <= max_rows: one call per step */
+    memset(&f, 0, sizeof f);
+    f.fail_at = -1;
+    assert_int_equal(bench_decode_steps(fake_decode, &f, 8, 8, 2, cur, pos, scratch, NULL, NULL, NULL, &err), 0);
+    assert_int_equal(f.calls, 2);
+    assert_int_equal(f.sizes[0], 8);
+}
+
+static void test_decode_steps_errors(void **state) {
+    (void)state;
+    enum { N = 19 };
+    int32_t cur[N], pos[N], scratch[2 * N], want_cur[N], want_pos[N];
+    for (int s = 0; s < N; s++) cur[s] = s, pos[s] = 10;
+    for (int s = 0; s < N; s++) want_cur[s] = fake_id(s, 10, s), want_pos[s] = 11;
+    fake_dec f;
+    memset(&f, 0, sizeof f);
+    f.fail_at = 4; /* the second call of the second step */
+    st_err err = {0};
+    assert_int_equal(bench_decode_steps(fake_decode, &f, N, 8, 5, cur, pos, scratch, NULL, NULL, NULL, &err),
+                     ST_ERR_INTERNAL);
+    assert_non_null(strstr(err.msg, "fake decode failed at call 4"));
+    assert_int_equal(f.calls, 5); /* nothing submitted after the failure */
+    assert_memory_equal(cur, want_cur, sizeof cur); /* the state after the one complete step */
+    assert_memory_equal(pos, want_pos, sizeof pos);
+    /* bad arguments: nothing called */
+    memset(&f, 0, sizeof f);
+    f.fail_at = -1;
+    assert_int_equal(bench_decode_steps(fake_decode, &f, 0, 8, 1, cur, pos, scratch, NULL, NULL, NULL, &err), ST_ERR_ARG);
+    assert_int_equal(bench_decode_steps(fake_decode, &f, N, 0, 1, cur, pos, scratch, NULL, NULL, NULL, &err), ST_ERR_ARG);
+    assert_int_equal(bench_decode_steps(fake_decode, &f, N, 8, -1, cur, pos, scratch, NULL, NULL, NULL, &err), ST_ERR_ARG);
+    assert_int_equal(f.calls, 0);
+}
+
+static void test_report_aggregate(void **state) {
+    (void)state;
+    bench_result r;
+    memset(&r, 0, sizeof r);
+    r.concurrency = 32, r.aggregate_tok_s = 1234.5, r.agg_step_p50_ms = 25.9;
+    snprintf(r.agg_note, sizeof r.agg_note, "32 sequences: 4 replays of <= 8 rows per step");
+    char *out = NULL;
+    size_t outlen = 0;
+    FILE *f = open_memstream(&out, &outlen);
+    bench_print_table(&r, f);
+    fclose(f);
+    assert_non_null(strstr(out, "| **Aggregate TPS** | **1234.5 TPS** | 32 sequences decoding together, step p50 25.90 ms; "
+                                "32 sequences: 4 replays of <= 8 rows per step |"));
+    free(out);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_percentile),   cmocka_unit_test(test_mbu_residency), cmocka_unit_test(test_bytes_dense),
         cmocka_unit_test(test_bytes_moe),    cmocka_unit_test(test_report_roundtrip),
+        cmocka_unit_test(test_decode_steps), cmocka_unit_test(test_decode_steps_errors),
+        cmocka_unit_test(test_report_aggregate),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -7,7 +7,13 @@
  *   - with a GPU (the device machine): every tiny preset (bf16 and q4g64) runs a 20-token prefill
  *     (two chunks of max_batch 16: GEMM / chunked fp32 matvec paths) and 3 decode steps on the GPU whose logits match the CPU reference forward within the bf16
  *     criterion (max|dlogit| <= 3e-2 max|logit|), and the graph-replayed greedy step returns
- *     the argmax of the eager decode logits.
+ *     the argmax of the eager decode logits;
+ *   - batched greedy decode as `bench --concurrency` drives it: 12 sequences in 12 slots, each
+ *     prefilled with its own prompt, advanced 3 steps in calls of 8 + 4 rows of
+ *     cuda_model_decode_greedy (and, with >= 2 GPUs, cuda_tp_decode_greedy on a TP=2 group of
+ *     the same model); every id must be a maximum of the same rows' eager LOGITS_ALL forward
+ *     (within 1e-4 of the largest logit: a near-tie may pick either), the TP ids must agree
+ *     with the single GPU's the same way, and bad row counts / slots fail with ST_ERR_ARG.
  * Built only when CUDA was found at configure time (otherwise the test is a skip).
  */
 #include <setjmp.h>
@@ -104,6 +110,106 @@ static void run_preset(const char *spec) {
     model_free(m);
 }
 
+/* ---- batched greedy decode (bench --concurrency): one GPU, and TP=2 when two are present */
+
+enum { BD_SEQ = 12, BD_PROMPT = 5, BD_STEPS = 3 };
+
+/* h is a cuda_model (tp = 0) or a cuda_tp (tp = 1). */
+static int bd_forward(void *h, int tp, const int32_t *t, const int32_t *p, const int32_t *s, int T, float *lg,
+                      logits_mode m, st_err *e) {
+    return tp ? cuda_tp_forward(h, t, p, s, T, lg, m, e) : cuda_model_forward(h, t, p, s, T, lg, m, e);
+}
+static int bd_decode(void *h, int tp, const int32_t *t, const int32_t *p, const int32_t *s, int B, int32_t *nx,
+                     st_err *e) {
+    return tp ? cuda_tp_decode_greedy(h, t, p, s, B, nx, e) : cuda_model_decode_greedy(h, t, p, s, B, nx, e);
+}
+
+/* 1 if id is within 1e-4 (relative) of the largest of row[V]. */
+static int is_max(const float *row, int V, int32_t id) {
+    float mx = row[0];
+    for (int i = 1; i < V; i++)
+        if (row[i] > mx) mx = row[i];
+    return id >= 0 && id < V && row[id] >= mx - 1e-4f * fabsf(mx);
+}
+
+/* Prefills BD_SEQ slots, then BD_STEPS batched steps (8 + 4 rows); ids[BD_STEPS][BD_SEQ]. */
+static void bd_run(void *h, int tp, int V, int32_t ids[BD_STEPS][BD_SEQ]) {
+    st_err err = {0};
+    float *lg = malloc((size_t)8 * V * 4);
+    assert_non_null(lg);
+    int32_t cur[BD_SEQ], pos[BD_SEQ], slot[BD_SEQ], nx[BD_SEQ];
+    for (int s = 0; s < BD_SEQ; s++) {
+        int32_t t[BD_PROMPT], p[BD_PROMPT], sl[BD_PROMPT];
+        for (int i = 0; i < BD_PROMPT; i++) t[i] = (i * 31 + s * 17 + 3) % V, p[i] = i, sl[i] = s;
+        assert_int_equal(bd_forward(h, tp, t, p, sl, BD_PROMPT, lg, LOGITS_LAST, &err), ST_OK);
+        cur[s] = 0;
+        for (int i = 1; i < V; i++)
+            if (lg[i] > lg[cur[s]]) cur[s] = i;
+        pos[s] = BD_PROMPT, slot[s] = s;
+    }
+    for (int st = 0; st < BD_STEPS; st++) {
+        for (int i = 0; i < BD_SEQ; i += 8) {
+            const int B = BD_SEQ - i < 8 ? BD_SEQ - i : 8;
+            int rc = bd_decode(h, tp, cur + i, pos + i, slot + i, B, nx + i, &err);
+            if (rc) fprintf(stderr, "decode: %s\n", err.msg);
+            assert_int_equal(rc, ST_OK);
+            /* the same rows eagerly (rewrites the same K/V): each id a maximum of its row */
+            assert_int_equal(bd_forward(h, tp, cur + i, pos + i, slot + i, B, lg, LOGITS_ALL, &err), ST_OK);
+            for (int b = 0; b < B; b++) {
+                if (!is_max(lg + (size_t)b * V, V, nx[i + b]))
+                    fprintf(stderr, "tp %d step %d row %d: id %d is not a maximum\n", tp, st, i + b, nx[i + b]);
+                assert_true(is_max(lg + (size_t)b * V, V, nx[i + b]));
+            }
+        }
+        for (int s = 0; s < BD_SEQ; s++) ids[st][s] = cur[s] = nx[s], pos[s]++;
+    }
+    /* bad calls: 9 rows, a slot beyond the cache */
+    int32_t bad_slot = BD_SEQ;
+    assert_int_equal(bd_decode(h, tp, cur, pos, slot, 9, nx, &err), ST_ERR_ARG);
+    assert_int_equal(bd_decode(h, tp, cur, pos, &bad_slot, 1, nx, &err), ST_ERR_ARG);
+    assert_non_null(strstr(err.msg, "slot"));
+    free(lg);
+}
+
+static void test_batched_decode(void **state) {
+    (void)state;
+    char why[256];
+    const int ngpu = st_gpu_count(why, sizeof why);
+    if (ngpu < 1) skip();
+    const char *specs[] = {"tiny-qwen3", "tiny-qwen3-moe", "tiny-minimax", "tiny-qwen3:q4g64"};
+    for (size_t k = 0; k < sizeof specs / sizeof specs[0]; k++) {
+        model *m = NULL;
+        st_err err = {0};
+        assert_int_equal(synth_model(&m, specs[k], 3, NULL, &err), ST_OK);
+        const int V = m->desc.n_vocab;
+        cuda_model_opts o = {.max_ctx = 16, .n_slots = BD_SEQ, .max_batch = 16};
+        int32_t ids[BD_STEPS][BD_SEQ], tids[BD_STEPS][BD_SEQ];
+        cuda_model *cm = NULL;
+        assert_int_equal(cuda_model_init(&cm, m, &o, &err), ST_OK);
+        bd_run(cm, 0, V, ids);
+        cuda_model_free(cm);
+        printf("%s: batched decode of %d sequences on one GPU matches the eager rows\n", specs[k], BD_SEQ);
+        if (ngpu >= 2) {
+            cuda_tp *tp = NULL;
+            const int devs[2] = {0, 1};
+            int rc = cuda_tp_init(&tp, m, &o, devs, 2, &err);
+            if (rc == ST_ERR_UNSUPPORTED) { /* widths that do not split (quantized tiny presets) */
+                printf("%s: tp 2 refused: %s\n", specs[k], err.msg);
+            } else {
+                assert_int_equal(rc, ST_OK);
+                bd_run(tp, 1, V, tids);
+                cuda_tp_free(tp);
+                int same = 0;
+                for (int st = 0; st < BD_STEPS; st++)
+                    for (int s = 0; s < BD_SEQ; s++) same += ids[st][s] == tids[st][s];
+                printf("%s: tp 2 batched decode matches its eager rows; %d of %d ids as on one GPU\n", specs[k], same,
+                       BD_STEPS * BD_SEQ);
+            }
+        }
+        model_free(m);
+    }
+}
+
 static void test_gpu_matches_cpu(void **state) {
     (void)state;
     if (!have_gpu()) skip();
@@ -116,6 +222,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_gpu_unsupported),
         cmocka_unit_test(test_gpu_matches_cpu),
+        cmocka_unit_test(test_batched_decode),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -8,6 +8,10 @@
 #   t  bench --synthetic $TP_MODEL --device cuda --tp 2 at $TP_CTX (default 4096) and, with
 #      FULLCTX=1, at the model's full context
 #   s  single-GPU bench of $S_MODEL (default minimax-m2.5:q4g64 at 4096)
+#   h  test_cuda_host (GPU vs CPU forward; batched greedy decode on one GPU and on TP=2)
+#   n  $CONC (default 32) sequences decoding together (bench --concurrency): $TP_MODEL on --tp 2
+#      at $TP_CTX (every slot's KV filled synthetically), then $N_MODEL (default qwen3-8b:q4g64)
+#      on one GPU with 64-token prompts (each slot prefilled)
 set -uo pipefail
 OUT=${OUT:-/tmp/strata-tp-out}
 mkdir -p "$OUT"
@@ -44,6 +48,7 @@ phase() {
 nvidia-smi -L | tee "$OUT/gpus.txt"
 NG=$(nvidia-smi -L | wc -l)
 case $PHASES in *p*) phase cuda-parity 30 120 "$S" cuda-parity ;; esac
+case $PHASES in *h*) [ -x "$C/bin/test_cuda_host" ] && phase test_cuda_host 30 120 "$C/bin/test_cuda_host" ;; esac
 golden() {
   local fail=0 n=0
   for d in "$C"/fixtures/models/*/; do
@@ -67,5 +72,9 @@ case $PHASES in *g*) phase eval-golden 30 180 bash -c golden ;; esac
 case $PHASES in *c*) [ "$NG" -ge 2 ] && phase comm-bench 20 90 "$S" comm-bench --gpus 2 --json "$OUT/comm-bench.json" ;; esac
 case $PHASES in *t*) [ "$NG" -ge 2 ] && phase "bench-tp2-${TP_MODEL//:/-}-ctx$TP_CTX" 60 200 "$S" bench --synthetic "$TP_MODEL" --device cuda --tp 2 --context "$TP_CTX" --prompt 256 --gen 128 --out "$OUT/bench-tp2-$TP_CTX" ;; esac
 case $PHASES in *t*) [ "${FULLCTX:-0}" = 1 ] && [ "$NG" -ge 2 ] && phase "bench-tp2-fullctx" 90 240 "$S" bench --synthetic "$TP_MODEL" --device cuda --tp 2 --context 196608 --prompt 256 --gen 64 --out "$OUT/bench-tp2-full" ;; esac
+CONC=${CONC:-32}
+N_MODEL=${N_MODEL:-qwen3-8b:q4g64}
+case $PHASES in *n*) [ "$NG" -ge 2 ] && phase "bench-tp2-conc$CONC" 60 240 "$S" bench --synthetic "$TP_MODEL" --device cuda --tp 2 --context "$TP_CTX" --prompt 256 --gen 64 --concurrency "$CONC" --out "$OUT/bench-tp2-conc$CONC" ;; esac
+case $PHASES in *n*) phase "bench-1gpu-conc$CONC-${N_MODEL//:/-}" 60 180 "$S" bench --synthetic "$N_MODEL" --device cuda --prompt 64 --gen 64 --concurrency "$CONC" --out "$OUT/bench-1gpu-conc$CONC" ;; esac
 case $PHASES in *s*) phase "bench-1gpu-${S_MODEL//:/-}" 60 150 "$S" bench --synthetic "$S_MODEL" --device cuda --context 4096 --prompt 256 --gen 128 --out "$OUT/bench-1gpu" ;; esac
 echo; echo "== summary (total $(( $(date +%s) - T_START )) s)"; cat "$SUM"

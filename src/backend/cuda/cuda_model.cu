@@ -2468,6 +2468,116 @@ extern "C" int cuda_tp_generate_greedy(cuda_tp *tp, int32_t token, int pos0, int
     return rc;
 }
 
+// Captures the greedy decode step of B rows on every rank (graph[B] of each rank), after one
+// eager warm-up step enqueued from each rank's own thread (the same K/V writes as the replay
+// that follows). The rows must be staged on every rank; on return they must be staged again
+// (the warm-up advanced them on the device). On a failed capture no rank keeps a graph for B
+// (a half-captured group would mix a replay with eager launches from one thread) and the error
+// names the GPU.
+static int tp_capture_decode(cuda_tp *tp, int B, st_err *err) {
+    tp_each(tp, [&](int i) -> int {
+        enqueue(tp->r[i], B, OUT_GREEDY);
+        return 0;
+    });
+    int rc = tp_sync(tp, "tensor-parallel decode warm-up", err);
+    if (rc) return rc;
+    for (int i = 0; i < tp->n && !rc; i++) {
+        cuda_model *c = tp->r[i];
+        cudaSetDevice(tp->dev[i]);
+        cudaGraph_t graph = nullptr;
+        cudaError_t e = cudaStreamBeginCapture(c->g.st, cudaStreamCaptureModeThreadLocal);
+        if (e == cudaSuccess) {
+            enqueue(c, B, OUT_GREEDY);
+            e = cudaStreamEndCapture(c->g.st, &graph);
+        }
+        if (e == cudaSuccess) e = cudaGraphInstantiate(&c->graph[B], graph, 0);
+        if (graph) cudaGraphDestroy(graph);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            c->graph[B] = nullptr;
+            rc = st_err_set(err, ST_ERR_INTERNAL, "CUDA: capture of the tensor-parallel decode step (%d rows) on GPU %d: %s",
+                            B, tp->dev[i], cudaGetErrorString(e));
+        }
+    }
+    if (rc)
+        for (int i = 0; i < tp->n; i++)
+            if (tp->r[i]->graph[B]) {
+                cudaSetDevice(tp->dev[i]);
+                cudaGraphExecDestroy(tp->r[i]->graph[B]);
+                tp->r[i]->graph[B] = nullptr;
+            }
+    cudaSetDevice(tp->dev[0]);
+    return rc;
+}
+
+// cuda_model_decode_greedy over the group: B rows (B <= 8, at most max_batch) staged on every
+// rank, one replay of each rank's graph for B (captured on first use by tp_capture_decode;
+// launched from this thread one rank after the other, as cuda_tp_generate_greedy does: the
+// replays pair up all-reduce by all-reduce on the GPUs), then every rank's B ids are copied back
+// and compared: next[B] receives rank 0's. Borrows tokens/pos/slot (host, [B]); allocates
+// nothing. Fails with ST_ERR_ARG on bad rows (nothing launched), ST_ERR_INTERNAL on a CUDA error,
+// a stalled all-reduce, or ranks that picked different ids (the message names both GPUs and the
+// first row that differs).
+extern "C" int cuda_tp_decode_greedy(cuda_tp *tp, const int32_t *tokens, const int32_t *pos, const int32_t *slot,
+                                     int B, int32_t *next, st_err *err) {
+    cuda_model *c0 = tp->r[0];
+    const int maxb = std::min(MV_MAXT, c0->o.max_batch);
+    if (B < 1 || B > maxb)
+        return st_err_set(err, ST_ERR_ARG, "CUDA: tensor-parallel greedy decode takes 1..%d rows, not %d", maxb, B);
+    int rc = need_whole(c0, "tensor-parallel greedy decode", err);
+    if (!rc) rc = check_rows(c0, tokens, pos, slot, B, err);
+    if (rc) return rc;
+    auto arm = [&]() -> int { // the rows and the generation counter on every rank
+        for (int i = 0; i < tp->n; i++) {
+            cudaSetDevice(tp->dev[i]);
+            int r2 = put_rows(tp->r[i], tokens, pos, slot, B, err);
+            if (r2) return r2;
+            CU_TRY(cudaMemsetAsync(tp->r[i]->gen_counter, 0, 4, tp->r[i]->g.st));
+        }
+        return ST_OK;
+    };
+    if ((rc = arm())) return rc;
+    if (!c0->o.no_graph && !c0->graph[B]) {
+        if ((rc = tp_capture_decode(tp, B, err)) || (rc = arm())) return rc;
+    }
+    if (c0->graph[B]) {
+        for (int i = 0; i < tp->n && !rc; i++) {
+            cudaSetDevice(tp->dev[i]);
+            cudaError_t e = cudaGraphLaunch(tp->r[i]->graph[B], tp->r[i]->g.st);
+            if (e != cudaSuccess)
+                rc = st_err_set(err, ST_ERR_INTERNAL, "CUDA: tensor-parallel decode replay on GPU %d: %s", tp->dev[i],
+                                cudaGetErrorString(e));
+        }
+    } else { // STRATA_CUDA_NO_GRAPH: eager, each rank from its own thread
+        tp_each(tp, [&](int i) -> int {
+            enqueue(tp->r[i], B, OUT_GREEDY);
+            return 0;
+        });
+    }
+    for (int i = 0; i < tp->n && !rc; i++) {
+        cuda_model *c = tp->r[i];
+        cudaSetDevice(tp->dev[i]);
+        cudaError_t e = cudaMemcpyAsync(c->h_io + 3 * c->o.max_batch, c->next, (size_t)B * 4, cudaMemcpyDeviceToHost, c->g.st);
+        if (e != cudaSuccess)
+            rc = st_err_set(err, ST_ERR_INTERNAL, "CUDA: tensor-parallel decode copy on GPU %d: %s", tp->dev[i],
+                            cudaGetErrorString(e));
+    }
+    const int rs = tp_sync(tp, "tensor-parallel decode", rc ? nullptr : err); // always drain the streams
+    cudaSetDevice(tp->dev[0]);
+    if (rc || (rc = rs)) return rc;
+    const int32_t *ids0 = c0->h_io + 3 * c0->o.max_batch;
+    for (int i = 1; i < tp->n; i++) { // every rank must have picked the same ids
+        const int32_t *ids = tp->r[i]->h_io + 3 * tp->r[i]->o.max_batch;
+        for (int b = 0; b < B; b++)
+            if (ids[b] != ids0[b])
+                return st_err_set(err, ST_ERR_INTERNAL,
+                                  "tensor parallel: GPU %d picked token %d for row %d (slot %d), GPU %d picked %d",
+                                  tp->dev[i], ids[b], b, slot[b], tp->dev[0], ids0[b]);
+    }
+    memcpy(next, ids0, (size_t)B * 4);
+    return ST_OK;
+}
+
 extern "C" int cuda_tp_kv_fill_synthetic(cuda_tp *tp, int slot, int n_tokens, st_err *err) {
     for (int i = 0; i < tp->n; i++) {
         cudaSetDevice(tp->dev[i]);
