@@ -200,10 +200,41 @@ extern "C" int cuda_nccl_init_rank(cuda_nccl_comm **out, const uint8_t id[CUDA_N
     ncclUniqueId u;
     memcpy(&u, id, sizeof u);
     ncclResult_t r = g_nccl.CommInitRank(&c->comm, n_ranks, u, rank);
-    cudaSetDevice(prev);
     if (r != ncclSuccess) {
+        cudaSetDevice(prev);
         free(c);
         return nccl_fail(err, r, "ncclCommInitRank", NULL);
+    }
+    // Connect every peer now, while all ranks are here: NCCL connects point-to-point pairs at
+    // their first send / recv, and that first call blocks on the host until the peer makes its
+    // matching call. A pipeline stage enqueues its send before it tells the next stage (over
+    // its own link) to post the receive, so a lazy connection deadlocked the first step (found
+    // on nvidia-h200-x2: the sending node hung). One float each way in a group never blocks
+    // on order.
+    float *ping = nullptr;
+    cudaStream_t st = nullptr;
+    ce = cudaMalloc(&ping, 2 * sizeof(float) * (size_t)n_ranks);
+    if (ce == cudaSuccess) ce = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    if (ce == cudaSuccess) {
+        r = g_nccl.GroupStart();
+        for (int p = 0; p < n_ranks && r == ncclSuccess; p++) {
+            if (p == rank) continue;
+            r = g_nccl.Send(ping + 2 * p, 1, ncclFloat32, p, c->comm, st);
+            if (r == ncclSuccess) r = g_nccl.Recv(ping + 2 * p + 1, 1, ncclFloat32, p, c->comm, st);
+        }
+        const ncclResult_t r2 = g_nccl.GroupEnd();
+        if (r == ncclSuccess) r = r2;
+        if (r == ncclSuccess) ce = cudaStreamSynchronize(st);
+    }
+    if (st) cudaStreamDestroy(st);
+    if (ping) cudaFree(ping);
+    cudaSetDevice(prev);
+    if (ce != cudaSuccess || r != ncclSuccess) {
+        g_nccl.CommAbort(c->comm);
+        free(c);
+        cudaGetLastError();
+        if (r != ncclSuccess) return nccl_fail(err, r, "connecting the peers (ncclSend / ncclRecv)", NULL);
+        return st_err_set(err, ST_ERR_INTERNAL, "NCCL: connecting the peers: %s", cudaGetErrorString(ce));
     }
     c->rank = rank, c->n_ranks = n_ranks, c->device = device;
     *out = c;
