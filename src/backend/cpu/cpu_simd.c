@@ -8,6 +8,9 @@
  * Linear, T <= MV_MAX_T tokens (decode): one pass over the weights, rows split over the pool
  * in tasks of 16..256 rows, each row decoded in registers and dotted with the T activation
  * rows, which are prepared once per call:
+ *   - 4-bit MLX weights (scratch actq8; dense models): activations quantized to int8 per
+ *     32-value block, vpmaddubsw on the nibbles (q8_prep / mv4i8_rows_avx2): ~11 instructions
+ *     per 64 weights, errors ~0.4% of the block maximum (golden.json's bf16 criteria);
  *   - 2/4/8-bit MLX weights: activations quantized to int16 per 32-value block, weight bytes
  *     widened to 16-bit lanes, vpmaddwd into int32 (q16_prep / mv8_unit): ~17 instructions
  *     per 64 4-bit weights against ~46 for a float decode, and errors ~1.5e-5 of the block
@@ -298,7 +301,8 @@ typedef struct mv_job {
     /* int16-activation kernels (2/4/8-bit weights) */
     const float *x;        /* [T, cols] the float activations (tails past the last unit)      */
     const int16_t *xq;     /* [T, xqstride] quantized activations in the unit layout          */
-    size_t xqstride;
+    size_t xqstride;       /* int16 elements (int8 kernels: bytes) between token rows of xq   */
+    const int8_t *xq8;     /* [T, xqstride] int8 activations in the q8 unit layout (4-bit)    */
     const float *dl;       /* [T, dlstride] activation scale of each lane of each unit         */
     size_t dlstride;
 } mv_job;
@@ -555,9 +559,15 @@ AVX512_INL void mvd_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, const i
  *          64..95 of the unit, b: 32..63 and 96..127, kept apart: different 32-blocks) */
 #define Q8_UNIT(bits) ((bits) == 2 ? 128 : (bits) == 4 ? 64 : 32)
 
-int cpu_simd_actq(const wt_linear *w, int T) {
-    if (T > MV_MAX_T) return w->qbits == 4 && w->group >= 64 && w->cols % 64 == 0; /* prefill: gq_* */
-    return T >= 1 && (w->qbits == 2 || w->qbits == 4 || w->qbits == 8);
+int cpu_simd_actq(const cpu_scratch *s, const wt_linear *w, int T, int *blk) {
+    int b = 0, qmax = 0;
+    if (s->exact || s->simd < CPU_SIMD_AVX2 || !s->actq || T < 1) qmax = 0;
+    else if (T > MV_MAX_T) { /* prefill: gq_* */
+        if (s->actq_gemm && w->qbits == 4 && w->group >= 64 && w->cols % 64 == 0) qmax = 32767, b = 64;
+    } else if (w->qbits == 4 && s->actq8) qmax = 127, b = 32;
+    else if (w->qbits == 2 || w->qbits == 4 || w->qbits == 8) qmax = 32767, b = 32;
+    if (blk) *blk = b;
+    return qmax;
 }
 
 /* 32 values of x as int16 in natural order (lo: 0..15, hi: 16..31): q = round-to-nearest-even(
@@ -738,6 +748,170 @@ MV8_T(2)
 MV8_T(4)
 MV8_T(8)
 
+/* int8-activation decode for 4-bit weights (s->actq8): vpmaddubsw multiplies 32 unsigned
+ * bytes by 32 signed bytes and adds adjacent pairs into int16, i.e. half the instructions
+ * per weight byte of the int16 kernel above (no widening unpacks, one multiply per 32 codes
+ * instead of two). Activations are quantized per 32-value block to int8 (q8_block32: d =
+ * amax / 127, q = round-to-nearest-even(x * (127 / amax)), |q| <= 127), and the bias term
+ * multiplies the group sums of the dequantized x^ (q8_prep), so the result is the exact dot
+ * product of w with x^: the error is up to sum |w_i| * d_i / 2 with d_i = max|x| / 127 over
+ * x_i's block (~258x the int16 kernel's step, about half of it recovered by the centring;
+ * eval-golden's bf16_activations criteria, not the fp32 ones). A unit is 32 weight bytes = 64 values;
+ * byte i holds value 2i in its low nibble and 2i + 1 in its high nibble (MLX's LSB-first
+ * packing), so the unit's activations are stored as XE[i] = q(x[2i]) then XO[i] = q(x[2i+1])
+ * (64 bytes per unit, cpu_simd_q8_prep): maddubs(lo nibbles, XE) + maddubs(hi nibbles, XO)
+ * gives int16 lane k = the 4 products of bytes 2k, 2k+1 (|.| <= 4 * 15 * 127 = 7620: no
+ * saturation), vpmaddwd with ones adds lanes pairwise into int32 lane k' = values 8k'..8k'+7:
+ * lanes 0-3 are the unit's first 32-block, lanes 4-7 its second, matching dl's 8 lane scales
+ * (as the int16 4-bit layout). */
+
+/* One unit's integer part: int32 lane k = sum over its 8 values v of code(v) * xq(v). */
+AVX2_INL __m256i q4i8_unit(const uint8_t *q, const int8_t *xb) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xb)),
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xb + 32))));
+    return _mm256_madd_epi16(p, ones);
+}
+
+/* 32 values of x as int8 q = round-to-nearest-even(x * (127 / amax)) in natural order (one
+ * ymm); *d = amax / 127. */
+AVX2_INL __m256i q8_block32(const float *x, float *d) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    *d = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+    const __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8); /* int16 0..15  */
+    const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8); /* int16 16..31 */
+    return _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8);
+}
+
+/* Quantizes one token's x[cols] for the int8 4-bit kernel: per full 64-value unit u, 64 bytes
+ * xq[64u..): XE (q of x[64u + 2i], i < 32) then XO (q of x[64u + 2i + 1]); dl[8u..8u+8): the
+ * lane scales d0 x 4, d1 x 4 of the unit's two 32-blocks. Values past the last full unit are
+ * not touched (the kernel takes them in float). If xs is not NULL, xs[gi] for each group gi
+ * of g values inside the full units becomes the sum of the dequantized x^ = q * d over it
+ * (sum over its 32-blocks of d * sum q, in block order), so that the kernel's bias term
+ * b * sum(x^) completes the dot product with x^ of the whole weight w = s q + b: the error is
+ * then sum w_i (x^_i - x_i), i.e. proportional to |w| and not to |s q| (for MLX's zero-centred
+ * groups, b ~ -7.5 s, about half; the exact sum of x would leave s q's error uncancelled). */
+static AVX2_FN void q8_prep(const float *x, int64_t cols, int8_t *xq, float *dl, float *xs, int g) {
+    /* per 128-bit lane: the 8 even bytes, then the 8 odd ones */
+    const __m256i eo = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1,
+                                        3, 5, 7, 9, 11, 13, 15);
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const int64_t nu = cols / 64;
+    if (xs) memset(xs, 0, (size_t)(nu * 64 / g) * sizeof(float));
+    for (int64_t u = 0; u < nu; u++) {
+        float d[2];
+        __m256i n[2];
+        for (int h = 0; h < 2; h++) {
+            const __m256i qv = q8_block32(x + 64 * u + 32 * h, &d[h]);
+            if (xs) { /* sum of the 32 codes: maddubs with ones (sign of q kept), then pairs */
+                const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qv), ones16);
+                __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+                xs[(64 * u + 32 * h) / g] += d[h] * (float)_mm_cvtsi128_si32(t);
+            }
+            /* after the shuffle and the qword permute: [evens of the 32 | odds of the 32] */
+            n[h] = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(qv, eo), 0xD8);
+        }
+        _mm256_storeu_si256((__m256i *)(xq + 64 * u), _mm256_permute2x128_si256(n[0], n[1], 0x20));
+        _mm256_storeu_si256((__m256i *)(xq + 64 * u + 32), _mm256_permute2x128_si256(n[0], n[1], 0x31));
+        _mm256_storeu_ps(dl + 8 * u, _mm256_setr_ps(d[0], d[0], d[0], d[0], d[1], d[1], d[1], d[1]));
+    }
+}
+
+void cpu_simd_q8_prep(const float *x, int64_t cols, int8_t *xq, float *dl, float *xs, int g) {
+    ST_ASSERT(cpu_simd_level() >= CPU_SIMD_AVX2 && g >= 32 && g % 32 == 0);
+    q8_prep(x, cols, xq, dl, xs, g);
+}
+
+static AVX2_FN void q4i8_sums(const uint8_t *row, const int8_t *xq, int64_t nu, int32_t *sums) {
+    for (int64_t u = 0; u < nu; u++) _mm256_storeu_si256((__m256i *)(sums + 8 * u), q4i8_unit(row + 32 * u, xq + 64 * u));
+}
+
+void cpu_simd_q4i8_sums(const uint8_t *row, const int8_t *xq, int64_t nu, int32_t *sums) {
+    ST_ASSERT(cpu_simd_level() >= CPU_SIMD_AVX2);
+    q4i8_sums(row, xq, nu, sums);
+}
+
+/* Rows [r0, r1) of a 4-bit weight against TT int8 activation rows (layout above): per unit,
+ * the int32 lanes are converted and scaled by group scale x activation scale; units in pairs
+ * with two accumulators per token. GK (a constant, so the unit loop has no branch): 0 = group
+ * 32 (lanes 0-3 and 4-7 have their own scale), 1 = group 64 (one scale per unit), 2 = group
+ * 64 << gsh. */
+AVX2_INL void mv4i8_rows_avx2(const mv_job *j, int64_t r0, int64_t r1, float *sc, const int GK, const int TT) {
+    const wt_linear *w = j->w;
+    const int64_t cols = w->cols, rows = w->rows, nu = cols / 64, g = w->group, ng = cols / g;
+    const int gsh = GK == 2 ? __builtin_ctz((unsigned)(g / 64)) : 0;
+    const __m256i sia = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const int8_t *xq[MV_MAX_T];
+    const float *dl[MV_MAX_T];
+    for (int t = 0; t < TT; t++) {
+        xq[t] = j->xq8 + (size_t)t * j->xqstride;
+        dl[t] = j->dl + (size_t)t * j->dlstride;
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *q = (const uint8_t *)w->w + (size_t)r * w->row_bytes;
+        const size_t so = (size_t)r * w->srow_elems;
+        cvt_f32(sc, w->scales, so, ng, w->sdtype);
+        __m256 acc[MV_MAX_T][2];
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+#define UNIT8(uu, par)                                                                                          \
+    do {                                                                                                        \
+        const __m256 sv_ = GK == 0 ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 2 * (uu)), sia)              \
+                           : GK == 1 ? _mm256_broadcast_ss(sc + (uu)) : _mm256_broadcast_ss(sc + ((uu) >> gsh)); \
+        _Pragma("GCC unroll 4") for (int t = 0; t < TT; t++) {                                                  \
+            const __m256i p_ = q4i8_unit(q + 32 * (uu), xq[t] + 64 * (uu));                                     \
+            acc[t][par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_), _mm256_mul_ps(sv_, _mm256_loadu_ps(dl[t] + 8 * (uu))), \
+                                          acc[t][par]);                                                         \
+        }                                                                                                       \
+    } while (0)
+        int64_t u = 0;
+        for (; u + 2 <= nu; u += 2) {
+            UNIT8(u, 0);
+            UNIT8(u + 1, 1);
+        }
+        if (u < nu) UNIT8(u, 0);
+#undef UNIT8
+        float tail[MV_MAX_T] = {0};
+        for (int64_t i = nu * 64; i < cols; i++) { /* past the last full unit: float */
+            const float qs = sc[i / g] * (float)cpu_mlx_q_get((const uint32_t *)q, 4, (size_t)i);
+            for (int t = 0; t < TT; t++) tail[t] += qs * j->x[(size_t)t * cols + i];
+        }
+        for (int t = 0; t < TT; t++) {
+            float rest;
+            const __m256 bd = bias_dot(w->biases, so, ng, w->sdtype, j->xs + (size_t)t * j->xsstride, &rest);
+            j->out[(size_t)t * rows + r] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), bd)) + tail[t] + rest;
+        }
+    }
+}
+
+#define MV4I8(GK, TT)                                                                                         \
+    static AVX2_FN void mv4i8_##GK##_##TT(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi) { \
+        (void)bi;                                                                                         \
+        mv4i8_rows_avx2(j, r0, r1, sc, GK, TT);                                                           \
+    }
+#define MV4I8_T(GK) MV4I8(GK, 1) MV4I8(GK, 2) MV4I8(GK, 3) MV4I8(GK, 4)
+MV4I8_T(0)
+MV4I8_T(1)
+MV4I8_T(2)
+static const mv_fn mv4i8_tab[3][MV_MAX_T] = {{mv4i8_0_1, mv4i8_0_2, mv4i8_0_3, mv4i8_0_4},
+                                            {mv4i8_1_1, mv4i8_1_2, mv4i8_1_3, mv4i8_1_4},
+                                            {mv4i8_2_1, mv4i8_2_2, mv4i8_2_3, mv4i8_2_4}};
+
 /* One specialised function per (ISA, format, token count) so every shift is an immediate. */
 #define MVQ(ISA, ATTR, B, TT)                                                                     \
     static ATTR void mvq_##ISA##_##B##_##TT(const mv_job *j, int64_t r0, int64_t r1, float *sc, float *bi) { \
@@ -800,7 +974,18 @@ static void linear_mv(st_pool *pool, cpu_scratch *s, float *out, const float *x,
         for (int t = 0; t < T; t++) group_sums(s->xs + (size_t)t * j.xsstride, x + (size_t)t * cols, cols / w->group, w->group);
         j.xs = s->xs;
     }
-    if (s->actq && cpu_simd_actq(w, T)) {
+    const int aq = cpu_simd_actq(s, w, T, NULL);
+    if (aq == 127) {
+        /* xp region: [0, R) floats hold T <= 4 rows of R int8, [2R, 3R) the lane scales */
+        j.xq8 = (const int8_t *)(const void *)s->xp;
+        j.xqstride = s->row_cap;
+        j.dl = s->xp + 2 * s->row_cap;
+        j.dlstride = s->row_cap / 4;
+        for (int t = 0; t < T; t++)
+            q8_prep(x + (size_t)t * cols, cols, (int8_t *)(void *)s->xp + (size_t)t * j.xqstride,
+                    s->xp + 2 * s->row_cap + (size_t)t * j.dlstride, s->xs + (size_t)t * j.xsstride, (int)w->group);
+        j.fn = mv4i8_tab[w->group < 64 ? 0 : w->group == 64 ? 1 : 2][T - 1];
+    } else if (aq) {
         /* xp region: [0, 2R) floats hold T <= 4 rows of R int16, [2R, 3R) the lane scales */
         j.xq = (const int16_t *)(const void *)s->xp;
         j.xqstride = s->row_cap;
@@ -1068,7 +1253,7 @@ static AVX2_FN void gm_task(void *ctx, int task, int n_tasks, int thread) {
  * 64-block of x_i. Panel p (in xp, GQ_TOK * cols floats apart): xk [cols/2, GQ_TOK] int32
  * (pairs of int16), xd [cols/64, GQ_TOK] activation scales, xg [cols/group, GQ_TOK] group sums.
  * Tile (tbuf, 16 R floats apart): wt [cols/2, 16, 2] int16, sct / bit [cols/group, 16]. */
-static int gq_ok(const cpu_scratch *s, const wt_linear *w) { return s->actq && s->actq_gemm && cpu_simd_actq(w, MV_MAX_T + 1); }
+static int gq_ok(const cpu_scratch *s, const wt_linear *w) { return cpu_simd_actq(s, w, MV_MAX_T + 1, NULL) == 32767; }
 
 /* 64 values of x as int16 pairs pr[32] (natural order), q = round-to-nearest-even(
  * x * (32767 / amax)) over the 64; returns amax / 32767. */
