@@ -341,7 +341,7 @@ static int check_linear(const wt_linear *w, const int *ts, int nts, const char *
                     for (int t = 0; t < T; t++) { /* quantized tokens also against the emulation, at float tolerance */
                         if (kind[t] < 0) continue;
                         static const char *const kn[3] = {"int16, decode 32-blocks", "int16, prefill 64-blocks",
-                                                          "int8, decode 32-blocks"};
+                                                          "int8, 32-blocks"};
                         snprintf(what, sizeof what, "%s T=%d token %d fast (%s, max_batch %d) vs emulation (%s)", label, T, t,
                                  lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256, kn[kind[t]]);
                         size_t o = (size_t)t * w->rows;

@@ -23,9 +23,10 @@
  * ([k][6]); each pool task dequantizes GM_TILES tiles of 16 weight rows once into f32
  * ([k][16], through 8x8 register transposes), then runs a 6x16 register-blocked FMA kernel
  * over every panel, blocked over k so a tile's slice stays in L1. Weights are read once per
- * chunk of max_batch tokens. 4-bit weights (with actq) take the int16 variant instead (gq_*:
- * activations quantized per 32-block as in decode, weights widened to int16 per tile, a 4x16
- * vpmaddwd kernel; ~1.15x the float GEMM per core on Zen 3).
+ * chunk of max_batch tokens. 4-bit weights (with actq) take an integer variant instead: int8
+ * (g8_*, with actq8: activations quantized per 32-block as in the int8 decode, weights expanded
+ * to byte codes per tile, a 4x16 vpmaddubsw kernel) or int16 (gq_*: 64-blocks, weights widened
+ * to int16 per tile, a 4x16 vpmaddwd kernel; ~1.15x the float GEMM per core on Zen 3).
  *
  * Attention, T > MV_MAX_T (prefill): up to 8 (token, query head) rows that share a KV head per
  * task, one per vector lane: scores 4 rows x 2 positions per register block, lane-wise softmax,
@@ -562,8 +563,9 @@ AVX512_INL void mvd_rows_avx512(const mv_job *j, int64_t r0, int64_t r1, const i
 int cpu_simd_actq(const cpu_scratch *s, const wt_linear *w, int T, int *blk) {
     int b = 0, qmax = 0;
     if (s->exact || s->simd < CPU_SIMD_AVX2 || !s->actq || T < 1) qmax = 0;
-    else if (T > MV_MAX_T) { /* prefill: gq_* */
-        if (s->actq_gemm && w->qbits == 4 && w->group >= 64 && w->cols % 64 == 0) qmax = 32767, b = 64;
+    else if (T > MV_MAX_T) { /* prefill: g8_* (int8) or gq_* (int16) */
+        if (s->actq_gemm && s->actq8 && w->qbits == 4 && w->cols % 64 == 0) qmax = 127, b = 32;
+        else if (s->actq_gemm && w->qbits == 4 && w->group >= 64 && w->cols % 64 == 0) qmax = 32767, b = 64;
     } else if (w->qbits == 4 && s->actq8) qmax = 127, b = 32;
     else if (w->qbits == 2 || w->qbits == 4 || w->qbits == 8) qmax = 32767, b = 32;
     if (blk) *blk = b;
@@ -1253,7 +1255,6 @@ static AVX2_FN void gm_task(void *ctx, int task, int n_tasks, int thread) {
  * 64-block of x_i. Panel p (in xp, GQ_TOK * cols floats apart): xk [cols/2, GQ_TOK] int32
  * (pairs of int16), xd [cols/64, GQ_TOK] activation scales, xg [cols/group, GQ_TOK] group sums.
  * Tile (tbuf, 16 R floats apart): wt [cols/2, 16, 2] int16, sct / bit [cols/group, 16]. */
-static int gq_ok(const cpu_scratch *s, const wt_linear *w) { return cpu_simd_actq(s, w, MV_MAX_T + 1, NULL) == 32767; }
 
 /* 64 values of x as int16 pairs pr[32] (natural order), q = round-to-nearest-even(
  * x * (32767 / amax)) over the 64; returns amax / 32767. */
@@ -1434,13 +1435,187 @@ static AVX2_FN void gq_task(void *ctx, int task, int n_tasks, int thread) {
     }
 }
 
+/* Prefill with int8 activations (4-bit weights, cols % 64 == 0, when actq8 and actq_gemm are
+ * set; cpu_simd_actq): the decode kernel's arithmetic in a GEMM. Activations are quantized
+ * per 32-value block exactly as q8_prep does (q8_block32), the bias term multiplies group
+ * sums of the rounded x^ (so each output is the dot product of w with x^, as in decode), and
+ * the weights are expanded to one byte per code once per tile. Per 32-block and token, the
+ * 8 k-quads' vpmaddubsw products (unsigned code x signed int8, pairs added: |.| <= 3810) are
+ * summed in int16 (|.| <= 8 x 3810 = 30480 < 32767: no wrap), then vpmaddwd with ones makes
+ * one int32 per row, scaled in float by activation scale x group scale. Against the int16
+ * GEMM: ~38 instead of ~66 vector operations per token, 32 k values and 16 rows.
+ * Panel p (in xp, GQ_TOK * cols floats apart): xk [cols/4, GQ_TOK] int32 (4 int8 codes),
+ * xd [cols/32, GQ_TOK] activation scales, xg [cols/group, GQ_TOK] group sums of x^.
+ * Tile (tbuf, 16 R floats apart): wt [cols/4, 16, 4] uint8 codes, then sct / bit [ng, 16]. */
+static AVX2_FN void g8_pack_task(void *ctx, int p, int n_tasks, int thread) {
+    (void)n_tasks;
+    (void)thread;
+    const gm_job *j = ctx;
+    const int64_t cols = j->w->cols, g = j->w->group, ng = cols / g, nb = cols / 32;
+    float *base = j->xpk + (size_t)p * GQ_TOK * cols;
+    int32_t *xk = (int32_t *)(void *)base;
+    float *xd = base + (size_t)cols / 4 * GQ_TOK, *xg = xd + GQ_TOK * nb;
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int i = 0; i < GQ_TOK; i++) {
+        const int t = p * GQ_TOK + i;
+        for (int64_t gi = 0; gi < ng; gi++) xg[gi * GQ_TOK + i] = 0;
+        if (t >= j->T) {
+            for (int64_t k = 0; k < cols / 4; k++) xk[k * GQ_TOK + i] = 0;
+            for (int64_t b = 0; b < nb; b++) xd[b * GQ_TOK + i] = 0;
+            continue;
+        }
+        const float *x = j->x + (size_t)t * cols;
+        for (int64_t b = 0; b < nb; b++) {
+            float d;
+            const __m256i qv = q8_block32(x + 32 * b, &d);
+            int32_t qd[8];
+            _mm256_storeu_si256((__m256i *)qd, qv);
+            for (int k = 0; k < 8; k++) xk[(b * 8 + k) * GQ_TOK + i] = qd[k];
+            xd[b * GQ_TOK + i] = d;
+            const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qv), ones16);
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+            xg[(b * 32 / g) * GQ_TOK + i] += d * (float)_mm_cvtsi128_si32(h); /* as q8_prep, block order */
+        }
+    }
+}
+
+/* Tile of rows r0..r0+15 (zeros past the last row) of a 4-bit weight: wt [cols/4, 16, 4]
+ * uint8 codes, sct / bit [ng, 16] f32. tmp: 8 rows x cols bytes. */
+static AVX2_FN void g8_tile(const wt_linear *w, int64_t r0, uint8_t *wt, float *sct, float *bit, uint8_t *tmp, float *sc,
+                            float *bi) {
+    const int64_t cols = w->cols, ng = cols / w->group;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int h = 0; h < 2; h++) {
+        for (int i = 0; i < 8; i++) {
+            const int64_t r = r0 + 8 * h + i;
+            uint8_t *d = tmp + (size_t)i * cols;
+            if (r >= w->rows) {
+                memset(d, 0, (size_t)cols);
+                for (int64_t gi = 0; gi < ng; gi++) sct[gi * 16 + 8 * h + i] = bit[gi * 16 + 8 * h + i] = 0;
+                continue;
+            }
+            const uint8_t *q = (const uint8_t *)w->w + (size_t)r * w->row_bytes;
+            for (int64_t b = 0; b < cols / 32; b++) { /* 16 bytes = 32 codes, low nibble first */
+                const __m128i v = _mm_loadu_si128((const __m128i *)(q + b * 16));
+                const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                _mm_storeu_si128((__m128i *)(d + b * 32), _mm_unpacklo_epi8(lo, hi));
+                _mm_storeu_si128((__m128i *)(d + b * 32 + 16), _mm_unpackhi_epi8(lo, hi));
+            }
+            const size_t so = (size_t)r * w->srow_elems;
+            cvt_f32(sc, w->scales, so, ng, w->sdtype);
+            cvt_f32(bi, w->biases, so, ng, w->sdtype);
+            for (int64_t gi = 0; gi < ng; gi++) sct[gi * 16 + 8 * h + i] = sc[gi], bit[gi * 16 + 8 * h + i] = bi[gi];
+        }
+        for (int64_t k = 0; k < cols / 4; k += 8) { /* 8 quads of 8 rows: dword transpose */
+            __m256 v[8];
+            for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_ps((const float *)(const void *)(tmp + (size_t)i * cols + 4 * k));
+            transpose8(v);
+            for (int q = 0; q < 8; q++) _mm256_storeu_ps((float *)(void *)(wt + ((k + q) * 16 + 8 * h) * 4), v[q]);
+        }
+    }
+}
+
+/* c[GQ_TOK][16] (+)= the block's contribution over columns [k0, k0 + kn) (multiples of 32; k0
+ * a multiple of the group, 2^gsh blocks of 32 per group): per 32-block, int16 sums of the
+ * vpmaddubsw products (2 GQ_TOK accumulators + 2 weight vectors + a broadcast), vpmaddwd with
+ * ones, then c += float(sum) * (x scale * group scale), and at each group start c += bias *
+ * group sum of x^. */
+static AVX2_FN void g8_kernel(const uint8_t *wt, const int32_t *xk, const float *xd, const float *xg, const float *sct,
+                              const float *bit, int64_t k0, int64_t kn, int gsh, float *c, int first) {
+    if (first) memset(c, 0, GQ_TOK * 16 * sizeof(float));
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t kb = k0 / 32; kb < (k0 + kn) / 32; kb++) {
+        __m256i acc[GQ_TOK][2];
+#pragma GCC unroll 8
+        for (int t = 0; t < GQ_TOK; t++) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+        const uint8_t *wk = wt + (size_t)kb * 8 * 64;
+        const int32_t *xv = xk + (size_t)kb * 8 * GQ_TOK;
+#pragma GCC unroll 2
+        for (int kq = 0; kq < 8; kq++) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wk + kq * 64));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wk + kq * 64 + 32));
+#pragma GCC unroll 8
+            for (int t = 0; t < GQ_TOK; t++) {
+                const __m256i b = _mm256_set1_epi32(xv[kq * GQ_TOK + t]);
+                acc[t][0] = _mm256_add_epi16(acc[t][0], _mm256_maddubs_epi16(w0, b));
+                acc[t][1] = _mm256_add_epi16(acc[t][1], _mm256_maddubs_epi16(w1, b));
+            }
+        }
+        const int64_t gi = kb >> gsh;
+        const __m256 s0 = _mm256_loadu_ps(sct + gi * 16), s1 = _mm256_loadu_ps(sct + gi * 16 + 8);
+        const float *d = xd + kb * GQ_TOK;
+        const int gstart = (kb & ((1 << gsh) - 1)) == 0;
+#pragma GCC unroll 8
+        for (int t = 0; t < GQ_TOK; t++) {
+            const __m256 dt = _mm256_broadcast_ss(d + t);
+            const __m256i p0 = _mm256_madd_epi16(acc[t][0], ones), p1 = _mm256_madd_epi16(acc[t][1], ones);
+            __m256 c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, dt), _mm256_loadu_ps(c + 16 * t));
+            __m256 c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, dt), _mm256_loadu_ps(c + 16 * t + 8));
+            if (gstart) {
+                const __m256 xs = _mm256_broadcast_ss(xg + gi * GQ_TOK + t);
+                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(bit + gi * 16), xs, c0);
+                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(bit + gi * 16 + 8), xs, c1);
+            }
+            _mm256_storeu_ps(c + 16 * t, c0);
+            _mm256_storeu_ps(c + 16 * t + 8, c1);
+        }
+    }
+}
+
+/* gm_task for the int8 path: tiles of byte codes against int8 panels. */
+static AVX2_FN void g8_task(void *ctx, int task, int n_tasks, int thread) {
+    (void)n_tasks;
+    const gm_job *j = ctx;
+    const wt_linear *w = j->w;
+    const size_t R = j->s->row_cap, ngc = ng_cap(R), cstride = (size_t)j->n_panels * GQ_TOK * GM_ROWS;
+    const int64_t cols = w->cols, rows = w->rows, r0 = (int64_t)task * GM_ROWS * GM_TILES, ng = cols / w->group;
+    const int gsh = __builtin_ctz((unsigned)(w->group / 32));
+    const int nt = (int)((rows - r0 + GM_ROWS - 1) / GM_ROWS < GM_TILES ? (rows - r0 + GM_ROWS - 1) / GM_ROWS : GM_TILES);
+    float *tb = j->s->tbuf + (size_t)thread * j->s->tbuf_cap;
+    float *wt = tb, *tmp = tb + GM_TILES * 16 * R, *c = tmp + 8 * R;
+    float *sc = c + GM_TILES * cstride, *bi = sc + ngc;
+    for (int i = 0; i < nt; i++) {
+        float *ti = wt + (size_t)i * 16 * R; /* byte tile: 4 cols floats, then scales and biases */
+        g8_tile(w, r0 + (int64_t)i * GM_ROWS, (uint8_t *)(void *)ti, ti + 4 * cols, ti + 4 * cols + 16 * ng,
+                (uint8_t *)(void *)tmp, sc, bi);
+    }
+    for (int64_t k0 = 0; k0 < cols; k0 += GM_KC) {
+        const int64_t kn = cols - k0 < GM_KC ? cols - k0 : GM_KC;
+        for (int i = 0; i < nt; i++) {
+            const float *ti = wt + (size_t)i * 16 * R;
+            for (int p = 0; p < j->n_panels; p++) {
+                const float *pb = j->xpk + (size_t)p * GQ_TOK * cols;
+                g8_kernel((const uint8_t *)(const void *)ti, (const int32_t *)(const void *)pb, pb + cols / 4 * GQ_TOK,
+                          pb + cols / 4 * GQ_TOK + GQ_TOK * (cols / 32), ti + 4 * cols, ti + 4 * cols + 16 * ng, k0, kn, gsh,
+                          c + (size_t)i * cstride + (size_t)p * GQ_TOK * GM_ROWS, k0 == 0);
+            }
+        }
+    }
+    for (int i = 0; i < nt; i++) {
+        const int64_t ri = r0 + (int64_t)i * GM_ROWS;
+        const int nr = rows - ri < GM_ROWS ? (int)(rows - ri) : GM_ROWS;
+        for (int t = 0; t < j->T; t++) {
+            const float *ct = c + (size_t)i * cstride + (size_t)t * GM_ROWS;
+            float *o = j->out + (size_t)t * rows + ri;
+            if (nr == GM_ROWS) {
+                _mm256_storeu_ps(o, _mm256_loadu_ps(ct));
+                _mm256_storeu_ps(o + 8, _mm256_loadu_ps(ct + 8));
+            } else {
+                for (int r = 0; r < nr; r++) o[r] = ct[r];
+            }
+        }
+    }
+}
+
 /* Prefill path for T <= s->max_batch tokens: pack panels (parallel), then tiles (parallel). */
 static void linear_gemm(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T) {
-    const int q16 = gq_ok(s, w), pt = q16 ? GQ_TOK : GM_TOK;
+    const int aq = cpu_simd_actq(s, w, T, NULL), pt = aq ? GQ_TOK : GM_TOK;
     gm_job j = {.w = w, .out = out, .x = x, .xpk = s->xp, .T = T, .n_panels = (T + pt - 1) / pt, .s = s};
-    st_pool_run(pool, q16 ? gq_pack_task : gm_pack_task, &j, j.n_panels);
+    st_pool_run(pool, aq == 127 ? g8_pack_task : aq ? gq_pack_task : gm_pack_task, &j, j.n_panels);
     const int64_t per = GM_ROWS * GM_TILES;
-    st_pool_run(pool, q16 ? gq_task : gm_task, &j, (int)((w->rows + per - 1) / per));
+    st_pool_run(pool, aq == 127 ? g8_task : aq ? gq_task : gm_task, &j, (int)((w->rows + per - 1) / per));
 }
 
 void cpu_linear_fast(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T) {

@@ -45,8 +45,9 @@ size_t cpu_simd_attn_floats(size_t row_cap);
  * quantized as q = round(x * (qmax / amax)), amax = max|x| over the block:
  *   - T <= 4 (decode), s->actq: 4-bit weights with s->actq8 -> int8, blocks of 32
  *     (vpmaddubsw); otherwise 2-, 4- and 8-bit weights -> int16, blocks of 32;
- *   - T > 4 (prefill), s->actq and s->actq_gemm: 4-bit weights with group >= 64 and
- *     cols % 64 == 0 -> int16, blocks of 64.
+ *   - T > 4 (prefill), s->actq and s->actq_gemm: 4-bit weights with cols % 64 == 0 ->
+ *     int8, blocks of 32 with s->actq8 (the decode kernel's arithmetic); otherwise with
+ *     group >= 64 -> int16, blocks of 64.
  * Results then differ from the float reference by up to sum_i |s q_i| * d_i / 2 with
  * d_i = amax / qmax of x_i's block (int16: the bias term b * sum(x) stays exact), or, for int8,
  * sum_i |w_i| * d_i / 2 (the bias term multiplies the sum of the rounded x^: the dot product
