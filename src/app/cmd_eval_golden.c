@@ -381,8 +381,8 @@ int cmd_eval_golden(int argc, char **argv) {
     }
     const double agree = npos ? (double)top1 / (double)npos : 0;
     const int top_ok = !crit.top1 || agree >= crit.top1;
-    printf("golden (%s: tol %.0e%s): %d passed, %d failed; top-1 agreement %.2f%%%s\n", crit_key ? crit_key : "default",
-           crit.tol, crit.greedy ? ", greedy identical" : "", passed, failed, 100 * agree,
+    printf("golden: %d passed, %d failed (%s: tol %.0e%s); top-1 agreement %.2f%%%s\n", passed, failed,
+           crit_key ? crit_key : "default", crit.tol, crit.greedy ? ", greedy identical" : "", 100 * agree,
            crit.top1 ? (top_ok ? " PASS" : " FAIL") : "");
     rc = failed || !top_ok ? 1 : 0;
 out:
