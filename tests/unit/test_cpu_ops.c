@@ -440,6 +440,9 @@ static void test_linear_prefill_shape(void **state) {
     weight_quant(&t, 50, 1024, 4, 64, SFT_BF16);
     int fails = check_linear(&t.w, ts, 1, "q4g64 prefill [50 x 1024]");
     weight_free(&t);
+    weight_quant(&t, 50, 1024, 4, 32, SFT_F16); /* the int8 GEMM with one scale per 32-block */
+    fails += check_linear(&t.w, ts, 1, "q4g32 prefill [50 x 1024]");
+    weight_free(&t);
     weight_dense(&t, 40, 512, SFT_BF16);
     fails += check_linear(&t.w, ts, 1, "bf16 prefill [40 x 512]");
     weight_free(&t);
