@@ -16,8 +16,10 @@
  *           position N (after the prefill's K/V; default 16); --no-prefill skips the prefill.
  * usage: bench_cpu_kernels [bw|linear|attention|model|hot|all] [--fmt q4g64|bf16|both] [--threads N]
  *                          [--iters N] [--gen N] [--pos N] [--no-prefill] [--no-exact] [--cpu-time]
- * --iters also sets the attention part's repetitions (best of max(iters, 5)). STRATA_NO_ACTQ_GEMM=1
- * and STRATA_ATTN_NOSPLIT=1 switch off the int16 prefill GEMM and split-K decode attention (A/B).
+ * --iters also sets the attention part's repetitions (best of max(iters, 5)). STRATA_NO_ACTQ8=1
+ * switches the 4-bit kernels from int8 back to int16 activations (decode and prefill GEMM),
+ * STRATA_NO_ACTQ_GEMM=1 and STRATA_ATTN_NOSPLIT=1 switch off the integer prefill GEMM and
+ * split-K decode attention (A/B on one build).
  * --cpu-time (with --threads 1) times the linear, attention and model parts with the thread's CPU
  * clock: per-core throughput that stays meaningful while other processes load the machine.
  */

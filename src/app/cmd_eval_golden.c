@@ -8,10 +8,21 @@
  * position), the decode path (one token at a time through the KV cache), and the greedy
  * continuation. A prompt passes when max|dlogit| <= tol * max|logit| on both paths and every
  * greedy token matches.
+ *
+ * --criteria KEY takes the pass criteria from DIR/golden.json's "tolerance" object instead:
+ * "fp32_engine" ("max|dlogit| <= 1e-3 * max|logit| per prompt; greedy identical") or
+ * "bf16_activations" ("max|dlogit| <= 3e-2 * max|logit|; top-1 agrees on >= 99% of
+ * positions"): the numbers are parsed from that text, so the fixture file stays the one place
+ * that states them. With a top-1 criterion, the agreement counts the argmax of every prefill
+ * and decode position against transformers' over all prompts, and the greedy continuation is
+ * reported but only required when the text says "greedy identical". The fast path's golden
+ * tests use bf16_activations (the issue allows quantized activations on the fast path under
+ * that tolerance; 4-bit decode linears use int8 activations there).
  */
 #include "app.h"
 #include "strata/model.h"
 
+#include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,6 +70,54 @@ static int load_case(const sft_set *g, int k, int vocab, golden_case *c, const c
     c->T = (int)p->shape[0];
     c->G = (int)gr->shape[0];
     return 0;
+}
+
+
+/* Pass criteria of a golden run. */
+typedef struct golden_crit {
+    double tol;      /* max|dlogit| <= tol * max|logit| on prefill and decode               */
+    double top1;     /* required top-1 agreement over all positions (fraction); 0: none     */
+    int greedy;      /* 1: every greedy token must match                                    */
+    char text[160];  /* the criteria as golden.json states them ("" for the built-in default) */
+} golden_crit;
+
+/* Reads tolerance[key] of DIR/golden.json and parses its numbers: "max|dlogit| <= X * ..."
+ * gives tol, "top-1 ... >= Y%" top1 = Y/100, "greedy identical" greedy = 1. Fails with
+ * ST_ERR_MISSING / ST_ERR_FORMAT naming the file and key when it is absent or unparsable. */
+static int golden_crit_load(const char *dir, const char *key, golden_crit *c, st_err *err) {
+    char *path = st_path_join(dir, "golden.json");
+    if (!path) return st_err_set(err, ST_ERR_NOMEM, "eval-golden: out of memory");
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    int rc = 0;
+    const char *txt = NULL;
+    if (!root) rc = st_err_set(err, ST_ERR_IO, "%s: %s (line %d)", path, je.text, je.line);
+    else {
+        json_t *v = json_object_get(json_object_get(root, "tolerance"), key);
+        txt = json_string_value(v);
+        if (!txt) rc = st_err_set(err, ST_ERR_MISSING, "%s: no string tolerance.%s", path, key);
+    }
+    if (!rc) {
+        memset(c, 0, sizeof *c);
+        snprintf(c->text, sizeof c->text, "%s", txt);
+        const char *a = strstr(txt, "max|dlogit| <=");
+        char *end = NULL;
+        if (a) c->tol = strtod(a + strlen("max|dlogit| <="), &end);
+        if (!a || end == a + strlen("max|dlogit| <=") || !(c->tol > 0 && c->tol < 1))
+            rc = st_err_set(err, ST_ERR_FORMAT, "%s: tolerance.%s: no 'max|dlogit| <= X' in \"%s\"", path, key, txt);
+        const char *t = strstr(txt, "top-1");
+        if (!rc && t) {
+            const char *ge = strstr(t, ">=");
+            double pct = ge ? strtod(ge + 2, &end) : 0;
+            if (!ge || end == ge + 2 || *end != '%' || !(pct > 0 && pct <= 100))
+                rc = st_err_set(err, ST_ERR_FORMAT, "%s: tolerance.%s: no 'top-1 ... >= Y%%' in \"%s\"", path, key, txt);
+            c->top1 = pct / 100;
+        }
+        c->greedy = strstr(txt, "greedy identical") != NULL;
+    }
+    json_decref(root);
+    free(path);
+    return rc;
 }
 
 #ifdef STRATA_HAVE_CUDA
@@ -165,6 +224,8 @@ static void usage(void) {
                     "  Checks DIR's model against DIR/golden.safetensors (prefill, decode and greedy).\n"
                     "  --exact      float32 reference kernels (default: the SIMD fast path, also float32)\n"
                     "  --tol X      relative tolerance on logits (default 1e-3)\n"
+                    "  --criteria KEY  pass criteria from DIR/golden.json's tolerance.KEY (fp32_engine,\n"
+                    "               bf16_activations: max|dlogit| and top-1 agreement; greedy reported)\n"
                     "  --batch N    prefill chunk size (default 64; smaller exercises chunking)\n"
                     "  --device cuda  run on the GPU (bf16 criteria: --tol default 3e-2, top-1 >= 99%%)\n"
                     "  --tp N       with --device cuda: tensor parallel over GPUs 0..N-1\n");
@@ -174,12 +235,14 @@ int cmd_eval_golden(int argc, char **argv) {
     const char *dir = NULL;
     double tol = 1e-3;
     int threads = 0, batch = 64, cuda = 0, tol_set = 0, exact = 0, tp = 1;
+    const char *crit_key = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--exact")) exact = 1;
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) cuda = !strcmp(argv[++i], "cuda");
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--tol") && i + 1 < argc) tol = atof(argv[++i]), tol_set = 1;
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--criteria") && i + 1 < argc) crit_key = argv[++i];
         else if (!strcmp(argv[i], "--tp") && i + 1 < argc) tp = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage();
@@ -203,6 +266,17 @@ int cmd_eval_golden(int argc, char **argv) {
         return 2;
     }
     st_err err = {0};
+    golden_crit crit = {.tol = tol, .top1 = 0, .greedy = 1};
+    if (crit_key) {
+        if (tol_set || cuda) {
+            fprintf(stderr, "strata eval-golden: --criteria replaces --tol and is for the CPU path\n");
+            return 2;
+        }
+        if (golden_crit_load(dir, crit_key, &crit, &err)) {
+            fprintf(stderr, "strata: %s\n", err.msg);
+            return 1;
+        }
+    }
     model *m = NULL;
     sft_set g = {0};
     model_ctx *ctx = NULL;
@@ -259,9 +333,12 @@ int cmd_eval_golden(int argc, char **argv) {
     if (!logits) goto out;
     printf("model %s: %s, %d layers, %d-dim, vocab %d; %d prompts\n", dir, m->desc.model_type, m->desc.n_layer,
            m->desc.n_embd, V, n_cases);
+    if (crit_key) printf("criteria: golden.json tolerance.%s: \"%s\"\n", crit_key, crit.text);
+    long top1 = 0, npos = 0;
     for (int k = 0; k < n_cases; k++) {
         golden_case *c = &cases[k];
         double pre_d = 0, pre_ref = 0, dec_d = 0, dec_ref = 0;
+        int pre_top = 0, dec_top = 0;
         /* 1. prefill: every position's logits in one pass */
         if (model_forward_seq(ctx, c->prompt, c->T, 0, logits, LOGITS_ALL, &err)) {
             fprintf(stderr, "strata: prompt %d: %s\n", k, err.msg);
@@ -269,11 +346,15 @@ int cmd_eval_golden(int argc, char **argv) {
             continue;
         }
         diff_stats(logits, c->logits, (size_t)c->T * V, &pre_d, &pre_ref);
+        for (int t = 0; t < c->T; t++) pre_top += argmax(logits + (size_t)t * V, V) == argmax(c->logits + (size_t)t * V, V);
         /* 2. decode path: token by token through the KV cache */
         int ok = 1;
         for (int t = 0; t < c->T && ok; t++) {
             if (model_forward_seq(ctx, &c->prompt[t], 1, t, logits, LOGITS_LAST, &err)) ok = 0;
-            else diff_stats(logits, c->logits + (size_t)t * V, (size_t)V, &dec_d, &dec_ref);
+            else {
+                diff_stats(logits, c->logits + (size_t)t * V, (size_t)V, &dec_d, &dec_ref);
+                dec_top += argmax(logits, V) == argmax(c->logits + (size_t)t * V, V);
+            }
         }
         /* 3. greedy continuation from the decode path's last logits */
         int match = 0;
@@ -288,15 +369,22 @@ int cmd_eval_golden(int argc, char **argv) {
             failed++;
             continue;
         }
+        top1 += pre_top + dec_top;
+        npos += 2L * c->T;
         double pre_rel = pre_ref > 0 ? pre_d / pre_ref : pre_d, dec_rel = dec_ref > 0 ? dec_d / dec_ref : dec_d;
-        int pass = pre_rel <= tol && dec_rel <= tol && match == c->G;
-        printf("prompt %d (%3d tokens): prefill max|dlogit|/max|logit| %.2e, decode %.2e, greedy %d/%d  %s\n", k, c->T,
-               pre_rel, dec_rel, match, c->G, pass ? "PASS" : "FAIL");
+        int pass = pre_rel <= crit.tol && dec_rel <= crit.tol && (!crit.greedy || match == c->G);
+        printf("prompt %d (%3d tokens): prefill max|dlogit|/max|logit| %.2e, decode %.2e, top-1 %d/%d + %d/%d, "
+               "greedy %d/%d  %s\n",
+               k, c->T, pre_rel, dec_rel, pre_top, c->T, dec_top, c->T, match, c->G, pass ? "PASS" : "FAIL");
         if (pass) passed++;
         else failed++;
     }
-    printf("golden: %d passed, %d failed\n", passed, failed);
-    rc = failed ? 1 : 0;
+    const double agree = npos ? (double)top1 / (double)npos : 0;
+    const int top_ok = !crit.top1 || agree >= crit.top1;
+    printf("golden: %d passed, %d failed (%s: tol %.0e%s); top-1 agreement %.2f%%%s\n", passed, failed,
+           crit_key ? crit_key : "default", crit.tol, crit.greedy ? ", greedy identical" : "", 100 * agree,
+           crit.top1 ? (top_ok ? " PASS" : " FAIL") : "");
+    rc = failed || !top_ok ? 1 : 0;
 out:
     free(logits);
     model_ctx_free(ctx);

@@ -116,6 +116,9 @@ int model_ctx_init(model_ctx **out, const model *m, const model_ctx_opts *opts, 
     if (ffmax > row_cap) row_cap = ffmax;
     if ((size_t)c->o.max_ctx > row_cap) row_cap = (size_t)c->o.max_ctx;
     if (!fail && cpu_scratch_init(&c->scratch, st_pool_threads(c->pool), row_cap, c->o.max_batch, c->o.exact)) fail = 1;
+    /* MoE: int16, not int8, activations for 4-bit weights: int8's error reaches the routers of
+     * later layers and flips near-tied expert choices (qwen3_moe-mlx-q4g64's golden; PERF.md) */
+    if (d->n_expert > 0) c->scratch.actq8 = 0;
     c->inv_freq = xalloc((size_t)d->n_rot / 2, sizeof(double), &fail);
     c->x = xalloc(B * D, 4, &fail);
     c->xn = xalloc(B * D, 4, &fail);

@@ -5,11 +5,14 @@
  *      dequantizes every weight with cpu_mlx_q_get: |ref - naive| <= 1e-6 * sum|w x|;
  *   2. the SIMD fast path (exact = 0; every ISA the CPU has: AVX2 and, where present, AVX-512)
  *      against the reference: |fast - ref| <= 1e-5 * sum|w x| for the float kernels; the
- *      int16-activation decode kernels (2/4/8-bit weights, T <= 4) may add their quantization
- *      error, bounded by sum_i |s q_i| * d_i / 2 (d_i = max|x| / 32767 of x_i's 32-block), which
- *      the test computes itself, and must match an emulation of their documented rounding
- *      within 1e-5; every case also runs with quantized activations off. The int16 prefill GEMM
- *      (4-bit weights, group >= 64, T > 4) likewise, with 64-value activation blocks.
+ *      quantized-activation kernels (cpu_simd_actq: int16 for 2/4/8-bit weights at T <= 4,
+ *      int8 for 4-bit weights at T <= 4 when actq8 is on, int16 for the 4-bit prefill GEMM)
+ *      may add their quantization error, bounded by sum_i |s q_i| * d_i / 2 (d_i = max|x| /
+ *      qmax of x_i's block, qmax 32767 or 127; int8: sum_i |w_i| * d_i / 2, its bias term
+ *      taking the rounded x^ too), which the test computes itself, and must match
+ *      an emulation of their documented rounding within 1e-5; every case runs with int8, int16
+ *      and float activations. test_q4i8_exact checks the int8 kernel's quantizer and integer
+ *      sums bit for bit against a scalar emulation.
  * sum|w x| (per output, in double) is the scale float32 rounding errors of a dot product are
  * proportional to, so the bounds hold for outputs that cancel to ~0 and still catch a single
  * wrong weight (which moves the result by ~1/cols of that scale, >= 1e-3 here).
@@ -178,11 +181,13 @@ static double bound_err(const float *a, const double *b, const double *bound, si
     return worst;
 }
 
-/* The int16-activation error bound of output (t, r): sum_i |s q_ri| * d_ti / 2 with
- * d_ti = max|x_t| / 32767 over the blk-value block holding i (the kernels round x_i / d to the
- * nearest integer and multiply only s * q by it; the bias term uses x itself), in qb[T, rows].
- * blk: 32 for the decode kernels, 64 for the prefill GEMM. */
-static void actq_bound(const wt_linear *w, const float *x, int T, int blk, double *qb) {
+/* The quantized-activation error bound of output (t, r): sum_i |s q_ri| * d_ti / 2 with
+ * d_ti = max|x_t| / qmax over the blk-value block holding i (the int16 kernels round x_i / d to
+ * the nearest integer and multiply only s * q by it; the bias term uses x itself), in
+ * qb[T, rows]. centred (the int8 kernel, whose bias term uses the sum of the rounded x^ over
+ * full units): sum_i |w_ri| * d_ti / 2. (blk, qmax): (32, 32767) int16 decode, (64, 32767)
+ * int16 prefill GEMM, (32, 127) int8 decode. */
+static void actq_bound(const wt_linear *w, const float *x, int T, int blk, int qmax, int centred, double *qb) {
     for (int t = 0; t < T; t++)
         for (int64_t r = 0; r < w->rows; r++) {
             double e = 0;
@@ -192,23 +197,24 @@ static void actq_bound(const wt_linear *w, const float *x, int T, int blk, doubl
                     double xv = fabs(x[(size_t)t * w->cols + b * blk + i]);
                     amax = xv > amax ? xv : amax;
                     double wb = 0; /* the bias of (r, i)'s group, 0 for dense weights */
-                    if (w->qbits)
+                    if (w->qbits && !centred)
                         wb = get_float(w->biases, (size_t)r * w->srow_elems + (size_t)((b * blk + i) / w->group), w->sdtype);
                     sw += fabs(weight_at(w, r, b * blk + i) - wb);
                 }
-                e += sw * amax / 32767 / 2;
+                e += sw * amax / qmax / 2;
             }
             qb[(size_t)t * w->rows + r] = e;
         }
 }
 
-/* The int16-activation kernels' result in double: s*q of each weight in a full unit of U
- * values (U = 128, 64, 32 for 2-, 4-, 8-bit weights) multiplies x quantized per 32-block
- * exactly as documented in cpu_simd.c (float amax, q = lrintf(x * (32767f / amax)),
- * x^ = q * (amax / 32767f)); the bias term b * sum(x) and values past the last full unit use
- * x itself. */
-static void actq_emulate(const wt_linear *w, const float *x, int T, int blk, double *yq) {
+/* The quantized-activation kernels' result in double: s*q of each weight in a full unit of U
+ * values (U = 128, 64, 32 for 2-, 4-, 8-bit weights; 64 for the int8 4-bit kernel) multiplies x
+ * quantized per blk-block exactly as documented in cpu_simd.c (float amax, q = lrintf(x *
+ * (qmax_f / amax)), x^ = q * (amax / qmax_f)); the bias term b * sum(x) and values past the
+ * last full unit use x itself, except with centred (int8), where the bias multiplies x^ too. */
+static void actq_emulate(const wt_linear *w, const float *x, int T, int blk, int qmax, int centred, double *yq) {
     const int U = blk == 64 ? 64 : w->qbits == 2 ? 128 : w->qbits == 4 ? 64 : 32;
+    const float qf = (float)qmax;
     const int64_t full = w->cols / U * U;
     double *xh = malloc((size_t)w->cols * sizeof(double));
     assert_non_null(xh);
@@ -218,7 +224,7 @@ static void actq_emulate(const wt_linear *w, const float *x, int T, int blk, dou
         for (int64_t b = 0; b < full / blk; b++) {
             float amax = 0;
             for (int i = 0; i < blk; i++) amax = fabsf(xt[b * blk + i]) > amax ? fabsf(xt[b * blk + i]) : amax;
-            const float id = amax > 0 ? 32767.0f / amax : 0.0f, d = amax / 32767.0f;
+            const float id = amax > 0 ? qf / amax : 0.0f, d = amax / qf;
             for (int i = 0; i < blk; i++) xh[b * blk + i] = (double)lrintf(xt[b * blk + i] * id) * d;
         }
         for (int64_t r = 0; r < w->rows; r++) { /* s*q times x^, the bias times x itself */
@@ -227,7 +233,7 @@ static void actq_emulate(const wt_linear *w, const float *x, int T, int blk, dou
             for (int64_t i = 0; i < w->cols; i++) {
                 size_t gi = (size_t)r * w->srow_elems + (size_t)(i / w->group);
                 acc += get_float(w->scales, gi, w->sdtype) * cpu_mlx_q_get(row, w->qbits, (size_t)i) * xh[i] +
-                       get_float(w->biases, gi, w->sdtype) * xt[i];
+                       get_float(w->biases, gi, w->sdtype) * (centred ? xh[i] : xt[i]);
             }
             yq[(size_t)t * w->rows + r] = acc;
         }
@@ -285,62 +291,65 @@ static int check_linear(const wt_linear *w, const int *ts, int nts, const char *
         char what[160];
         snprintf(what, sizeof what, "%s T=%d reference vs naive", label, T);
         fails += !(rel_err(ref, y, mag, n, 1e-6, what) <= 1e-6);
-        /* per token, the int16 bound and emulation for the decode kernels' 32-blocks ([0]) and
-         * the prefill GEMM's 64-blocks ([1]) */
-        double *refd = malloc(n * sizeof(double)), *qb[2] = {malloc(n * sizeof(double)), malloc(n * sizeof(double))};
+        /* per token, the bound and emulation of each activation quantization: [0] int16
+         * 32-blocks (decode), [1] int16 64-blocks (prefill GEMM), [2] int8 32-blocks (decode) */
+        static const int kblk[3] = {32, 64, 32}, kqmax[3] = {32767, 32767, 127};
+        double *refd = malloc(n * sizeof(double)), *qb[3], *yq[3];
         double *bound = malloc(n * sizeof(double));
-        assert_true(refd && qb[0] && qb[1] && bound);
+        assert_true(refd && bound);
         for (size_t i = 0; i < n; i++) refd[i] = ref[i];
-        actq_bound(w, x, T, 32, qb[0]);
-        actq_bound(w, x, T, 64, qb[1]);
-        double *yq[2] = {NULL, NULL};
-        for (int k2 = 0; k2 < 2; k2++)
-            if (cpu_simd_actq(w, k2 ? 5 : 1)) {
-                yq[k2] = malloc(n * sizeof(double));
-                assert_non_null(yq[k2]);
-                actq_emulate(w, x, T, k2 ? 64 : 32, yq[k2]);
-            }
+        for (int k2 = 0; k2 < 3; k2++) {
+            qb[k2] = malloc(n * sizeof(double));
+            yq[k2] = malloc(n * sizeof(double));
+            assert_true(qb[k2] && yq[k2]);
+            actq_bound(w, x, T, kblk[k2], kqmax[k2], k2 == 2, qb[k2]);
+            if (w->qbits) actq_emulate(w, x, T, kblk[k2], kqmax[k2], k2 == 2, yq[k2]);
+        }
         for (int l = 0; l < nlv; l++)
             for (int mb = 0; mb < 2; mb++)
-                for (int a8 = 1; a8 >= 0; a8--) {
+                for (int am = 2; am >= 0; am--) { /* activations: 2 int8 + int16, 1 int16 only, 0 float */
                     cpu_scratch sf;
                     assert_int_equal(cpu_scratch_init(&sf, 2, cap, mb ? 8 : 256, 0), ST_OK);
                     sf.simd = lv[l];
-                    sf.actq = a8;
+                    sf.actq = am >= 1;
+                    sf.actq_gemm = am >= 1;
+                    sf.actq8 = am == 2;
                     for (size_t i = 0; i < n; i++) fast[i] = NAN;
                     cpu_linear(mb ? NULL : g_pool, &sf, fast, x, w, T);
-                    /* which tokens went through the int16 kernels: T <= 4 directly, else the
-                     * last chunk of T % max_batch tokens when that is <= 4 */
+                    /* each token's chunk: T <= 4 directly, else chunks of max_batch and a last
+                     * one of T % max_batch tokens; its quantization from cpu_simd_actq */
                     const int maxb = sf.max_batch;
+                    int kind[64];
+                    assert_true(T <= 64);
                     for (int t = 0; t < T; t++) {
-                        int chunk = T <= 4 ? T : (t / maxb + 1) * maxb <= T ? maxb : T % maxb;
-                        int q8 = a8 && cpu_simd_actq(w, chunk);
+                        int chunk = T <= 4 ? T : (t / maxb + 1) * maxb <= T ? maxb : T % maxb, blk = 0;
+                        int qmax = cpu_simd_actq(&sf, w, chunk, &blk);
+                        kind[t] = !qmax ? -1 : qmax == 127 ? 2 : blk == 64 ? 1 : 0;
+                        assert_true(qmax == 0 || (qmax == 127 && blk == 32) || (qmax == 32767 && (blk == 32 || blk == 64)));
+                        if (am == 2 && w->qbits == 4 && chunk <= 4) assert_int_equal(kind[t], 2);
+                        if (am == 0) assert_int_equal(kind[t], -1);
                         for (int64_t r = 0; r < w->rows; r++) {
                             size_t i = (size_t)t * w->rows + r;
-                            bound[i] = 1e-5 * mag[i] + (q8 ? qb[chunk > 4][i] : 0.0);
+                            bound[i] = 1e-5 * mag[i] + (kind[t] >= 0 ? qb[kind[t]][i] : 0.0);
                         }
                     }
                     cpu_scratch_free(&sf);
+                    static const char *const am_name[3] = {"", ", int16 activations", ", int8/int16 activations"};
                     snprintf(what, sizeof what, "%s T=%d fast (%s, max_batch %d%s) vs reference", label, T,
-                             lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256, a8 ? ", int16 activations" : "");
+                             lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256, am_name[am]);
                     fails += !(bound_err(fast, refd, bound, n, what) <= 1.0);
-                    for (int t = 0; t < T; t++) { /* the int16 tokens also against the emulation, at float tolerance */
-                        int chunk = T <= 4 ? T : (t / maxb + 1) * maxb <= T ? maxb : T % maxb;
-                        if (!(a8 && cpu_simd_actq(w, chunk))) continue;
-                        const double *ye = yq[chunk > 4];
-                        assert_non_null(ye);
-                        snprintf(what, sizeof what, "%s T=%d token %d fast (%s, max_batch %d) vs int16 emulation (%s)", label,
-                                 T, t, lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256,
-                                 chunk > 4 ? "prefill, 64-blocks" : "decode, 32-blocks");
+                    for (int t = 0; t < T; t++) { /* quantized tokens also against the emulation, at float tolerance */
+                        if (kind[t] < 0) continue;
+                        static const char *const kn[3] = {"int16, decode 32-blocks", "int16, prefill 64-blocks",
+                                                          "int8, 32-blocks"};
+                        snprintf(what, sizeof what, "%s T=%d token %d fast (%s, max_batch %d) vs emulation (%s)", label, T, t,
+                                 lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256, kn[kind[t]]);
                         size_t o = (size_t)t * w->rows;
-                        fails += !(rel_err(fast + o, ye + o, mag + o, (size_t)w->rows, 1e-5, what) <= 1e-5);
+                        fails += !(rel_err(fast + o, yq[kind[t]] + o, mag + o, (size_t)w->rows, 1e-5, what) <= 1e-5);
                     }
                 }
-        free(qb[0]);
-        free(qb[1]);
+        for (int k2 = 0; k2 < 3; k2++) free(qb[k2]), free(yq[k2]);
         free(bound);
-        free(yq[0]);
-        free(yq[1]);
         free(refd);
         free(x);
         free(y);
@@ -431,10 +440,85 @@ static void test_linear_prefill_shape(void **state) {
     weight_quant(&t, 50, 1024, 4, 64, SFT_BF16);
     int fails = check_linear(&t.w, ts, 1, "q4g64 prefill [50 x 1024]");
     weight_free(&t);
+    weight_quant(&t, 50, 1024, 4, 32, SFT_F16); /* the int8 GEMM with one scale per 32-block */
+    fails += check_linear(&t.w, ts, 1, "q4g32 prefill [50 x 1024]");
+    weight_free(&t);
     weight_dense(&t, 40, 512, SFT_BF16);
     fails += check_linear(&t.w, ts, 1, "bf16 prefill [40 x 512]");
     weight_free(&t);
     assert_int_equal(fails, 0);
+}
+
+/* The int8 4-bit decode kernel's integer part, bit for bit: cpu_simd_q8_prep against a scalar
+ * quantizer (per 32-block: float amax, id = 127f / amax, q = lrintf(x * id), d = amax / 127f;
+ * stored evens then odds per 64-value unit; group sums of x^ = d * sum q in block order, the
+ * bias term's input) and cpu_simd_q4i8_sums against int32 sums of
+ * code * q over each 8-value lane. Random rows and activations (with zero blocks and exact
+ * ties q + 0.5 among them), plus the saturation extremes: every code 15 against q = +-127
+ * (|lane| = 8 * 15 * 127 = 15240, the int16 pair sums 7620 before vpmaddwd). */
+static void test_q4i8_exact(void **state) {
+    (void)state;
+    if (cpu_simd_level() < CPU_SIMD_AVX2) skip();
+    const int64_t cols = 1024 + 64 * 3, nu = cols / 64;
+    float *x = malloc((size_t)cols * sizeof(float));
+    int8_t *xq = malloc((size_t)cols), *want = malloc((size_t)cols);
+    float *dl = malloc((size_t)nu * 8 * sizeof(float)), *dwant = malloc((size_t)nu * 8 * sizeof(float));
+    uint8_t *row = malloc((size_t)cols / 2);
+    int32_t *sums = malloc((size_t)nu * 8 * sizeof(int32_t));
+    assert_true(x && xq && want && dl && dwant && row && sums);
+    for (int rep = 0; rep < 6; rep++) {
+        for (int64_t i = 0; i < cols; i++) x[i] = (float)rng_unif(-2, 2) * (rep == 1 ? 1e-20f : rep == 2 ? 1e20f : 1.0f);
+        for (int64_t i = 0; i < cols / 2; i++) row[i] = (uint8_t)rng_u64();
+        if (rep == 3) /* block 1 all zero; block 2 with amax 127 so x = k + 0.5 are exact ties */
+            for (int i = 0; i < 32; i++) x[32 + i] = 0.0f, x[64 + i] = i == 0 ? 127.0f : (float)(i - 16) + 0.5f;
+        if (rep >= 4) /* extremes: all codes 15 against +amax (rep 4) or -amax (rep 5) */
+            for (int64_t i = 0; i < cols; i++) x[i] = rep == 4 ? 3.0f : -3.0f, row[i / 2] = 0xFF;
+        for (int64_t u = 0; u < nu; u++)
+            for (int h = 0; h < 2; h++) {
+                const float *xb = x + 64 * u + 32 * h;
+                float amax = 0;
+                for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+                const float id = amax > 0 ? 127.0f / amax : 0.0f;
+                for (int i = 0; i < 32; i++) {
+                    const long q = lrintf(xb[i] * id);
+                    assert_true(q >= -127 && q <= 127);
+                    const int v = 32 * h + i; /* value index within the unit */
+                    want[64 * u + (v & 1) * 32 + v / 2] = (int8_t)q;
+                }
+                for (int k = 0; k < 4; k++) dwant[8 * u + 4 * h + k] = amax / 127.0f;
+            }
+        memset(xq, 0x55, (size_t)cols);
+        const int g = rep % 2 ? 64 : 32, ng = (int)(cols / g);
+        float xs[64], xswant[64];
+        assert_true(ng <= 64);
+        for (int gi = 0; gi < ng; gi++) { /* sum of x^ per group: d * sum q per 32-block, in order */
+            xswant[gi] = 0;
+            for (int b = gi * g / 32; b < (gi + 1) * g / 32; b++) {
+                int32_t qs = 0;
+                for (int i = 0; i < 32; i++) qs += want[64 * (b / 2) + (b % 2) * 16 + (i & 1) * 32 + i / 2];
+                xswant[gi] += dwant[8 * (b / 2) + 4 * (b % 2)] * (float)qs;
+            }
+        }
+        cpu_simd_q8_prep(x, cols, xq, dl, xs, g);
+        if (memcmp(xs, xswant, (size_t)ng * sizeof(float))) fail_msg("rep %d: q8_prep sums of x^ (group %d) differ", rep, g);
+        for (int64_t i = 0; i < cols; i++)
+            if (xq[i] != want[i]) fail_msg("rep %d: q8_prep byte %lld = %d, want %d", rep, (long long)i, xq[i], want[i]);
+        if (memcmp(dl, dwant, (size_t)nu * 8 * sizeof(float))) fail_msg("rep %d: q8_prep scales differ", rep);
+        cpu_simd_q4i8_sums(row, xq, nu, sums);
+        for (int64_t u = 0; u < nu; u++)
+            for (int k = 0; k < 8; k++) {
+                int32_t e = 0;
+                for (int v = 8 * k; v < 8 * k + 8; v++) { /* value v of the unit: byte v/2, nibble v&1 */
+                    const int code = (row[32 * u + v / 2] >> (4 * (v & 1))) & 15;
+                    e += code * want[64 * u + (v & 1) * 32 + v / 2];
+                }
+                if (rep == 4) assert_int_equal(e, 15240);
+                if (rep == 5) assert_int_equal(e, -15240);
+                if (sums[8 * u + k] != e)
+                    fail_msg("rep %d: unit %lld lane %d: sum %d, want %d", rep, (long long)u, k, sums[8 * u + k], e);
+            }
+    }
+    free(x), free(xq), free(want), free(dl), free(dwant), free(row), free(sums);
 }
 
 /* Naive causal attention in double: out[t, h] = softmax(q.k * scale) v over 0..pos[t]. */
@@ -839,6 +923,7 @@ int main(void) {
         cmocka_unit_test(test_linear_quant),
         cmocka_unit_test(test_linear_dense),
         cmocka_unit_test(test_linear_prefill_shape),
+        cmocka_unit_test(test_q4i8_exact),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_decode),
         cmocka_unit_test(test_attention_f16),

@@ -21,6 +21,9 @@ typedef struct cpu_scratch {
     int simd;           /* fast path ISA (enum cpu_simd_level); tests may lower it                */
     int actq;           /* fast path: int16 activations for 2/4/8-bit weights at T <= 4 (decode)  */
     int actq_gemm;      /* fast path: int16 activations for 4-bit weights at T > 4 (prefill)       */
+    int actq8;          /* fast path, with actq: int8 (not int16) activations for 4-bit weights
+                         * (decode, and prefill with actq_gemm): ~1/258 of the int16 precision,
+                         * within golden.json's bf16_activations tolerance (cpu_simd_actq)        */
     int max_batch;      /* token rows the fast buffers hold; larger T is processed in chunks      */
     float *xp;          /* [max_batch + 8, row_cap]      fast: permuted / panel-packed activations */
     float *xs;          /* [4, row_cap/32 + 16]          fast: per-group sums of the activations   */

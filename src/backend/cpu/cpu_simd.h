@@ -7,7 +7,8 @@
  * summation, fused multiply-adds, and the group factorisation below).
  *
  * Quantized decode of 2-, 4- and 8-bit weights multiplies the weights' integers with int16
- * activations (pmaddwd; see the comment above q16_prep in cpu_simd.c). 3-, 5- and 6-bit
+ * activations (pmaddwd; see the comment above q16_prep in cpu_simd.c); 4-bit weights with int8
+ * activations (pmaddubsw, mv4i8_rows_avx2) unless the scratch's actq8 is off. 3-, 5- and 6-bit
  * weights, and every weight when actq is off, use float kernels with the group trick on MLX
  * affine weights w = s_g * q + b_g:
  *     y = sum_g s_g * (q_g . x_g) + b_g * sum(x_g)
@@ -38,11 +39,29 @@ size_t cpu_simd_tbuf_floats(size_t row_cap, int max_batch);
  * row_cap >= n_head * head_dim. */
 size_t cpu_simd_attn_floats(size_t row_cap);
 
-/* 1 if the fast linear quantizes the activations to int16 for this weight and T (2-, 4- and
- * 8-bit MLX weights at T <= 4 when the scratch's actq is set; 4-bit weights with group >= 64 at
- * T > 4 when actq_gemm is also set): results then differ from the float reference by up to
- * sum_i |s q_i| * d_i / 2, d_i = max|x| / 32767 over x_i's block of 32 (T <= 4) or 64 (T > 4). */
-int cpu_simd_actq(const wt_linear *w, int T);
+/* How the fast linear on scratch s quantizes the activations of a call with T token rows
+ * (T <= s->max_batch: one chunk) for weight w. Returns 0 (float activations), 32767 (int16)
+ * or 127 (int8), and in *blk (may be NULL) the values per activation block, each block
+ * quantized as q = round(x * (qmax / amax)), amax = max|x| over the block:
+ *   - T <= 4 (decode), s->actq: 4-bit weights with s->actq8 -> int8, blocks of 32
+ *     (vpmaddubsw); otherwise 2-, 4- and 8-bit weights -> int16, blocks of 32;
+ *   - T > 4 (prefill), s->actq and s->actq_gemm: 4-bit weights with cols % 64 == 0 ->
+ *     int8, blocks of 32 with s->actq8 (the decode kernel's arithmetic); otherwise with
+ *     group >= 64 -> int16, blocks of 64.
+ * Results then differ from the float reference by up to sum_i |s q_i| * d_i / 2 with
+ * d_i = amax / qmax of x_i's block (int16: the bias term b * sum(x) stays exact), or, for int8,
+ * sum_i |w_i| * d_i / 2 (the bias term multiplies the sum of the rounded x^: the dot product
+ * of w with x^, whose error for zero-centred groups is about half the other form's). */
+int cpu_simd_actq(const cpu_scratch *s, const wt_linear *w, int T, int *blk);
+
+/* Test hooks for the int8 4-bit decode kernel (need AVX2). cpu_simd_q8_prep quantizes x[cols]
+ * exactly as the kernel does: per full 64-value unit u, xq[64u + i] = q(x[64u + 2i]) and
+ * xq[64u + 32 + i] = q(x[64u + 2i + 1]) (i < 32), q = round-to-nearest-even(x * (127 / amax))
+ * over each 32-block, and dl[8u + k] = amax / 127 of block 0 (k < 4) or block 1 (k >= 4).
+ * cpu_simd_q4i8_sums runs the kernel's integer part over nu units of a 4-bit row (32 bytes
+ * each): sums[8u + k] = sum over values v = 64u + 8k .. 64u + 8k + 7 of code(v) * xq(v). */
+void cpu_simd_q8_prep(const float *x, int64_t cols, int8_t *xq, float *dl, float *xs, int g);
+void cpu_simd_q4i8_sums(const uint8_t *row, const int8_t *xq, int64_t nu, int32_t *sums);
 
 /* Fast out[T, rows] = x[T, cols] W^T (contract of cpu_linear); needs s->simd >= AVX2. */
 void cpu_linear_fast(st_pool *pool, cpu_scratch *s, float *out, const float *x, const wt_linear *w, int T);
