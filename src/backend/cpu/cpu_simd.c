@@ -1397,6 +1397,26 @@ static AVX2_FN void gq_kernel(const int16_t *wt, const int32_t *xk, const float 
     }
 }
 
+/* The last step of a gm_task: the nt tiles' accumulators c (tile i at c + i * cstride, token t
+ * at + t * GM_ROWS) written to rows r0.. of j->out for every token (a short last tile by element). */
+static AVX2_FN void gm_store_tiles(const gm_job *j, const float *c, size_t cstride, int64_t r0, int nt) {
+    const int64_t rows = j->w->rows;
+    for (int i = 0; i < nt; i++) {
+        const int64_t ri = r0 + (int64_t)i * GM_ROWS;
+        const int nr = rows - ri < GM_ROWS ? (int)(rows - ri) : GM_ROWS;
+        for (int t = 0; t < j->T; t++) {
+            const float *ct = c + (size_t)i * cstride + (size_t)t * GM_ROWS;
+            float *o = j->out + (size_t)t * rows + ri;
+            if (nr == GM_ROWS) {
+                _mm256_storeu_ps(o, _mm256_loadu_ps(ct));
+                _mm256_storeu_ps(o + 8, _mm256_loadu_ps(ct + 8));
+            } else {
+                for (int r = 0; r < nr; r++) o[r] = ct[r];
+            }
+        }
+    }
+}
+
 /* gm_task for the int16 path: tiles of int16 weights against int16 panels. */
 static AVX2_FN void gq_task(void *ctx, int task, int n_tasks, int thread) {
     (void)n_tasks;
@@ -1426,20 +1446,7 @@ static AVX2_FN void gq_task(void *ctx, int task, int n_tasks, int thread) {
             }
         }
     }
-    for (int i = 0; i < nt; i++) {
-        const int64_t ri = r0 + (int64_t)i * GM_ROWS;
-        const int nr = rows - ri < GM_ROWS ? (int)(rows - ri) : GM_ROWS;
-        for (int t = 0; t < j->T; t++) {
-            const float *ct = c + (size_t)i * cstride + (size_t)t * GM_ROWS;
-            float *o = j->out + (size_t)t * rows + ri;
-            if (nr == GM_ROWS) {
-                _mm256_storeu_ps(o, _mm256_loadu_ps(ct));
-                _mm256_storeu_ps(o + 8, _mm256_loadu_ps(ct + 8));
-            } else {
-                for (int r = 0; r < nr; r++) o[r] = ct[r];
-            }
-        }
-    }
+    gm_store_tiles(j, c, cstride, r0, nt);
 }
 
 /* Prefill with int8 activations (4-bit weights, cols % 64 == 0, when actq8 and actq_gemm are
@@ -1600,20 +1607,7 @@ static AVX2_FN void g8_task(void *ctx, int task, int n_tasks, int thread) {
             }
         }
     }
-    for (int i = 0; i < nt; i++) {
-        const int64_t ri = r0 + (int64_t)i * GM_ROWS;
-        const int nr = rows - ri < GM_ROWS ? (int)(rows - ri) : GM_ROWS;
-        for (int t = 0; t < j->T; t++) {
-            const float *ct = c + (size_t)i * cstride + (size_t)t * GM_ROWS;
-            float *o = j->out + (size_t)t * rows + ri;
-            if (nr == GM_ROWS) {
-                _mm256_storeu_ps(o, _mm256_loadu_ps(ct));
-                _mm256_storeu_ps(o + 8, _mm256_loadu_ps(ct + 8));
-            } else {
-                for (int r = 0; r < nr; r++) o[r] = ct[r];
-            }
-        }
-    }
+    gm_store_tiles(j, c, cstride, r0, nt);
 }
 
 /* Prefill path for T <= s->max_batch tokens: pack panels (parallel), then tiles (parallel). */
