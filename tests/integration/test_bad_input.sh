@@ -23,10 +23,8 @@ trap 'rm -rf "$tmp"' EXIT
 failures=0
 checks=0
 
-fail() {
-    echo "FAIL: $*" >&2
-    failures=$((failures + 1))
-}
+# shellcheck source=cli_lib.sh
+. "$(dirname "$0")/cli_lib.sh"
 
 # fresh NAME [FIXTURE]: a copy of the fixture (default qwen3-bf16) in $tmp/NAME; prints its path.
 fresh() {
@@ -159,19 +157,6 @@ expect no-dir "$tmp/does-not-exist/config.json" "cannot open" "$bin" inspect "$t
 
 # 15. strata comm-bench: argument errors and a machine without a GPU give exit status 2 and one
 #     "strata: " line (and nothing else) on stderr
-expect_usage() {
-    local name=$1 problem=$2
-    shift 2
-    local err=$tmp/err.txt rc
-    "$@" >/dev/null 2>"$err"
-    rc=$?
-    checks=$((checks + 1))
-    [ "$rc" -eq 2 ] || fail "$name: exit status $rc, want 2"
-    local n
-    n=$(wc -l <"$err")
-    [ "$n" -eq 1 ] || { fail "$name: $n lines on stderr, want 1"; sed 's/^/    /' "$err" | head -20 >&2; }
-    grep -q "^strata: .*$problem" "$err" || fail "$name: stderr does not say '$problem': $(head -c 300 "$err")"
-}
 expect_usage comm-bench-size 'not a message size' "$bin" comm-bench --sizes 6K,12X
 expect_usage comm-bench-odd-size 'not a message size' "$bin" comm-bench --sizes 6
 expect_usage comm-bench-zero-size 'not a message size' "$bin" comm-bench --sizes 0K

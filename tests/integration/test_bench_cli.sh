@@ -19,24 +19,8 @@ trap 'rm -rf "$tmp"' EXIT
 failures=0
 checks=0
 
-fail() {
-    echo "FAIL: $*" >&2
-    failures=$((failures + 1))
-}
-
-# expect_usage NAME PROBLEM CMD...: exit status 2, exactly one line on stderr, "strata: ...PROBLEM".
-expect_usage() {
-    local name=$1 problem=$2
-    shift 2
-    local err=$tmp/err.txt rc n
-    "$@" >/dev/null 2>"$err"
-    rc=$?
-    checks=$((checks + 1))
-    [ "$rc" -eq 2 ] || fail "$name: exit status $rc, want 2"
-    n=$(wc -l <"$err")
-    [ "$n" -eq 1 ] || { fail "$name: $n lines on stderr, want 1"; sed 's/^/    /' "$err" | head -20 >&2; }
-    grep -q "^strata: .*$problem" "$err" || fail "$name: stderr does not say '$problem': $(head -c 300 "$err")"
-}
+# shellcheck source=cli_lib.sh
+. "$(dirname "$0")/cli_lib.sh"
 
 # 1. bad --concurrency values, on every path (CPU, --device cuda, --tp): refused before any work
 #    (tiny models and short runs, so a value wrongly accepted fails fast instead of benchmarking)

@@ -604,6 +604,39 @@ static void kv_to_f16(const cpu_scratch *s, const float *x, uint16_t *h, float *
     for (size_t i = 0; i < n; i++) w[i] = st_f16_to_f32(h[i]);
 }
 
+/* One attention call's rows for batch_invariance: float32 K/V (kf, vf) or, with kh set, float16. */
+typedef struct attn_rows {
+    cpu_scratch *s;
+    const float *q;              /* [T, H * hd] */
+    const float *const *kf, *const *vf;
+    const uint16_t *const *kh, *const *vh;
+    const int32_t *pos;
+    int H, Hkv, hd;
+    float scale;
+} attn_rows;
+
+/* Batch invariance of the decode attention: each token t of a T > 1 call (output `got`) run
+ * alone (serially for odd t, on the pool for even t) must give bit-identical rows. Returns the
+ * number of tokens that differ (printed); `alone` holds H * hd floats. */
+static int batch_invariance(const char *what, const attn_rows *a, int T, const float *got, float *alone) {
+    const size_t row = (size_t)a->H * a->hd;
+    int fails = 0;
+    for (int t = 0; t < T && T > 1; t++) {
+        st_pool *pool = t & 1 ? NULL : g_pool;
+        if (a->kh)
+            cpu_attention_f16(pool, a->s, alone, a->q + (size_t)t * row, &a->kh[t], &a->vh[t], &a->pos[t], 1, a->H, a->Hkv,
+                              a->hd, a->scale);
+        else
+            cpu_attention(pool, a->s, alone, a->q + (size_t)t * row, &a->kf[t], &a->vf[t], &a->pos[t], 1, a->H, a->Hkv, a->hd,
+                          a->scale);
+        if (memcmp(alone, got + (size_t)t * row, row * sizeof(float))) {
+            print_message("%s: token %d alone differs from the batch\n", what, t);
+            fails++;
+        }
+    }
+    return fails;
+}
+
 /* The float16 KV cache of the fast path: cpu_kv_store_f16 rounds as the scalar st_f32_to_f16
  * (nearest even) for every finite float16 value, clamps beyond +-65504 instead of producing
  * inf and keeps NaN; cpu_attention_f16 (prefill tokens sharing a slot, alternating slots, and
@@ -724,14 +757,8 @@ static void test_attention_f16(void **state) {
                 snprintf(what, sizeof what, "f16 decode attention H=%d Hkv=%d hd=%d T=%d pos[0]=%d %s", H, Hkv, hd, T, pos[0],
                          lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2");
                 fails += !(rel_err(got, want, one, n, 1e-5, what) <= 1e-5);
-                for (int t = 0; t < T && T > 1; t++) {
-                    cpu_attention_f16(t & 1 ? NULL : g_pool, &s, alone, q + (size_t)t * H * hd, &khp[t], &vhp[t], &pos[t], 1, H,
-                                      Hkv, hd, scale);
-                    if (memcmp(alone, got + (size_t)t * H * hd, (size_t)H * hd * sizeof(float))) {
-                        print_message("%s: token %d alone differs from the batch\n", what, t);
-                        fails++;
-                    }
-                }
+                attn_rows a = {&s, q, NULL, NULL, khp, vhp, pos, H, Hkv, hd, scale};
+                fails += batch_invariance(what, &a, T, got, alone);
             }
             cpu_scratch_free(&s);
             for (int t = 0; t < T; t++) free(kw[t]), free(vw[t]), free(kb[t]), free(vb[t]);
@@ -786,14 +813,8 @@ static void test_attention_decode(void **state) {
                     snprintf(what, sizeof what, "decode attention H=%d Hkv=%d hd=%d T=%d pos[0]=%d %s", H, Hkv, hd, T, pos[0],
                              lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2");
                     fails += !(rel_err(got, want, one, n, 1e-5, what) <= 1e-5);
-                    for (int t = 0; t < T && T > 1; t++) {
-                        cpu_attention(t & 1 ? NULL : g_pool, &s, alone, q + (size_t)t * H * hd, &kp[t], &vp[t], &pos[t], 1, H,
-                                      Hkv, hd, scale);
-                        if (memcmp(alone, got + (size_t)t * H * hd, (size_t)H * hd * sizeof(float))) {
-                            print_message("%s: token %d alone differs from the batch\n", what, t);
-                            fails++;
-                        }
-                    }
+                    attn_rows a = {&s, q, kp, vp, NULL, NULL, pos, H, Hkv, hd, scale};
+                    fails += batch_invariance(what, &a, T, got, alone);
                     cpu_scratch_free(&s);
                 }
                 for (int t = 0; t < T; t++) free(kb[t]), free(vb[t]);
