@@ -3,6 +3,10 @@
 #ifndef STRATA_APP_H
 #define STRATA_APP_H
 
+/* Parses a whole decimal string as an int in [lo, hi]: 0, or -1 leaving *out as it was (the
+ * option parsers then print their one-line error). main.c. */
+int app_parse_int(const char *s, int lo, int hi, int *out);
+
 int cmd_eval_golden(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_run(int argc, char **argv);

@@ -103,16 +103,6 @@ static void write_reports(const bench_result *r, const char *out_dir, const char
     if (compare && bench_compare(r, compare, stdout, &err)) fprintf(stderr, "strata: %s\n", err.msg);
 }
 
-/* Parses a decimal int in [lo, hi] (the whole string); returns 0, or -1 leaving *out as it was. */
-static int parse_int(const char *s, int lo, int hi, int *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < lo || v > hi) return -1;
-    *out = (int)v;
-    return 0;
-}
-
 #define BENCH_MAX_CONC 1024 /* --concurrency: sequences (KV slots) decoding together */
 
 static int die(const st_err *e) {
@@ -665,7 +655,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "--prompt") && more) prompt = atoi(argv[++i]);
         else if (!strcmp(a, "--gen") && more) gen = atoi(argv[++i]);
         else if (!strcmp(a, "--concurrency") && more) {
-            if (parse_int(argv[++i], 1, BENCH_MAX_CONC, &conc)) {
+            if (app_parse_int(argv[++i], 1, BENCH_MAX_CONC, &conc)) {
                 fprintf(stderr, "strata: bench: --concurrency '%s': not a sequence count (1..%d)\n", argv[i],
                         BENCH_MAX_CONC);
                 return 2;

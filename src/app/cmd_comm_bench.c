@@ -57,16 +57,6 @@ static int parse_size(const char *s, size_t *out) {
     return 0;
 }
 
-/* Parses a positive int in [lo, hi]; returns 0 or -1. */
-static int parse_int(const char *s, int lo, int hi, int *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < lo || v > hi) return -1;
-    *out = (int)v;
-    return 0;
-}
-
 #ifdef STRATA_HAVE_CUDA
 static void size_label(size_t bytes, char *buf, size_t cap) {
     if (bytes % (1024 * 1024) == 0) snprintf(buf, cap, "%zuM", bytes >> 20);
@@ -158,19 +148,19 @@ int cmd_comm_bench(int argc, char **argv) {
         }
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--gpus") && v) {
-            if (parse_int(v, 1, 64, &gpus)) {
+            if (app_parse_int(v, 1, 64, &gpus)) {
                 fprintf(stderr, "strata: comm-bench: --gpus '%s': not a GPU count (1..64)\n", v);
                 return 2;
             }
             i++;
         } else if (!strcmp(a, "--iters") && v) {
-            if (parse_int(v, 1, 100000000, &iters)) {
+            if (app_parse_int(v, 1, 100000000, &iters)) {
                 fprintf(stderr, "strata: comm-bench: --iters '%s': not a count (1..100000000)\n", v);
                 return 2;
             }
             i++;
         } else if (!strcmp(a, "--graph-ops") && v) {
-            if (parse_int(v, 1, 100000, &graph_ops)) {
+            if (app_parse_int(v, 1, 100000, &graph_ops)) {
                 fprintf(stderr, "strata: comm-bench: --graph-ops '%s': not a count (1..100000)\n", v);
                 return 2;
             }
