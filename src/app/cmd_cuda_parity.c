@@ -595,6 +595,22 @@ int cmd_cuda_parity(int argc, char **argv) {
         }
     check_linear(&cs, 77, 96, SFT_BF16, 8, 32, SFT_BF16, 3);
     check_linear(&cs, 77, 96, SFT_BF16, 4, 32, SFT_BF16, 1);
+    /* the streaming single-row kernels (k_mv_s, T = 1): 2 rows per warp from ~3200 rows (4100:
+     * a partial last block), 1 row from ~800 (900, 2118); rows of 1 unit per lane (1024 4-bit
+     * columns), of a partial last round (1056: lane 0 takes 2 units), and long enough to refill
+     * the register ring (12288 columns: 12 units per lane against a ring of 4 / 8; dense 12288
+     * columns stage x in exactly 48 KiB); every scale dtype, 4 and 8 bits, bf16 and f16 rows */
+    for (int bi = 0; bi < 2; bi++) {
+        const int b = bi ? 8 : 4;
+        check_linear(&cs, 4100, 1024, SFT_BF16, b, 64, SFT_BF16, 1);
+        check_linear(&cs, 4100, 1056, SFT_BF16, b, 32, SFT_F16, 1);
+        check_linear(&cs, 4100, 4096, SFT_BF16, b, 128, SFT_F32, 1);
+        check_linear(&cs, 900, 12288, SFT_BF16, b, 64, SFT_BF16, 1);
+        check_linear(&cs, 4100, 12288, SFT_BF16, b, 64, bi ? SFT_F16 : SFT_BF16, 1);
+    }
+    check_linear(&cs, 4100, 1000, SFT_BF16, 0, 0, SFT_BF16, 1);
+    check_linear(&cs, 3300, 12288, SFT_BF16, 0, 0, SFT_BF16, 1);
+    check_linear(&cs, 900, 4096, SFT_F16, 0, 0, SFT_BF16, 1);
     /* dp4a kernels on 5/6-bit planes (k_mv_qp): every token count 1..8 with 1 row per warp (131)
      * and 4 (2118), groups 32/64/128, scale dtypes; T = 1 in all launch shapes: 1 / 4 rows per
      * warp without split-K (512 columns) and with it (600x2048, 2118x4096); 3 blocks per row; the

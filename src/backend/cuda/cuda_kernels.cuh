@@ -85,7 +85,8 @@ __device__ __forceinline__ float warp_max(float v) {
 // it (a grid that completed without waiting would break the transitive ordering of the chain).
 // Only data no kernel of the step writes (weights; the KV rows of earlier positions) may be
 // touched before the wait: decode attention prefetches its chunk's K/V rows into L2 there, the
-// MoE router its weight rows (an L2 prefetch of weight rows in the matrix-vector kernels, tried
+// MoE router its weight rows, the streaming matrix-vector kernels (k_mv_s) load their first
+// weight units into registers (an L2 prefetch of weight rows in the matrix-vector kernels, tried
 // at 2 and 8 KiB per row, gained nothing: PERF.md round 7). Launched without the attribute
 // (older GPUs, STRATA_CUDA_NO_PDL=1), both instructions are no-ops.
 __device__ __forceinline__ void pdl_wait() {
@@ -519,6 +520,8 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_mv_qd(mv_args a) {
 
 // the same kernels for 5- and 6-bit weights repacked into dp4a-friendly planes at upload
 #include "cuda_mv56.cuh"
+// the streaming kernels of single-row decode (k_mv_s)
+#include "cuda_mvs.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // dequantise / convert rows [r0, r0+n) of a weight (expert 0) into bf16 [n, cols] (GEMM input)

@@ -196,6 +196,64 @@ template <int R, int NT, int KS = 1> static void mv_fire(gctx *g, int kind, dim3
     }
 }
 
+// The streaming single-row kernel k_mv_s (cuda_mvs.cuh) for launch a of kind `kind` over
+// `jobs` x rows (no expert ids), when it applies: 4- / 8-bit rows of the dp4a kinds (x quantised
+// by k_quant_x into a.xq / a.xs) or, with
+// STRATA_CUDA_MVS_DENSE=1, bf16 / f16 rows (slower than k_mv_dense16 on qwen3-8b bf16: PERF.md
+// round 8); x staged in <= 48 KiB of shared memory; rows per warp R = 4 where that still gives
+// every SM of an H200 a block (>= 132 blocks: q/k/v of the 8B in 192 blocks, gate/up), else 2
+// from ~3200 rows (o / down of the 8B: 256 blocks), else 1 down to ~800 rows. Fills a.blk0,
+// launches, returns true; false leaves the launch to the older kernels (small weights such as
+// routers keep their split-K variants). STRATA_CUDA_MV_OLD=1 disables it.
+static bool mvs_launch(gctx *g, int kind, mv_args &a, int jobs) {
+    static const int off = env_on("STRATA_CUDA_MV_OLD"), dense = env_on("STRATA_CUDA_MVS_DENSE");
+    if (off) return false;
+    int fmt, xp = 1, sdt = -1;
+    switch (kind) {
+    case MVK_BF16: fmt = MVS_BF16; break;
+    case MVK_F16: fmt = MVS_F16; break;
+    case MVK_QD + 4: case MVK_QD + 8: fmt = kind - MVK_QD; break;
+    case MVK_QD2 + 4: case MVK_QD2 + 8: fmt = kind - MVK_QD2, xp = 2; break;
+    case MVK_QDB + 4: case MVK_QDB + 8: fmt = kind - MVK_QDB, sdt = SFT_BF16; break;
+    case MVK_QDB2 + 4: case MVK_QDB2 + 8: fmt = kind - MVK_QDB2, xp = 2, sdt = SFT_BF16; break;
+    default: return false;
+    }
+    if ((fmt == MVS_BF16 || fmt == MVS_F16) && !dense) return false;
+    const size_t smem = mvs_smem(fmt, xp, a.w[0].cols);
+    if (smem > 48 * 1024) return false;
+    int64_t b4 = 0, b2 = 0, b1 = 0; // blocks at 4, 2 and 1 rows per warp
+    for (int s = 0; s < a.nseg; s++)
+        b4 += (a.w[s].rows + 31) / 32, b2 += (a.w[s].rows + 15) / 16, b1 += (a.w[s].rows + 7) / 8;
+    const int R = b4 * jobs >= 132 ? 4 : b2 * jobs >= 200 ? 2 : b1 * jobs >= 100 ? 1 : 0;
+    if (!R) return false;
+    int b = 0;
+    for (int s = 0; s < a.nseg; s++) {
+        a.blk0[s] = b;
+        b += (int)((a.w[s].rows + MVS_WARPS * R - 1) / (MVS_WARPS * R));
+    }
+    a.blk0[a.nseg] = b;
+    const dim3 grid((unsigned)b, (unsigned)jobs), block(MVS_WARPS * 32);
+#define MVS_CASE(F, X, S)                                                                                           \
+    if (fmt == F && xp == X && sdt == S) {                                                                          \
+        if (R == 4) launch_k(k_mv_s<F, X, S, 4>, grid, block, smem, g->st, a);                                      \
+        else if (R == 2) launch_k(k_mv_s<F, X, S, 2>, grid, block, smem, g->st, a);                                 \
+        else launch_k(k_mv_s<F, X, S, 1>, grid, block, smem, g->st, a);                                             \
+        return true;                                                                                                \
+    }
+    MVS_CASE(MVS_BF16, 1, -1)
+    MVS_CASE(MVS_F16, 1, -1)
+    MVS_CASE(MVS_Q4, 1, -1)
+    MVS_CASE(MVS_Q4, 2, -1)
+    MVS_CASE(MVS_Q4, 1, SFT_BF16)
+    MVS_CASE(MVS_Q4, 2, SFT_BF16)
+    MVS_CASE(MVS_Q8, 1, -1)
+    MVS_CASE(MVS_Q8, 2, -1)
+    MVS_CASE(MVS_Q8, 1, SFT_BF16)
+    MVS_CASE(MVS_Q8, 2, SFT_BF16)
+#undef MVS_CASE
+    return false;
+}
+
 // matrix-vector modes (linear()'s path 3 / 4 / 5 select the last three)
 enum { MV_AUTO, MV_GENERIC, MV_FP32, MV_X16 };
 
@@ -266,6 +324,7 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
             }
             a.xq = g->xq, a.xs = g->xs;
         }
+        if (nt == 1 && !eid && mvs_launch(g, kind, a, jobs)) continue;
         // rows per warp: MV_R when that still gives a block per SM (132 on an H200), else 1
         // (small weights: routers, a single k or v)
         int R = kind == MVK_GENERIC ? 1 : MV_R;
