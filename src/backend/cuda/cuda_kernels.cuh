@@ -754,13 +754,33 @@ __global__ void k_kv_store(__nv_bfloat16 *kc, __nv_bfloat16 *vc, const float *k,
     }
 }
 
+__device__ __forceinline__ float swiglu1(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 __global__ void k_swiglu(float *out, const float *g, const float *u, int64_t n) {
     PDL_ENTRY();
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        float x = g[i];
-        out[i] = x / (1.0f + expf(-x)) * u[i];
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = swiglu1(g[i], u[i]);
+}
+
+// k_swiglu that also quantises its output for the dp4a kernel of the down projection (the work
+// of the k_quant_x launch it replaces, in the same layout and bits): one warp per block of 32
+// values of the flat [n] array (n % 32 == 0; rows of a multiple of 32 values, so block b of
+// the flat array is block b % (cols / 32) of row b / (cols / 32), as k_quant_x indexes it).
+__global__ void k_swiglu_q(float *out, const float *g, const float *u, int64_t n, int planes, int8_t *xq, float4 *xs) {
+    PDL_ENTRY();
+    const int lane = threadIdx.x & 31;
+    const int64_t nw = (int64_t)gridDim.x * (blockDim.x >> 5);
+    for (int64_t b = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); b < n / 32; b += nw) {
+        const int64_t i = b * 32 + lane;
+        const float h = swiglu1(g[i], u[i]);
+        out[i] = h;
+        quant32(h, lane, planes, xq + b * 32 * planes, xs + b);
     }
 }
+
+// does nothing but take part in the programmatic-launch chain: STRATA_CUDA_NOP=N launches N per
+// layer to measure what one more small kernel costs inside a decode graph (PERF.md round 8)
+__global__ void k_nop() { PDL_ENTRY(); }
 
 __global__ void k_add(float *x, const float *y, int64_t n) {
     PDL_ENTRY();
@@ -871,7 +891,11 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 // active splits are a prefix (both attention kernels fill splits in position order and mark the
 // unused ones -inf), so the sum stops after the last active one.
 #define ATT_MAXSPLIT 64
-__global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit) {
+// planes > 0 (hd % 32 == 0): also quantises the output for the dp4a kernel of the o projection,
+// as k_quant_x would (row `row` = t * H + h is columns [h * hd, (h + 1) * hd) of x row t, so its
+// 32-value blocks are blocks (row * hd) / 32 + i / 32 of the flat array); the loop over i is
+// warp-uniform then, each warp pass one block.
+__global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit, int planes, int8_t *xq, float4 *xs) {
     PDL_ENTRY();
     __shared__ float sw[ATT_MAXSPLIT];
     __shared__ float sinv;
@@ -909,6 +933,10 @@ __global__ void k_attn_combine(float *out, const float *part, int hd, int nsplit
             acc += e >= 0.f ? v * e : 0.f;
         }
         out[(size_t)row * hd + i] = acc * inv;
+        if (planes) {
+            const size_t b = ((size_t)row * hd + i) / 32;
+            quant32(acc * inv, threadIdx.x & 31, planes, xq + b * 32 * planes, xs + b);
+        }
     }
 }
 

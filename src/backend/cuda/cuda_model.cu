@@ -113,6 +113,11 @@ struct gctx {
     int fp32_only; // 1: every linear on the fp32 matrix-vector kernel, no bf16 GEMM (MoE models)
     int x16;       // 1: the dp4a kernels take x as two int8 planes by default (MoE models: int8 x
                    // moved near-tied router choices of later layers and failed the golden test)
+    // x already quantised into xq / xs by the kernel that wrote it (k_swiglu_q, k_attn_combine
+    // with planes): the next mv_launch_n over exactly that x (pointer, rows, planes) skips its
+    // k_quant_x, and clears the tag either way (set right before that call; see quant_by_producer)
+    const float *xq_of;
+    int xq_of_rows, xq_of_planes;
     int prof;
     std::vector<std::pair<const char *, cudaEvent_t>> *marks;
     unsigned *moe_cnt; // [moe_cnt_n] k_moe_router's finished-block counters (zero between launches)
@@ -295,7 +300,9 @@ static void mv_launch_n(gctx *g, int n, const dlin *const *ws, float *const *ys,
     const bool xal = ldx % 4 == 0 && ((uintptr_t)x & 15) == 0;
     const int64_t qcols = ws[0]->cols, xrows = (int64_t)(jobs - 1) / x_div + nt;
     const int planes = mv_group_planes(g, n, ws, xrows, mode);
-    bool quantised = false;
+    // quantised by the producer of x (its tag is for this call only)
+    bool quantised = planes && g->xq_of == x && g->xq_of_rows == xrows && g->xq_of_planes == planes && ldx == qcols;
+    g->xq_of = nullptr;
     int done = 0;
     bool used[8] = {false};
     while (done < n) {
@@ -368,6 +375,21 @@ static void mv_launch2(gctx *g, const dlin &w1, float *y1, int64_t ld1, const dl
     float *ys[2] = {y1, y2};
     int64_t ld[2] = {ld1, ld2};
     mv_launch_n(g, 2, ws, ys, ld, x, ldx, nt, jobs, x_div, eid, 0);
+}
+
+// Planes of x in which the producer of x[T, cols] should quantise it for the matrix-vector call
+// over ws[0..n) that follows (0: leave it to that call's k_quant_x): decode rows (T <= MV_MAXT)
+// whose first weight takes a dp4a kernel, with room in g->xq. The caller launches the fused
+// producer with these planes into g->xq / g->xs and then tags x with quant_tag. On by default;
+// STRATA_CUDA_NO_FUSEQ=1 keeps the separate k_quant_x launches.
+static int quant_by_producer(gctx *g, int n, const dlin *const *ws, const float *x, int T) {
+    static const int off = env_on("STRATA_CUDA_NO_FUSEQ");
+    if (off || T > MV_MAXT || !g->xq || ((uintptr_t)x & 15) || ws[0]->cols % 32) return 0;
+    const int planes = mv_group_planes(g, n, ws, T, MV_AUTO);
+    return planes && mv_kind(*ws[0], true, 0, planes) >= MVK_QD ? planes : 0;
+}
+static void quant_tag(gctx *g, const float *x, int T, int planes) {
+    g->xq_of = planes ? x : nullptr, g->xq_of_rows = T, g->xq_of_planes = planes;
 }
 
 // y[T, rows] (row stride ldy) = x[T, cols] (contiguous) W^T. path: 0 auto, 1 matrix-vector, 2 GEMM,
@@ -458,7 +480,7 @@ static void add_rmsnorm(gctx *g, float *out, float *x, const float *y, const flo
 // k_attn_combine merges them. STRATA_CUDA_ATTN_SPLIT=1 forces the per-head kernel.
 static void attn_decode(gctx *g, float *out, float *part, const float *q, const __nv_bfloat16 *kl,
                         const __nv_bfloat16 *vl, const int32_t *pos, const int32_t *slot, int T, int H, int Hkv, int hd,
-                        float scale, size_t slot_stride, int chunk, int nsplit) {
+                        float scale, size_t slot_stride, int chunk, int nsplit, int qplanes = 0) {
     // SMs of the current device (GPUs of one process may differ), read once per device; the
     // first call comes from an eager step (graphs are captured after a warm-up step)
     static int force_split = -1, sms_of[64];
@@ -480,7 +502,8 @@ static void attn_decode(gctx *g, float *out, float *part, const float *q, const 
         launch_k(k_attn_split, dim3((unsigned)(T * H), (unsigned)nsplit), ATT_WARPS * 32, 0, g->st, 
             part, q, kl, vl, pos, slot, H, Hkv, hd, scale, slot_stride, chunk, nsplit);
     }
-    launch_k(k_attn_combine, T * H, 128, 0, g->st, out, part, hd, nsplit);
+    if (hd % 32) qplanes = 0;
+    launch_k(k_attn_combine, T * H, 128, 0, g->st, out, part, hd, nsplit, qplanes, g->xq, g->xs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -650,6 +673,7 @@ struct cuda_model {
     float *logits;           // [B, V]
     float *part;             // attention partials [B*H, nsplit, hd+2]
     int att_chunk, att_nsplit;
+    int nop_per_layer;       // STRATA_CUDA_NOP: empty kernels per layer (a measurement, k_nop)
     int l0, l1;              // the layer range this model runs [l0, l1)
     int has_embed;           // 1: rows enter as token ids; 0: as hidden states in x
     int has_output;          // 1: ends with norm + lm_head; 0: hands x on (a pipeline stage)
@@ -1186,6 +1210,7 @@ static int model_init(cuda_model **out, const model *m, const model_desc *d, uin
     if (c->tp_n > 1) TRY(dalloc(c, &c->tp_scr, 2 * B, A, err));
     // split-K attention: chunks of >= 32 positions, up to 64 splits (8 positions per warp and
     // split; the old 128-position chunks left a decode step at pos 512 with 4 busy splits per head)
+    c->nop_per_layer = getenv("STRATA_CUDA_NOP") ? std::max(0, std::min(64, atoi(getenv("STRATA_CUDA_NOP")))) : 0;
     c->att_nsplit = std::min(ATT_MAXSPLIT, std::max(1, (o.max_ctx + 31) / 32));
     c->att_chunk = (o.max_ctx + c->att_nsplit - 1) / c->att_nsplit;
     TRY(dalloc(c, &c->part, B * H * (size_t)c->att_nsplit * (hd + 2), A, err));
@@ -1295,6 +1320,7 @@ static void enqueue(cuda_model *c, int T, int outm) {
     const int B = c->o.max_batch;
     const int32_t *tok = c->io, *pos = c->io + B, *slot = c->io + 2 * B;
     const float eps = d->norm_eps, scale = 1.0f / sqrtf((float)hd);
+    g->xq_of = nullptr;
     if (c->has_embed) { // else x already holds the previous stage's hidden states
         mark(g, "embed");
         launch_k(k_embed, T, 256, 0, st, c->x, tok, T, c->embed);
@@ -1333,8 +1359,11 @@ static void enqueue(cuda_model *c, int T, int outm) {
         if (T >= ATTP_MIN_T && attn_prefill_ok(T, H, Hkv, hd, c->h_io + B, c->h_io + 2 * B)) {
             attn_prefill(g, c->att, c->q, kl, vl, pos, slot, T, H, Hkv, hd, scale, c->kv_slot_stride);
         } else {
-        attn_decode(g, c->att, c->part, c->q, kl, vl, pos, slot, T, H, Hkv, hd, scale, c->kv_slot_stride, c->att_chunk,
-                    c->att_nsplit);
+            const dlin *wo[1] = {&L.wo};
+            const int qp = quant_by_producer(g, 1, wo, c->att, T);
+            attn_decode(g, c->att, c->part, c->q, kl, vl, pos, slot, T, H, Hkv, hd, scale, c->kv_slot_stride, c->att_chunk,
+                        c->att_nsplit, qp);
+            if (hd % 32 == 0) quant_tag(g, c->att, T, qp);
         }
         mark(g, "linear o");
         linear(g, c->tmp, D, c->att, L.wo, T);
@@ -1354,10 +1383,17 @@ static void enqueue(cuda_model *c, int T, int outm) {
                 linear_n(g, 2, ws, ys, ld, c->xn, T);
             }
             mark(g, "swiglu");
-            launch_k(k_swiglu, grid_for((int64_t)T * d->n_ff, 256), 256, 0, st, c->gate, c->gate, c->up, (int64_t)T * d->n_ff);
+            const dlin *wd[1] = {&L.w_down};
+            const int64_t nf = (int64_t)T * d->n_ff;
+            if (const int qp = quant_by_producer(g, 1, wd, c->gate, T)) {
+                launch_k(k_swiglu_q, (unsigned)std::min<int64_t>((nf / 32 + 7) / 8, 1024), 256, 0, st, c->gate, c->gate, c->up, nf,
+                         qp, g->xq, g->xs);
+                quant_tag(g, c->gate, T, qp);
+            } else launch_k(k_swiglu, grid_for(nf, 256), 256, 0, st, c->gate, c->gate, c->up, nf);
             mark(g, "linear down");
             linear(g, c->tmp, D, c->gate, L.w_down, T);
         }
+        for (int i = 0; i < c->nop_per_layer; i++) launch_k(k_nop, 1, 32, 0, st);
         if (l + 1 < c->l1) {
             mark(g, "add + rmsnorm");
             residual_add(c, c->xn, c->L[(size_t)l + 1].attn_norm, T);
@@ -2172,6 +2208,62 @@ extern "C" int cuda_op_attention_path(const float *q, const float *k, const floa
     if (prefill) attn_prefill(&oc.g, dy, dq, dk, dv, dp, ds, T, H, Hkv, hd, scale, kvn);
     else attn_decode(&oc.g, dy, part, dq, dk, dv, dp, ds, T, H, Hkv, hd, scale, kvn, chunk, nsplit);
     return op_end(oc, out, dy, (size_t)T * H * hd * 4, err);
+}
+
+// The fused quantisations against the separate launches, on the GPU: which = 0: k_swiglu_q vs
+// k_swiglu + k_quant_x over rows x cols; which = 1: k_attn_combine with planes vs without +
+// k_quant_x over rows = T * H rows of hd = cols (nsplit 5, split 3 empty). Inputs from seed.
+// *diff = bytes that differ in the output, the codes or the statistics (0: bitwise equal).
+extern "C" int cuda_op_fused_quant_check(int which, int rows, int cols, int planes, uint64_t seed, int64_t *diff,
+                                         st_err *err) {
+    OP_BEGIN();
+    const int nsplit = 5;
+    const int64_t n = (int64_t)rows * cols;
+    if (cols % 32 || planes < 1 || planes > 2) return st_err_set(err, ST_ERR_ARG, "fused quant check: cols %d planes %d", cols, planes);
+    std::vector<float> in(which ? (size_t)rows * nsplit * (cols + 2) : (size_t)2 * n);
+    uint64_t z = seed | 1;
+    for (size_t i = 0; i < in.size(); i++) {
+        z ^= z << 13, z ^= z >> 7, z ^= z << 17;
+        in[i] = (float)((double)(z >> 11) / 9007199254740992.0 * 8.0 - 4.0);
+    }
+    if (which) // partials: m per split (split 3 empty: -inf), l > 0
+        for (int r = 0; r < rows; r++)
+            for (int sp = 0; sp < nsplit; sp++) {
+                float *p = &in[((size_t)r * nsplit + sp) * (cols + 2)];
+                p[cols] = sp == 3 ? -INFINITY : p[cols];
+                p[cols + 1] = fabsf(p[cols + 1]) + 0.5f;
+            }
+    float *din = oc.put(in.data(), in.size());
+    float *o1 = oc.put<float>(nullptr, (size_t)n), *o2 = oc.put<float>(nullptr, (size_t)n);
+    const size_t nq = (size_t)n * planes;
+    int8_t *q1 = oc.put<int8_t>(nullptr, nq), *q2 = oc.put<int8_t>(nullptr, nq);
+    float4 *s1 = oc.put<float4>(nullptr, (size_t)n / 32), *s2 = oc.put<float4>(nullptr, (size_t)n / 32);
+    if (!din || !o1 || !o2 || !q1 || !q2 || !s1 || !s2) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
+    if (which == 0) {
+        launch_k(k_swiglu, grid_for(n, 256), 256, 0, oc.g.st, o1, (const float *)din, (const float *)din + n, n);
+        launch_k(k_swiglu_q, (unsigned)std::min<int64_t>((n / 32 + 7) / 8, 1024), 256, 0, oc.g.st, o2, (const float *)din,
+                 (const float *)din + n, n, planes, q2, s2);
+    } else {
+        launch_k(k_attn_combine, rows, 128, 0, oc.g.st, o1, (const float *)din, cols, nsplit, 0, (int8_t *)nullptr,
+                 (float4 *)nullptr);
+        launch_k(k_attn_combine, rows, 128, 0, oc.g.st, o2, (const float *)din, cols, nsplit, planes, q2, s2);
+    }
+    const int64_t blocks = n / 32;
+    launch_k(k_quant_x, (unsigned)((blocks + 7) / 8), 256, 0, oc.g.st, (const float *)o1, (int64_t)cols, rows, (int64_t)cols,
+             planes, q1, s1);
+    if (int rc = cu_check(err, "fused quant check")) return rc;
+    std::vector<char> a((size_t)n * 4), b((size_t)n * 4);
+    int64_t d = 0;
+    const void *pairs[3][2] = {{o1, o2}, {q1, q2}, {s1, s2}};
+    const size_t bytes[3] = {(size_t)n * 4, nq, (size_t)n / 32 * 16};
+    for (int k = 0; k < 3; k++) {
+        a.resize(bytes[k]), b.resize(bytes[k]);
+        CU_TRY(cudaMemcpy(a.data(), pairs[k][0], bytes[k], cudaMemcpyDeviceToHost));
+        CU_TRY(cudaMemcpy(b.data(), pairs[k][1], bytes[k], cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < bytes[k]; i++) d += a[i] != b[i];
+    }
+    *diff = d;
+    return ST_OK;
 }
 
 extern "C" int cuda_op_swiglu(const float *gate, const float *up, int64_t n, float *out, st_err *err) {
