@@ -193,7 +193,8 @@ int cuda_op_attention_path(const float *q, const float *k, const float *v, int n
 int cuda_op_swiglu(const float *gate, const float *up, int64_t n, float *out, st_err *err);
 /* The kernels that quantise their own output for the next dp4a matrix-vector launch against the
  * separate k_quant_x: which 0 = SwiGLU (rows x cols), 1 = the attention split combine (rows
- * heads of hd = cols); *diff = differing bytes of output, codes and statistics (0 expected). */
+ * heads of hd = cols), 2 = add + RMSNorm (rows of cols); *diff = differing bytes of output,
+ * codes and statistics (0 expected). */
 int cuda_op_fused_quant_check(int which, int rows, int cols, int planes, uint64_t seed, int64_t *diff, st_err *err);
 /* Router: logits[T, E] -> sel[T, K], w[T, K] exactly as forward.c's moe_route. */
 int cuda_op_moe_route(const float *logits, const float *bias, int T, int E, int K, int sigmoid, int norm_topk,

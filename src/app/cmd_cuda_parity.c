@@ -315,13 +315,15 @@ static void check_rows_ops(void) {
     /* kernels that quantise their own output for the next dp4a launch (k_swiglu_q, k_attn_combine
      * with planes) against the separate k_quant_x: bitwise the same output, codes, statistics */
     {
-        const int shapes[][3] = {{0, 3, 12288}, {0, 8, 768}, {1, 32, 128}, {1, 48, 64}, {1, 7, 256}};
-        for (int si = 0; si < 5; si++)
+        const int shapes[][3] = {{0, 3, 12288}, {0, 8, 768}, {1, 32, 128}, {1, 48, 64}, {1, 7, 256},
+                                 {2, 1, 4096}, {2, 5, 3072}, {2, 8, 2048}, {2, 2, 96}};
+        static const char *names[] = {"swiglu", "attn combine", "add + rmsnorm"};
+        for (int si = 0; si < 9; si++)
             for (int planes = 1; planes <= 2; planes++) {
                 int64_t diff = -1;
                 char what[96];
-                snprintf(what, sizeof what, "%s + quantise x %dx%d planes=%d (bytes differing)",
-                         shapes[si][0] ? "attn combine" : "swiglu", shapes[si][1], shapes[si][2], planes);
+                snprintf(what, sizeof what, "%s + quantise x %dx%d planes=%d (bytes differing)", names[shapes[si][0]],
+                         shapes[si][1], shapes[si][2], planes);
                 if (cuda_op_fused_quant_check(shapes[si][0], shapes[si][1], shapes[si][2], planes, 0x5eed + si, &diff, &err)) {
                     printf("%s: %s\n", what, err.msg);
                     g_fail++;

@@ -618,13 +618,14 @@ __global__ void k_add_rmsnorm(float *out, float *x, const float *y, const float 
 
 // Vectorised (add +) RMSNorm: one block of up to NORM_THREADS threads per row, each thread keeps
 // up to NORM_VEC float4 of the row in registers (one read of x / y, one write of x and out).
-// Needs n % 4 == 0, 16-byte aligned rows and n <= 4 * NORM_VEC * NORM_THREADS. ADD: x += y
+// Needs n % 4 == 0, 16-byte aligned rows and n <= 4 * NORM_VEC * NORM_THREADS. planes > 0 (n % 32
+// == 0): then out is also quantised into xq / xs in k_quant_x's layout and bits. ADD: x += y
 // first (the residual add fused with the next norm). out may alias x (per-thread elements).
 #define NORM_THREADS 1024
 #define NORM_VEC 4
 template <bool ADD>
 __global__ void __launch_bounds__(NORM_THREADS) k_add_rmsnorm_v(float *out, float *x, const float *y, const float *w, int n,
-                                                               float eps) {
+                                                               float eps, int planes, int8_t *xq, float4 *xs) {
     PDL_ENTRY();
     __shared__ float red[32];
     const int64_t r = blockIdx.x;
@@ -669,6 +670,14 @@ __global__ void __launch_bounds__(NORM_THREADS) k_add_rmsnorm_v(float *out, floa
             const float4 g = __ldg((const float4 *)w + i);
             o[i] = make_float4(v[k].x * inv * g.x, v[k].y * inv * g.y, v[k].z * inv * g.z, v[k].w * inv * g.w);
         }
+    }
+    if (planes) { // out quantised for the next dp4a launch, as k_quant_x would (n % 32 == 0)
+        __syncthreads(); // the block's writes of out are visible to the block
+        const int lane = threadIdx.x & 31, nw = blockDim.x >> 5, nb = n >> 5;
+        const float *orow = out + r * n;
+#pragma unroll 4
+        for (int b = threadIdx.x >> 5; b < nb; b += nw)
+            quant32(orow[b * 32 + lane], lane, planes, xq + (r * nb + b) * 32 * planes, xs + r * nb + b);
     }
 }
 

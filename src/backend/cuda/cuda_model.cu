@@ -460,15 +460,22 @@ static int norm_v_threads(int n, const void *out, const void *x, const void *y, 
 static void rmsnorm(gctx *g, float *out, const float *x, const float *w, int64_t rows, int n, float eps) {
     if (n >= 512) {
         if (int th = norm_v_threads(n, out, x, nullptr, w))
-            launch_k(k_add_rmsnorm_v<false>, (unsigned)rows, th, 0, g->st, out, (float *)x, nullptr, w, n, eps);
+            launch_k(k_add_rmsnorm_v<false>, (unsigned)rows, th, 0, g->st, out, (float *)x, nullptr, w, n, eps, 0,
+                     (int8_t *)nullptr, (float4 *)nullptr);
         else launch_k(k_rmsnorm_block, (unsigned)rows, 256, 0, g->st, out, x, w, n, eps);
     } else launch_k(k_rmsnorm_warp, (unsigned)((rows + 7) / 8), 256, 0, g->st, out, x, w, rows, n, eps);
 }
 
-// x += y; out = rmsnorm(x) * w over T rows of n
-static void add_rmsnorm(gctx *g, float *out, float *x, const float *y, const float *w, int T, int n, float eps) {
-    if (int th = norm_v_threads(n, out, x, y, w)) launch_k(k_add_rmsnorm_v<true>, (unsigned)T, th, 0, g->st, out, x, y, w, n, eps);
-    else launch_k(k_add_rmsnorm, (unsigned)T, 256, 0, g->st, out, x, y, w, n, eps);
+// x += y; out = rmsnorm(x) * w over T rows of n. cons[0..ncons): the weights of the
+// matrix-vector call that reads out next (NULL: unknown); the vectorised kernel then also
+// quantises out for it (quant_by_producer) and tags it.
+static void add_rmsnorm(gctx *g, float *out, float *x, const float *y, const float *w, int T, int n, float eps,
+                        const dlin *const *cons = nullptr, int ncons = 0) {
+    if (int th = norm_v_threads(n, out, x, y, w)) {
+        const int qp = cons && n % 32 == 0 ? quant_by_producer(g, ncons, cons, out, T) : 0;
+        launch_k(k_add_rmsnorm_v<true>, (unsigned)T, th, 0, g->st, out, x, y, w, n, eps, qp, g->xq, g->xs);
+        quant_tag(g, out, T, qp);
+    } else launch_k(k_add_rmsnorm, (unsigned)T, 256, 0, g->st, out, x, y, w, n, eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1298,7 +1305,8 @@ enum { OUT_NONE, OUT_LAST, OUT_ALL, OUT_GREEDY };
 
 // The residual update of T rows: x += tmp — summed over the tensor-parallel ranks first (each
 // holds a partial sum) — then xn = rmsnorm(x) * w; w NULL: the add only.
-static void residual_add(cuda_model *c, float *xn, const float *w, int T) {
+static void residual_add(cuda_model *c, float *xn, const float *w, int T, const dlin *const *cons = nullptr,
+                         int ncons = 0) {
     gctx *g = &c->g;
     const int D = c->d->n_embd;
     const float eps = c->d->norm_eps;
@@ -1308,7 +1316,7 @@ static void residual_add(cuda_model *c, float *xn, const float *w, int T) {
         else launch_k(k_tp_add_rmsnorm<false>, grid, TP_THREADS, 0, g->st, c->pv, nullptr, c->x, c->tmp, nullptr, T, D, eps);
         return;
     }
-    if (w) add_rmsnorm(g, xn, c->x, c->tmp, w, T, D, eps);
+    if (w) add_rmsnorm(g, xn, c->x, c->tmp, w, T, D, eps, cons, ncons);
     else launch_k(k_add, grid_for((int64_t)T * D, 256), 256, 0, g->st, c->x, c->tmp, (int64_t)T * D);
 }
 
@@ -1368,7 +1376,10 @@ static void enqueue(cuda_model *c, int T, int outm) {
         mark(g, "linear o");
         linear(g, c->tmp, D, c->att, L.wo, T);
         mark(g, "add + rmsnorm");
-        residual_add(c, c->xn, L.ffn_norm, T);
+        {
+            const dlin *gu[2] = {&L.w_gate, &L.w_up};
+            residual_add(c, c->xn, L.ffn_norm, T, L.moe ? nullptr : gu, 2);
+        }
         if (L.moe) {
             moe_w mw = {L.router, L.eg, L.eu, L.ed, L.router_bias, d->n_expert, d->n_expert_used, d->n_ff_expert, D,
                         d->router == ROUTER_SIGMOID_BIAS, d->norm_topk_prob};
@@ -1396,7 +1407,9 @@ static void enqueue(cuda_model *c, int T, int outm) {
         for (int i = 0; i < c->nop_per_layer; i++) launch_k(k_nop, 1, 32, 0, st);
         if (l + 1 < c->l1) {
             mark(g, "add + rmsnorm");
-            residual_add(c, c->xn, c->L[(size_t)l + 1].attn_norm, T);
+            const dlayer &N = c->L[(size_t)l + 1];
+            const dlin *qkv[3] = {&N.wq, &N.wk, &N.wv};
+            residual_add(c, c->xn, N.attn_norm, T, qkv, 3);
         } else {
             mark(g, "add");
             residual_add(c, nullptr, nullptr, T);
@@ -2212,7 +2225,8 @@ extern "C" int cuda_op_attention_path(const float *q, const float *k, const floa
 
 // The fused quantisations against the separate launches, on the GPU: which = 0: k_swiglu_q vs
 // k_swiglu + k_quant_x over rows x cols; which = 1: k_attn_combine with planes vs without +
-// k_quant_x over rows = T * H rows of hd = cols (nsplit 5, split 3 empty). Inputs from seed.
+// k_quant_x over rows = T * H rows of hd = cols (nsplit 5, split 3 empty); which = 2:
+// k_add_rmsnorm_v (add) with planes vs without + k_quant_x over rows of cols. Inputs from seed.
 // *diff = bytes that differ in the output, the codes or the statistics (0: bitwise equal).
 extern "C" int cuda_op_fused_quant_check(int which, int rows, int cols, int planes, uint64_t seed, int64_t *diff,
                                          st_err *err) {
@@ -2220,13 +2234,13 @@ extern "C" int cuda_op_fused_quant_check(int which, int rows, int cols, int plan
     const int nsplit = 5;
     const int64_t n = (int64_t)rows * cols;
     if (cols % 32 || planes < 1 || planes > 2) return st_err_set(err, ST_ERR_ARG, "fused quant check: cols %d planes %d", cols, planes);
-    std::vector<float> in(which ? (size_t)rows * nsplit * (cols + 2) : (size_t)2 * n);
+    std::vector<float> in(which == 1 ? (size_t)rows * nsplit * (cols + 2) : (size_t)3 * n);
     uint64_t z = seed | 1;
     for (size_t i = 0; i < in.size(); i++) {
         z ^= z << 13, z ^= z >> 7, z ^= z << 17;
         in[i] = (float)((double)(z >> 11) / 9007199254740992.0 * 8.0 - 4.0);
     }
-    if (which) // partials: m per split (split 3 empty: -inf), l > 0
+    if (which == 1) // partials: m per split (split 3 empty: -inf), l > 0
         for (int r = 0; r < rows; r++)
             for (int sp = 0; sp < nsplit; sp++) {
                 float *p = &in[((size_t)r * nsplit + sp) * (cols + 2)];
@@ -2239,7 +2253,15 @@ extern "C" int cuda_op_fused_quant_check(int which, int rows, int cols, int plan
     int8_t *q1 = oc.put<int8_t>(nullptr, nq), *q2 = oc.put<int8_t>(nullptr, nq);
     float4 *s1 = oc.put<float4>(nullptr, (size_t)n / 32), *s2 = oc.put<float4>(nullptr, (size_t)n / 32);
     if (!din || !o1 || !o2 || !q1 || !q2 || !s1 || !s2) return st_err_set(err, ST_ERR_NOMEM, "CUDA: op alloc");
-    if (which == 0) {
+    if (which == 2) { // x (two copies: the add writes it), y, then w = the first cols of x's copy
+        const int th = norm_v_threads(cols, o1, din, din + n, din + 2 * n);
+        float *x2 = oc.put(in.data(), (size_t)n);
+        if (!th || !x2) return st_err_set(err, ST_ERR_ARG, "fused quant check: norm width %d", cols);
+        launch_k(k_add_rmsnorm_v<true>, (unsigned)rows, th, 0, oc.g.st, o1, din, (const float *)din + n,
+                 (const float *)din + 2 * n, cols, 1e-6f, 0, (int8_t *)nullptr, (float4 *)nullptr);
+        launch_k(k_add_rmsnorm_v<true>, (unsigned)rows, th, 0, oc.g.st, o2, x2, (const float *)din + n,
+                 (const float *)din + 2 * n, cols, 1e-6f, planes, q2, s2);
+    } else if (which == 0) {
         launch_k(k_swiglu, grid_for(n, 256), 256, 0, oc.g.st, o1, (const float *)din, (const float *)din + n, n);
         launch_k(k_swiglu_q, (unsigned)std::min<int64_t>((n / 32 + 7) / 8, 1024), 256, 0, oc.g.st, o2, (const float *)din,
                  (const float *)din + n, n, planes, q2, s2);
