@@ -62,8 +62,12 @@ typedef struct xport_key {
  * ST_ERR_ARG if neither is set or the key is empty / longer than 255 bytes. */
 int xport_key_init(xport_key *key, const char *s, st_err *err);
 
+/* Largest ring an acceptor accepts (slots per direction; the memory is slots x max_payload). */
+#define XPORT_MAX_BUFFERS 4096
+
 typedef struct xport_opts {
-    int n_buffers;         /* ring slots per direction (--xport-buffers, default 8)          */
+    int n_buffers;         /* ring slots per direction (--xport-buffers, default 8; at most
+                              XPORT_MAX_BUFFERS)                                              */
     int max_inflight;      /* committed frames waiting for the socket (default 256)          */
     size_t max_payload;    /* largest payload either side may send                           */
     int data_mac;          /* 1: data frames carry a MAC too (--data-mac)                    */

@@ -11,7 +11,10 @@
  *   (one stream keeps each stage busy only for its share of the pipeline);
  * - aggregate tokens/s with 1, 4 and 16 concurrent sequences (micro-batched pipeline);
  * - the placement solver's predicted tok/s for one stream against the measured decode tok/s
- *   (the coordinator plans for throughput on matvec rates re-measured at start).
+ *   (the coordinator plans for throughput on matvec rates re-measured at start);
+ * - with --context N: the stable context — a second placement with one slot of N positions
+ *   (the nodes reserve that KV), a real prefill of N - 16 tokens through the pipeline, then 16
+ *   decoded tokens whose median gap is the decode latency at the end of the context.
  */
 #include "app.h"
 #include "strata/bench.h"
@@ -31,8 +34,71 @@ static void on_token(void *ud, int seq, int32_t id, const float *logits, int n_v
     if (seq == 0 && r->n < r->cap) r->t[r->n++] = st_time_s();
 }
 
+/* The stable-context figure (see the header): fills r->max_ctx_*; a run that cannot place or
+ * complete the context is reported in r->max_ctx_note, not returned as an error. */
+#define MAXCTX_TAIL 16
+static void bench_cluster_max_ctx(const char *model_dir, const char *peers, int64_t ctx, int threads, int nccl,
+                                  int n_stages, bench_result *r) {
+    r->max_ctx_target = ctx;
+    if (ctx < 2 * MAXCTX_TAIL || ctx > INT32_MAX / 2) {
+        snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "--context %lld: at least %d", (long long)ctx, 2 * MAXCTX_TAIL);
+        return;
+    }
+    /* the layout of the main run (its stage count, placed by the solver for throughput) */
+    coord_opts o = {.model_dir = model_dir, .peers = peers, .n_stages = n_stages, .max_ctx = (int)ctx, .n_slots = 1,
+                    .max_batch = 256, .n_threads = threads, .objective = 1, .nccl = nccl};
+    coord *c = NULL;
+    st_err e = {0};
+    const int n_prompt = (int)ctx - MAXCTX_TAIL;
+    int32_t *toks = malloc((size_t)n_prompt * sizeof(int32_t)), out[MAXCTX_TAIL];
+    lat_rec lr = {malloc(MAXCTX_TAIL * sizeof(double)), 0, MAXCTX_TAIL};
+    double lat[MAXCTX_TAIL];
+    if (!toks || !lr.t) {
+        snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "not measured: out of memory");
+        goto done;
+    }
+    fprintf(stderr, "strata: stable context: placing one slot of %lld positions ...\n", (long long)ctx);
+    if (coord_init(&c, &o, &e)) {
+        snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "not placed at %lld positions: %s", (long long)ctx, e.msg);
+        goto done;
+    }
+    coord_plan_info pi;
+    coord_get_plan(c, &pi);
+    r->kv_bytes = 0; /* what the stages allocated (their plan's budget if they did not report) */
+    for (int s = 0; s < pi.n_stages; s++) r->kv_bytes += pi.budget_checked ? pi.actual_kv[s] : pi.budget_kv[s];
+    const int V = coord_n_vocab(c);
+    uint64_t x = 0x2545F4914F6CDD1Dull;
+    for (int i = 0; i < n_prompt; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        toks[i] = (int32_t)(x % (uint64_t)V);
+    }
+    smp_params greedy = smp_params_default();
+    greedy.temperature = 0;
+    fprintf(stderr, "strata: stable context: prefill of %d tokens through %d stages, then %d decoded ...\n", n_prompt,
+            coord_n_stages(c), MAXCTX_TAIL);
+    int n_out = 0;
+    const double t0 = st_time_s();
+    if (coord_generate(c, toks, n_prompt, &greedy, MAXCTX_TAIL, NULL, 0, out, &n_out, on_token, &lr, NULL, &e)) {
+        snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "failed at %lld positions: %s", (long long)ctx, e.msg);
+        goto done;
+    }
+    int nl = 0;
+    for (int i = 1; i < lr.n; i++) lat[nl++] = (lr.t[i] - lr.t[i - 1]) * 1e3;
+    const double fill_s = lr.n ? lr.t[0] - t0 : st_time_s() - t0;
+    r->max_ctx_stable = n_prompt + n_out;
+    r->lat_at_max_ctx_ms = bench_percentile(lat, (size_t)nl, 50);
+    snprintf(r->max_ctx_note, sizeof r->max_ctx_note,
+             "one slot over %d stages: prefill of %d tokens in %.1f s (%.0f tok/s), then %d decoded", pi.n_stages, n_prompt,
+             fill_s, fill_s > 0 ? n_prompt / fill_s : 0, n_out);
+    fprintf(stderr, "strata: stable context: %lld of %lld positions, decode there %.2f ms/token\n",
+            (long long)r->max_ctx_stable, (long long)ctx, r->lat_at_max_ctx_ms);
+done:
+    free(toks), free(lr.t);
+    coord_free(c);
+}
+
 int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen, int conc, int threads, int nccl,
-                  bench_result *r, st_err *err) {
+                  int64_t ctx, bench_result *r, st_err *err) {
     int max_conc = conc > 16 ? conc : 16;
     /* placed by the solver for throughput (16 sequences in flight), on matvec rates the nodes
      * re-measure just before planning: the table then compares its prediction with the run */
@@ -109,6 +175,7 @@ int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen,
     printf("\n");
 done:
     free(toks), free(out), free(lr.t), free(lat), free(seqs), free(sp);
-    coord_free(c);
+    coord_free(c); /* unloads the stages before the stable-context placement */
+    if (!rc && ctx > 0) bench_cluster_max_ctx(model_dir, peers, ctx, threads, nccl, st1.n_stages, r);
     return rc;
 }

@@ -38,7 +38,8 @@ static void usage(void) {
             "                    with --device cuda: N KV slots, rows in graph replays of <= 8 per step)\n"
             "  --peers A:P,...   run on a cluster of `strata node` processes (MODEL_DIR on every node)\n"
             "  --xport nccl      with --peers: hidden states between GPU stages over NCCL\n"
-            "  --context N       target context for the max-stable-context test (default: the model's max)\n"
+            "  --context N       target context for the max-stable-context test (default: the model's max;\n"
+            "                    with --peers only when given: one slot of N positions, a prefill of N - 16)\n"
             "  --no-max-context  skip the max-context test\n"
             "  --threads N       CPU threads (default: all)\n"
             "  --exact           float32 reference kernels\n"
@@ -698,10 +699,10 @@ int cmd_bench(int argc, char **argv) {
         snprintf(cr.model, sizeof cr.model, "%s", dir);
         snprintf(cr.flags, sizeof cr.flags, "--peers %s --prompt %d --gen %d --concurrency %d%s", peers, prompt, gen, conc,
                  bench_nccl ? " --xport nccl" : "");
-        snprintf(cr.max_ctx_note, sizeof cr.max_ctx_note, "not measured on a cluster here (see strata plan)");
+        snprintf(cr.max_ctx_note, sizeof cr.max_ctx_note, "not measured: give --context N (a prefill of N tokens)");
         cr.prompt_tokens = prompt, cr.gen_tokens = gen, cr.concurrency = conc;
         st_err cerr = {0};
-        if (bench_cluster(dir, peers, prompt, gen, conc, threads, bench_nccl, &cr, &cerr)) {
+        if (bench_cluster(dir, peers, prompt, gen, conc, threads, bench_nccl, do_max ? ctx_target : 0, &cr, &cerr)) {
             fprintf(stderr, "strata: %s\n", cerr.msg);
             return 1;
         }

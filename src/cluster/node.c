@@ -666,7 +666,14 @@ loaded_gpu:
             }
     if (l->n_stages > 1) {
         size_t payload = l->with_output ? sizeof(dp_token) : sizeof(dp_act) + (size_t)l->max_batch * (size_t)n->D * 4;
-        xport_opts xo = {.n_buffers = l->n_buffers, .max_inflight = l->max_inflight, .max_payload = payload,
+        /* The token hop back to stage 0 closes the pipeline's cycle of bounded rings. A stage
+         * blocks while its output ring is full, so with more sequences in flight than slots the
+         * last stage could wait on a full token ring while stage 0 waits on a full activation
+         * ring (16 sequences over 2 stages stalled until the 10 s recovery). At most one token
+         * per sequence is in flight: n_slots + 1 slots of a token each never fill. */
+        int nbuf = l->n_buffers;
+        if (l->with_output && nbuf < l->n_slots + 1) nbuf = l->n_slots + 1 < XPORT_MAX_BUFFERS ? l->n_slots + 1 : XPORT_MAX_BUFFERS;
+        xport_opts xo = {.n_buffers = nbuf, .max_inflight = l->max_inflight, .max_payload = payload,
                          .data_mac = l->data_mac, .pref = l->xport_pref, .role = XPORT_ROLE_DATA, .epoch = l->epoch,
                          .node_id = n->node_id, .timeout_ms = 5000};
         if (xport_connect(&n->data_out, l->next_addr, &n->key, &xo, &err)) goto fail;

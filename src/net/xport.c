@@ -570,7 +570,7 @@ int xport_accept(xport **out, int listen_fd, const xport_key *key, const xport_o
         close(fd);
         return err->code;
     }
-    if (h.n_buffers < 1 || h.n_buffers > 1024 || h.max_payload > ((uint64_t)1 << 31) ||
+    if (h.n_buffers < 1 || h.n_buffers > XPORT_MAX_BUFFERS || h.max_payload > ((uint64_t)1 << 31) ||
         (o->max_payload && h.max_payload > o->max_payload) || (h.role < 1 || h.role > 3)) {
         refuse(fd, addr, err, "link parameters out of range");
         close(fd);

@@ -14,7 +14,8 @@
 #                 ids equal the single-node run (--local) and transformers' greedy_3 (200-token
 #                 prompt, prefilled in chunks of 48), logits within 1e-4 relative at every step
 #   xport nccl    CPU stages ignore --xport nccl (default link, same ids, nothing NCCL logged)
-#   concurrency   4 sequences in flight give the same ids as one
+#   concurrency   4 sequences in flight give the same ids as one; 24 over 2 stages (more than the
+#                 8 ring slots of a link) neither stall nor recover
 #   rogue peers   garbage, truncated and oversized frames, a silent connection: dropped, every
 #                 node stays up and the cluster still generates
 #   node loss     SIGKILL of stage 1 and SIGSTOP of stage 2 mid-generation: the coordinator
@@ -211,6 +212,24 @@ one=$(gen "$m" --peers "$P3" --prompt-ids 3,1,4,1,5,9,2,6 --max-tokens 24 --no-e
 four=$(gen "$m" --peers "$P3" --prompt-ids 3,1,4,1,5,9,2,6 --max-tokens 24 --no-eos --seqs 4 2>"$tmp/err" | grep '^ids:')
 [ -n "$one" ] && [ "$one" = "$four" ] && ok || fail "concurrency: 4 sequences differ from one ($one / $four)"
 grep -q "differs" "$tmp/err" && fail "concurrency: sequences disagree" || ok
+# more sequences in flight than the links' ring slots (default 8): the token hop back to stage 0
+# must not close a cycle of full rings (before the fix: a stall until the 10 s recovery replayed)
+t0=$(date +%s)
+many=$(gen "$m" --peers "$(peers 0 1)" --stages 2 --slots 24 --prompt-ids 3,1,4,1,5,9,2,6 --max-tokens 24 --no-eos \
+    --seqs 24 2>"$tmp/err" | grep '^ids:')
+[ -n "$one" ] && [ "$one" = "$many" ] && ok || fail "concurrency: 24 sequences over 2 stages differ from one ($many)"
+grep -qE "replaying|lost|ring full" "$tmp/err" && fail "concurrency: 24 sequences stalled: $(grep -m1 -E 'replaying|lost|ring full' "$tmp/err")" || ok
+[ $(( $(date +%s) - t0 )) -lt 8 ] && ok || fail "concurrency: 24 sequences took $(( $(date +%s) - t0 )) s"
+
+# bench --peers: the seed's table on the cluster, the 16-sequence aggregate without a stall, and
+# the stable context (--context: a second placement with one slot, filled by a real prefill)
+if timeout 120 "$bin" bench "$m" --peers "$(peers 0 1)" --prompt 16 --gen 8 --context 200 --out "$tmp/bench" \
+    >"$tmp/bench.out" 2>"$tmp/err"; then ok; else fail "bench --peers failed: $(tail -2 "$tmp/err")"; fi
+grep -qE '^\| \*\*Max Context \(Stable\)\*\* \| \*\*200\*\* of 200 \| one slot over [0-9] stages: prefill of 184 tokens' "$tmp/bench.out" \
+    && ok || fail "bench --peers --context: $(grep 'Max Context' "$tmp/bench.out")"
+grep -q '"max_ctx_stable": 200' "$tmp/bench/report.json" && ok || fail "bench --peers: report.json has no stable context"
+agg=$(sed -nE 's/^\| aggregate, 16 sequences \| ([0-9.]+) tok\/s.*/\1/p' "$tmp/bench.out")
+awk -v a="${agg:-0}" 'BEGIN { exit !(a > 100) }' && ok || fail "bench --peers: 16 sequences at ${agg:-?} tok/s (stalled?)"
 
 # ---------------------------------------------------------------------------------------------
 # rogue peers: nothing they send takes a node down
