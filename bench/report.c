@@ -160,10 +160,13 @@ static void table(const bench_result *r, FILE *f) {
     if (r->threads > 0)
         fprintf(f, "| **CPU Residency** | **%.0f%%** | busy share of %d pool threads during decode |\n", 100 * r->residency_cpu,
                 r->threads);
-    if (r->max_ctx_stable > 0)
+    if (r->max_ctx_stable > 0 && r->kv_bytes > 0)
         fprintf(f, "| **Max Context (Stable)** | **%lld** of %lld | %s; KV %s; decode there %.2f ms/token |\n",
                 (long long)r->max_ctx_stable, (long long)r->max_ctx_target, r->max_ctx_note,
                 st_fmt_bytes(r->kv_bytes, b1, sizeof b1), r->lat_at_max_ctx_ms);
+    else if (r->max_ctx_stable > 0) /* KV size not known here (a cluster: the nodes' load lines give it) */
+        fprintf(f, "| **Max Context (Stable)** | **%lld** of %lld | %s; decode there %.2f ms/token |\n",
+                (long long)r->max_ctx_stable, (long long)r->max_ctx_target, r->max_ctx_note, r->lat_at_max_ctx_ms);
     else
         fprintf(f, "| **Max Context (Stable)** | - | %s |\n", r->max_ctx_note);
     fprintf(f, "| TTFT | %.1f ms | prompt of %d tokens |\n", 1000 * r->ttft_s, r->prompt_tokens);

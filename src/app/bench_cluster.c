@@ -44,9 +44,10 @@ static void bench_cluster_max_ctx(const char *model_dir, const char *peers, int6
         snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "--context %lld: at least %d", (long long)ctx, 2 * MAXCTX_TAIL);
         return;
     }
-    /* the layout of the main run (its stage count, placed by the solver for throughput) */
+    /* as many stages as the main run, layers split evenly over the first n_stages peers: the
+     * planner sizes nodes by host memory, which says nothing about a GPU stage's KV */
     coord_opts o = {.model_dir = model_dir, .peers = peers, .n_stages = n_stages, .max_ctx = (int)ctx, .n_slots = 1,
-                    .max_batch = 256, .n_threads = threads, .objective = 1, .nccl = nccl};
+                    .max_batch = 256, .n_threads = threads, .nccl = nccl};
     coord *c = NULL;
     st_err e = {0};
     const int n_prompt = (int)ctx - MAXCTX_TAIL;
@@ -62,10 +63,6 @@ static void bench_cluster_max_ctx(const char *model_dir, const char *peers, int6
         snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "not placed at %lld positions: %s", (long long)ctx, e.msg);
         goto done;
     }
-    coord_plan_info pi;
-    coord_get_plan(c, &pi);
-    r->kv_bytes = 0; /* what the stages allocated (their plan's budget if they did not report) */
-    for (int s = 0; s < pi.n_stages; s++) r->kv_bytes += pi.budget_checked ? pi.actual_kv[s] : pi.budget_kv[s];
     const int V = coord_n_vocab(c);
     uint64_t x = 0x2545F4914F6CDD1Dull;
     for (int i = 0; i < n_prompt; i++) {
@@ -88,7 +85,8 @@ static void bench_cluster_max_ctx(const char *model_dir, const char *peers, int6
     r->max_ctx_stable = n_prompt + n_out;
     r->lat_at_max_ctx_ms = bench_percentile(lat, (size_t)nl, 50);
     snprintf(r->max_ctx_note, sizeof r->max_ctx_note,
-             "one slot over %d stages: prefill of %d tokens in %.1f s (%.0f tok/s), then %d decoded", pi.n_stages, n_prompt,
+             "one slot over %d stages (even split): prefill of %d tokens in %.1f s (%.0f tok/s), then %d decoded",
+             coord_n_stages(c), n_prompt,
              fill_s, fill_s > 0 ? n_prompt / fill_s : 0, n_out);
     fprintf(stderr, "strata: stable context: %lld of %lld positions, decode there %.2f ms/token\n",
             (long long)r->max_ctx_stable, (long long)ctx, r->lat_at_max_ctx_ms);

@@ -225,7 +225,7 @@ grep -qE "replaying|lost|ring full" "$tmp/err" && fail "concurrency: 24 sequence
 # the stable context (--context: a second placement with one slot, filled by a real prefill)
 if timeout 120 "$bin" bench "$m" --peers "$(peers 0 1)" --prompt 16 --gen 8 --context 200 --out "$tmp/bench" \
     >"$tmp/bench.out" 2>"$tmp/err"; then ok; else fail "bench --peers failed: $(tail -2 "$tmp/err")"; fi
-grep -qE '^\| \*\*Max Context \(Stable\)\*\* \| \*\*200\*\* of 200 \| one slot over [0-9] stages: prefill of 184 tokens' "$tmp/bench.out" \
+grep -qE '^\| \*\*Max Context \(Stable\)\*\* \| \*\*200\*\* of 200 \| one slot over 2 stages \(even split\): prefill of 184 tokens' "$tmp/bench.out" \
     && ok || fail "bench --peers --context: $(grep 'Max Context' "$tmp/bench.out")"
 grep -q '"max_ctx_stable": 200' "$tmp/bench/report.json" && ok || fail "bench --peers: report.json has no stable context"
 agg=$(sed -nE 's/^\| aggregate, 16 sequences \| ([0-9.]+) tok\/s.*/\1/p' "$tmp/bench.out")

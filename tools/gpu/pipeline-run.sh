@@ -10,7 +10,11 @@
 #      (cudaStreamSynchronize + send): token time, per-stage compute, per-hop hand-off,
 #      orchestration; then a GPU stage feeding a CPU stage;
 #   3. with GPUS=2: the same model over two GPUs (one stage per GPU);
-#   4. with GPUS=2: a step lost on an NCCL link (test hook): fallback, replay, GPUs still usable.
+#   4. with GPUS=2: a step lost on an NCCL link (test hook): fallback, replay, GPUs still usable;
+#   5. with GPUS=2: `strata bench $BENCH_MODEL --peers` over one stage per GPU (the seed's table:
+#      latency, orchestration, per-stage residency, aggregate with 1/4/16/$CONC sequences) and the
+#      stable context at $FULLCTX positions (default 196608: one slot, a real prefill through the
+#      pipeline, decode latency at the end), for each of $MODES that is stream or nccl.
 # MODES: stream, host (the hand-off over shm), nccl, nccl-host (hidden states between GPU stages
 # over NCCL, `cluster-gen --xport nccl`, with stream / host sync), nccl-graph (nccl with the
 # receive / send captured into the stage graphs: STRATA_NCCL_GRAPH=1 on the nodes). NCCL needs libnccl.so.2 on the
@@ -182,6 +186,19 @@ if [[ $PHASES == *4* ]] && [ "$GPUS" -ge 2 ] && [ "$(left)" -gt 100 ]; then
     nodes stream cuda:$g
     r=$(gen "$SM" --peers "$PEERS" --stages 1 --prompt-ids 1,2,3,4 --max-tokens 8 --no-eos 2>/dev/null | grep -c '^ids')
     echo "GPU $g after the lost step: $( [ "$r" = 1 ] && echo usable || echo 'NOT USABLE')" | tee -a "$SUM"
+  done
+fi
+if [[ $PHASES == *5* ]] && [ "$GPUS" -ge 2 ]; then
+  echo "== 5. bench --peers, stable context ${FULLCTX:-196608}" | tee -a "$SUM"
+  for mode in $MODES; do
+    [[ $mode == stream || $mode == nccl ]] || continue
+    [ "$(left)" -gt 120 ] || { echo "skipped bench $mode: time" | tee -a "$SUM"; continue; }
+    unset STRATA_NCCL_GRAPH
+    nodes stream cuda:0 cuda:1
+    timeout $(( $(left) - 10 )) "$S" bench "$BENCH_MODEL" --peers "$PEERS" --prompt 256 --gen 64 --concurrency "${CONC:-32}" \
+      --context "${FULLCTX:-196608}" $(xport_of $mode) --out "$OUT/bench-peers-$mode" > "$OUT/bench-peers-$mode.md" 2> "$OUT/bench-peers-$mode.err"
+    echo "bench --peers ($mode, rc $?):" | tee -a "$SUM"
+    grep -E "^\| (stage|hop|orchestration|predicted|aggregate|\*\*)" "$OUT/bench-peers-$mode.md" | tee -a "$SUM"
   done
 fi
 cleanup
