@@ -45,7 +45,7 @@ static void bench_cluster_max_ctx(const char *model_dir, const char *peers, int6
         return;
     }
     /* as many stages as the main run, layers split evenly over the first n_stages peers: the
-     * planner sizes nodes by host memory, which says nothing about a GPU stage's KV */
+     * layout the table above measured, not what the solver would pick for a single slot */
     coord_opts o = {.model_dir = model_dir, .peers = peers, .n_stages = n_stages, .max_ctx = (int)ctx, .n_slots = 1,
                     .max_batch = 256, .n_threads = threads, .nccl = nccl};
     coord *c = NULL;

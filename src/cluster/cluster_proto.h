@@ -43,6 +43,13 @@ typedef struct cp_info {
     uint64_t rss_bytes;       /* the node process's resident memory now (nothing loaded: its base) */
     double mv_bf16_bytes_s;   /* decode matvec rate with its threads, bf16 weights (calib.c; 0 = not measured) */
     double mv_q4_bytes_s;     /* the same for MLX 4-bit weights                                */
+    /* the device this node runs its stages on (--device): "cpu", or "cuda" with the GPU's name,
+     * memory (free at node start: a LOAD replaces this node's own stage first) and
+     * device-to-device copy bandwidth (0 = not measured: --no-bw-probe) */
+    char dev_kind[8];
+    char dev_name[64];
+    uint64_t dev_mem_total, dev_mem_free;
+    double dev_bw_bytes_s;
 } cp_info;
 
 /* Link probes: node -> each listed peer, over an authenticated XPORT_ROLE_PROBE link. */

@@ -105,12 +105,21 @@ int lp_survey_cluster(const lp_survey *sv, const int *use, int n_use, const lp_r
         const cp_info *in = &sv->info[use[k]];
         plan_device *d = &c->dev[k];
         snprintf(d->node, sizeof d->node, "%s", sv->addr[use[k]]);
-        snprintf(d->name, sizeof d->name, "cpu");
-        snprintf(d->kind, sizeof d->kind, "cpu");
-        d->memory = in->mem_limit ? in->mem_limit : in->mem_free;
-        d->bandwidth = lp_node_bandwidth(in, rt, default_bw);
         d->flops = 0;
-        d->overhead = in->rss_bytes + rings + (32ull << 20);
+        if (!strncmp(in->dev_kind, "cuda", sizeof in->dev_kind) && in->dev_mem_total > 0) {
+            /* a GPU stage: weights and KV live in device memory; the host keeps the rings */
+            snprintf(d->name, sizeof d->name, "%.*s", (int)strnlen(in->dev_name, sizeof in->dev_name), in->dev_name);
+            snprintf(d->kind, sizeof d->kind, "gpu");
+            d->memory = in->mem_limit ? in->mem_limit : in->dev_mem_free;
+            d->bandwidth = in->dev_bw_bytes_s > 0 ? in->dev_bw_bytes_s : default_bw;
+            d->overhead = LP_GPU_OVERHEAD;
+        } else {
+            snprintf(d->name, sizeof d->name, "cpu");
+            snprintf(d->kind, sizeof d->kind, "cpu");
+            d->memory = in->mem_limit ? in->mem_limit : in->mem_free;
+            d->bandwidth = lp_node_bandwidth(in, rt, default_bw);
+            d->overhead = in->rss_bytes + rings + (32ull << 20);
+        }
         d->threads = in->threads > 0 ? in->threads : in->cores > 0 ? in->cores : 1;
         for (int j = 0; j < n_use; j++) {
             plan_link *l = &c->link[(size_t)k * (size_t)n_use + (size_t)j];
@@ -331,11 +340,16 @@ int coord_survey(plan_cluster *out, const coord_survey_opts *so, st_err *err) {
         cp_info *in = &sv->info[i];
         in->node_id[sizeof in->node_id - 1] = 0, in->host[sizeof in->host - 1] = 0;
         char x1[32], x2[32];
+        in->dev_kind[sizeof in->dev_kind - 1] = 0, in->dev_name[sizeof in->dev_name - 1] = 0;
         ST_INFO("node %s: id %s host %s, %d cores (%d threads), memory %s / %s free, read bandwidth %.1f GB/s, "
                 "decode matvec %.1f GB/s bf16, %.1f GB/s 4-bit",
                 sv->addr[i], in->node_id, in->host, in->cores, in->threads, st_fmt_bytes((double)in->mem_total, x1, sizeof x1),
                 st_fmt_bytes((double)in->mem_free, x2, sizeof x2), in->bw_bytes_s / 1e9, in->mv_bf16_bytes_s / 1e9,
                 in->mv_q4_bytes_s / 1e9);
+        if (!strcmp(in->dev_kind, "cuda"))
+            ST_INFO("node %s: stages on %s: memory %s / %s free, copy bandwidth %.0f GB/s", sv->addr[i], in->dev_name,
+                    st_fmt_bytes((double)in->dev_mem_total, x1, sizeof x1), st_fmt_bytes((double)in->dev_mem_free, x2, sizeof x2),
+                    in->dev_bw_bytes_s / 1e9);
     }
     if ((sv->n > 1 || so->calib_mb > 0) &&
         (rc = lp_survey_links(sv, xs, so->xport_pref, so->probe_pings, so->probe_bytes ? so->probe_bytes : LP_DEFAULT_BYTES,

@@ -60,10 +60,17 @@ typedef struct lp_runtime {
  * ones), else its plain read bandwidth, else default_bw. */
 double lp_node_bandwidth(const cp_info *in, const lp_runtime *rt, double default_bw);
 
+/* Runtime overhead the planner reserves on a GPU stage's device: the CUDA context, cuBLAS
+ * workspace, activation scratch and graphs (the transport rings stay in host memory). */
+#define LP_GPU_OVERHEAD (1024ull << 20)
+
 /* Builds a plan_cluster from the survey's nodes `use[0..n_use)` (device k = node use[k]):
- * one "cpu" device per node named by its address, memory = the node's --memory-limit, else its
- * free memory; bandwidth = lp_node_bandwidth; overhead = its base RSS + transport rings + 32 MiB; links from the probe matrix
- * (1 us / 10 GB/s assumed between nodes that were not probed). */
+ * one device per node named by its address. A CPU node: kind "cpu", memory = its
+ * --memory-limit, else its free memory; bandwidth = lp_node_bandwidth; overhead = its base RSS
+ * + transport rings + 32 MiB. A node running its stages on a GPU (dev_kind "cuda"): kind "gpu"
+ * named by the GPU, memory = its --memory-limit, else the GPU's free memory; bandwidth = its
+ * measured copy bandwidth, else default_bw; overhead = LP_GPU_OVERHEAD. Links from the probe
+ * matrix (1 us / 10 GB/s assumed between nodes that were not probed). */
 int lp_survey_cluster(const lp_survey *sv, const int *use, int n_use, const lp_runtime *rt, double default_bw,
                       plan_cluster *c, st_err *err);
 

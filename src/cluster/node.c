@@ -196,6 +196,18 @@ static void node_devices(node *n) {
             n->node_id, i->cores, st_fmt_bytes((double)i->mem_total, a, sizeof a),
             st_fmt_bytes((double)i->mem_free, b, sizeof b), i->bw_bytes_s / 1e9, i->mv_bf16_bytes_s / 1e9,
             i->mv_q4_bytes_s / 1e9, i->threads);
+    snprintf(i->dev_kind, sizeof i->dev_kind, "cpu");
+#ifdef STRATA_HAVE_CUDA
+    size_t tot = 0, fr = 0;
+    if (n->cuda_dev >= 0 && st_gpu_describe(n->cuda_dev, i->dev_name, sizeof i->dev_name, &tot, &fr) == 0 && tot > 0) {
+        snprintf(i->dev_kind, sizeof i->dev_kind, "cuda");
+        i->dev_mem_total = tot, i->dev_mem_free = fr;
+        if (n->o->bw_probe_mb >= 0) i->dev_bw_bytes_s = cuda_measure_copy_bandwidth(n->cuda_dev, (size_t)256 << 20, 3);
+        ST_INFO("node %s: stages on GPU %d (%s): memory %s total / %s free, copy bandwidth %.0f GB/s", n->node_id,
+                n->cuda_dev, i->dev_name, st_fmt_bytes((double)tot, a, sizeof a), st_fmt_bytes((double)fr, b, sizeof b),
+                i->dev_bw_bytes_s / 1e9);
+    }
+#endif
 }
 
 /* ------------------------------------------------------------------------------------------ */

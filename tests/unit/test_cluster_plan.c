@@ -99,6 +99,42 @@ static void test_devices_from_survey(void **state) {
     assert_int_equal(lp_survey_cluster(&sv, use, 0, &rt, 7e9, &c, &err), ST_ERR_ARG);
 }
 
+/* A node running its stages on a GPU is planned as that GPU: its free device memory (or its
+ * --memory-limit), its copy bandwidth (else the default), LP_GPU_OVERHEAD; not the host's RAM
+ * (a 24 GB GPU in a 64 GB host must not be given 60 GB of layers). A "cuda" report without
+ * device memory is a CPU node. */
+static void test_gpu_node(void **state) {
+    (void)state;
+    lp_survey sv;
+    memset(&sv, 0, sizeof sv);
+    sv.n = 3;
+    for (int i = 0; i < 3; i++) snprintf(sv.addr[i], sizeof sv.addr[i], "10.0.0.%d:7700", i + 1);
+    sv.info[0] = (cp_info){.mem_total = 64 * GiB, .mem_free = 60 * GiB, .cores = 8, .mv_bf16_bytes_s = 30e9,
+                           .dev_mem_total = 24 * GiB, .dev_mem_free = 23 * GiB, .dev_bw_bytes_s = 900e9};
+    snprintf(sv.info[0].dev_kind, sizeof sv.info[0].dev_kind, "cuda");
+    snprintf(sv.info[0].dev_name, sizeof sv.info[0].dev_name, "NVIDIA GeForce RTX 4090");
+    sv.info[1] = sv.info[0];
+    sv.info[1].mem_limit = 10 * GiB, sv.info[1].dev_bw_bytes_s = 0; /* --memory-limit, --no-bw-probe */
+    sv.info[2] = (cp_info){.mem_total = 64 * GiB, .mem_free = 60 * GiB, .cores = 8, .rss_bytes = 5 * MiB};
+    snprintf(sv.info[2].dev_kind, sizeof sv.info[2].dev_kind, "cuda"); /* no device memory reported */
+    lp_runtime rt = {.max_batch = 64, .n_buffers = 8, .ctrl_payload = 1 << 20, .n_embd = 1024, .q_bits = 0};
+    int use[3] = {0, 1, 2};
+    plan_cluster c;
+    st_err err = {0};
+    assert_int_equal(lp_survey_cluster(&sv, use, 3, &rt, 7e9, &c, &err), 0);
+    assert_string_equal(c.dev[0].kind, "gpu");
+    assert_string_equal(c.dev[0].name, "NVIDIA GeForce RTX 4090");
+    assert_int_equal(c.dev[0].memory, 23 * GiB);
+    assert_true(c.dev[0].bandwidth == 900e9);
+    assert_int_equal(c.dev[0].overhead, LP_GPU_OVERHEAD);
+    assert_string_equal(c.dev[1].kind, "gpu");
+    assert_int_equal(c.dev[1].memory, 10 * GiB);
+    assert_true(c.dev[1].bandwidth == 7e9);
+    assert_string_equal(c.dev[2].kind, "cpu");
+    assert_int_equal(c.dev[2].memory, 60 * GiB);
+    plan_cluster_free(&c);
+}
+
 static void test_node_bandwidth(void **state) {
     (void)state;
     lp_runtime dense = {.q_bits = 0}, quant = {.q_bits = 5};
@@ -134,6 +170,7 @@ static void test_discover_spec(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_devices_from_survey),
+        cmocka_unit_test(test_gpu_node),
         cmocka_unit_test(test_node_bandwidth),
         cmocka_unit_test(test_discover_spec),
     };
