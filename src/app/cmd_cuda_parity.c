@@ -613,11 +613,11 @@ int cmd_cuda_parity(int argc, char **argv) {
         }
     check_linear(&cs, 77, 96, SFT_BF16, 8, 32, SFT_BF16, 3);
     check_linear(&cs, 77, 96, SFT_BF16, 4, 32, SFT_BF16, 1);
-    /* the streaming single-row kernels (k_mv_s, T = 1): 2 rows per warp from ~3200 rows (4100:
-     * a partial last block), 1 row from ~800 (900, 2118); rows of 1 unit per lane (1024 4-bit
-     * columns), of a partial last round (1056: lane 0 takes 2 units), and long enough to refill
-     * the register ring (12288 columns: 12 units per lane against a ring of 4 / 8; dense 12288
-     * columns stage x in exactly 48 KiB); every scale dtype, 4 and 8 bits, bf16 and f16 rows */
+    /* the streaming single-row kernel (k_mv_s, T = 1, 4 and 8 bits): 4 / 2 rows per warp from
+     * 132 / 200 blocks (4100 rows: a partial last block), 1 row from ~800 (900, 2118); rows of 1
+     * unit per lane (1024 4-bit columns), of a partial last round (1056: lane 0 takes 2 units),
+     * and long enough to refill the register ring (12288 columns: 12 units per lane against a
+     * ring of 1-8); every scale dtype. The same widths in bf16 / f16 (k_mv_dense16 at T = 1). */
     for (int bi = 0; bi < 2; bi++) {
         const int b = bi ? 8 : 4;
         check_linear(&cs, 4100, 1024, SFT_BF16, b, 64, SFT_BF16, 1);
