@@ -617,7 +617,8 @@ int cmd_cuda_parity(int argc, char **argv) {
      * 132 / 200 blocks (4100 rows: a partial last block), 1 row from ~800 (900, 2118); rows of 1
      * unit per lane (1024 4-bit columns), of a partial last round (1056: lane 0 takes 2 units),
      * and long enough to refill the register ring (12288 columns: 12 units per lane against a
-     * ring of 1-8); every scale dtype. The same widths in bf16 / f16 (k_mv_dense16 at T = 1). */
+     * ring of 1-8); every scale dtype. The same widths in bf16 / f16: k_mv_dense16 at T = 1, or
+     * k_mv_s with STRATA_CUDA_MVS_DENSE=1 (12288 columns: exactly 48 KiB of fp32 x) */
     for (int bi = 0; bi < 2; bi++) {
         const int b = bi ? 8 : 4;
         check_linear(&cs, 4100, 1024, SFT_BF16, b, 64, SFT_BF16, 1);
