@@ -256,7 +256,7 @@ typedef struct coord_stage_info {
 } coord_stage_info;
 typedef struct coord_info {
     int n_stages, n_layer, n_slots, max_ctx, n_peers, n_alive;
-    uint64_t epoch;
+    uint64_t epoch;           /* placements so far (1 + reloads)                                  */
     coord_stage_info stage[CLUSTER_MAX_STAGES];
 } coord_info;
 void coord_get_info(const coord *c, coord_info *out);

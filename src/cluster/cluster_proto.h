@@ -84,6 +84,16 @@ typedef struct lp_pull {
     uint32_t chunk, pad;
 } lp_pull;
 
+/* Epochs name a coordinator's placements: a random run id in the high 32 bits (coord_init), a
+ * counter of its loads in the low 32. Order means something only within one run; a link or
+ * offer of another run is from a newer coordinator (the older one's pipeline was replaced by
+ * the LOADs that came since). Before run ids, a stale link of an earlier coordinator with a
+ * higher counter displaced the new run's link and the new pipeline stalled until a reload. */
+static inline int cp_epoch_same_run(uint64_t a, uint64_t b) { return (a >> 32) == (b >> 32); }
+/* a link / offer of epoch `have` yields to one of epoch `got` */
+static inline int cp_epoch_yields(uint64_t have, uint64_t got) { return !cp_epoch_same_run(have, got) || have <= got; }
+#define CP_EPOCH_SEQ(e) ((unsigned long long)((e) & 0xffffffffu)) /* the counter, for logs */
+
 typedef struct cp_load {
     uint64_t epoch;
     int32_t layer_begin, layer_end, with_embed, with_output;

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 typedef struct cpeer {
@@ -211,7 +212,7 @@ static int plan_and_load(coord *c, st_err *err) {
                      .xport_pref = c->o.xport_pref, .exact = c->o.exact, .nccl = c->o.nccl};
         snprintf(l.model_dir, sizeof l.model_dir, "%s", c->o.model_dir);
         snprintf(l.next_addr, sizeof l.next_addr, "%s", c->peers[c->stage_peer[(s + 1) % S]].addr);
-        ST_INFO("plan (epoch %llu): stage %d on %s: layers %d..%d%s%s", (unsigned long long)c->epoch, s, p->addr,
+        ST_INFO("plan (epoch %llu): stage %d on %s: layers %d..%d%s%s", CP_EPOCH_SEQ(c->epoch), s, p->addr,
                 l.layer_begin, l.layer_end - 1, l.with_embed ? " +embed" : "", l.with_output ? " +output" : "");
         c->stage_load[s] = l;
         if (xport_send_copy(p->x, CP_LOAD, &l, sizeof l, err)) return err->code;
@@ -281,6 +282,12 @@ int coord_init(coord **out, const coord_opts *o, st_err *err) {
     if (!c->o.heartbeat_ms) c->o.heartbeat_ms = 200;
     if (!c->o.dead_ms) c->o.dead_ms = 1500;
     if (!c->o.stall_ms) c->o.stall_ms = 10000;
+    { /* this run's id in the epochs' high bits (cp_epoch_same_run): nonzero, random */
+        uint32_t run = 0;
+        if (getrandom(&run, sizeof run, 0) != (ssize_t)sizeof run || !run)
+            run = (uint32_t)(st_time_ns() ^ ((uint64_t)getpid() << 16)) | 1u;
+        c->epoch = (uint64_t)run << 32;
+    }
     int rc;
     if ((rc = xport_key_init(&c->key, o->cluster_key, err))) goto fail;
     if ((rc = async_init(c, err))) goto fail;
@@ -816,7 +823,7 @@ void coord_get_info(const coord *c, coord_info *out) {
     out->n_slots = c->o.n_slots;
     out->max_ctx = c->o.max_ctx;
     out->n_peers = c->n_peers;
-    out->epoch = c->epoch;
+    out->epoch = CP_EPOCH_SEQ(c->epoch); /* the placement counter, without the run id */
     for (int i = 0; i < c->n_peers; i++) out->n_alive += c->peers[i].alive;
     for (int s = 0; s < c->n_stages && s < CLUSTER_MAX_STAGES; s++) {
         const cpeer *p = &c->peers[c->stage_peer[s]];

@@ -21,11 +21,11 @@ int ncl_parse_id(const void *p, size_t len, cp_nccl_id *out, st_err *err) {
 int ncl_check_id(const cp_nccl_id *m, const ncl_self *s, st_err *err) {
     if (!s->loaded && m->epoch == s->epoch && s->epoch)
         return st_err_set(err, ST_ERR_UNSUPPORTED, "stage %d failed to load epoch %llu", s->stage,
-                          (unsigned long long)s->epoch);
-    if (!s->loaded || m->epoch > s->epoch) return NCL_LATER;
+                          CP_EPOCH_SEQ(s->epoch));
+    if (!s->loaded || !cp_epoch_same_run(m->epoch, s->epoch) || m->epoch > s->epoch) return NCL_LATER; /* a newer LOAD comes */
     if (m->epoch < s->epoch)
-        return st_err_set(err, ST_ERR_NET, "stale NCCL offer (epoch %llu, loaded %llu)", (unsigned long long)m->epoch,
-                          (unsigned long long)s->epoch);
+        return st_err_set(err, ST_ERR_NET, "stale NCCL offer (epoch %llu, loaded %llu)", CP_EPOCH_SEQ(m->epoch),
+                          CP_EPOCH_SEQ(s->epoch));
     if (s->stage == 0)
         return st_err_set(err, ST_ERR_UNSUPPORTED, "stage 0 takes the token hop on the data link, not NCCL");
     if (m->stage != s->stage - 1)

@@ -27,6 +27,11 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+/* data messages one loop turn handles at most (and for at most this long) before it serves the
+ * control links again: heartbeats must be answered well within the coordinator's dead_ms */
+#define NODE_DATA_BURST 16
+#define NODE_DATA_BURST_NS 50000000ull
+
 #define NODE_MAX_CTRL 8
 #define NODE_MAX_PROBE 4
 #define NODE_QUEUE 16
@@ -631,7 +636,9 @@ static void stage_load(node *n, xport *from, const cp_load *l) {
     stage_unload(n);
     n->load = *l;
     n->coord = from;
-    if (n->data_in && xport_get_peer(n->data_in)->epoch < l->epoch) xport_close(n->data_in), n->data_in = NULL;
+    if (n->data_in && xport_get_peer(n->data_in)->epoch != l->epoch &&
+        cp_epoch_yields(xport_get_peer(n->data_in)->epoch, l->epoch))
+        xport_close(n->data_in), n->data_in = NULL;
     model_load_opts mo = {.layer_begin = l->layer_begin, .layer_end = l->layer_end, .with_embed = l->with_embed,
                           .with_output = l->with_output, .source = l->model_dir};
     model_ctx_opts co = {.max_ctx = l->max_ctx, .n_slots = l->n_slots, .max_batch = l->max_batch,
@@ -696,7 +703,7 @@ loaded_gpu:
      * join runs on its own), then offer one to the next stage (blocks until it is up or refused) */
     if (n->ncl_offer_held) {
         n->ncl_offer_held = 0;
-        if (n->ncl_offer.epoch >= l->epoch) ncl_offer(n, &n->ncl_offer);
+        if (cp_epoch_same_run(n->ncl_offer.epoch, l->epoch) && n->ncl_offer.epoch >= l->epoch) ncl_offer(n, &n->ncl_offer);
     }
     if (l->nccl && n->gpu && !l->with_output && l->n_stages > 1) {
         ncl_link_out(n, l);
@@ -1002,7 +1009,7 @@ static void on_start(node *n, const uint8_t *p, size_t len) {
     if (len < sizeof q) return ST_WARN("START: short message dropped");
     memcpy(&q, p, sizeof q);
     if (!n->loaded || n->load.stage != 0 || q.epoch != n->load.epoch)
-        return ST_WARN("START for epoch %llu dropped (not stage 0 of the current epoch)", (unsigned long long)q.epoch);
+        return ST_WARN("START for epoch %llu dropped (not stage 0 of the current epoch)", CP_EPOCH_SEQ(q.epoch));
     if (q.slot < 0 || q.slot >= n->load.n_slots || q.n_prompt < 1 || q.n_prompt >= n->load.max_ctx ||
         len != sizeof q + (size_t)q.n_prompt * 4 || q.n_eos < 0 || q.n_eos > CP_MAX_EOS || q.max_tokens < 1)
         return ST_WARN("START: bad fields, dropped");
@@ -1166,13 +1173,13 @@ static void take_new_links(node *n) {
                 ST_INFO("control link from %s (%s)", p->addr, p->node_id[0] ? p->node_id : "coordinator");
             }
         } else if (p->role == XPORT_ROLE_DATA) {
-            if (n->data_in && xport_get_peer(n->data_in)->epoch > p->epoch) {
-                xport_close(x);
+            if (n->data_in && !cp_epoch_yields(xport_get_peer(n->data_in)->epoch, p->epoch)) {
+                xport_close(x); /* a late link of an earlier placement of the same run */
             } else {
                 xport_close(n->data_in);
                 n->data_in = x;
                 ST_INFO("data link from %s (node %s, %s, epoch %llu)", p->addr, p->node_id, xport_kind_name(x),
-                        (unsigned long long)p->epoch);
+                        CP_EPOCH_SEQ(p->epoch));
             }
         } else {
             int k = 0;
@@ -1238,7 +1245,11 @@ static int node_loop(node *n) {
                 xport_release(n->probe[i]);
             }
         }
-        while (n->data_in) {
+        /* a bounded share of data messages per turn: with many sequences in flight the input
+         * ring is never empty, and draining it to the end starved the control links (the
+         * coordinator declared the node dead for a missing heartbeat) */
+        const uint64_t t_data = st_time_ns();
+        for (int k = 0; n->data_in && k < NODE_DATA_BURST && st_time_ns() - t_data < NODE_DATA_BURST_NS; k++) {
             int r = xport_recv(n->data_in, &m, &err);
             if (r < 0) {
                 ST_WARN("upstream data link lost: %s", err.msg);

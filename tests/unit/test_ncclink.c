@@ -79,6 +79,23 @@ static void test_check_id(void **state) {
     assert_non_null(strstr(err.msg, "8 x 64"));
     t = s, t.max_batch = 16;
     assert_int_equal(ncl_check_id(&m, &t, &err), ST_ERR_ARG);
+    /* an offer of another coordinator's run (other high bits) is never "stale": its LOAD comes */
+    t = s, t.epoch = (7ull << 32) | 9;
+    assert_int_equal(ncl_check_id(&m, &t, &err), NCL_LATER);
+}
+
+/* Epoch order only within a run; a link of another run always wins (a newer coordinator). */
+static void test_epoch_runs(void **state) {
+    (void)state;
+    const uint64_t a1 = (5ull << 32) | 1, a2 = (5ull << 32) | 2, b1 = (9ull << 32) | 1;
+    assert_true(cp_epoch_same_run(a1, a2));
+    assert_false(cp_epoch_same_run(a2, b1));
+    assert_true(cp_epoch_yields(a1, a2));  /* a reload of the same run replaces the link */
+    assert_true(cp_epoch_yields(a2, a2));
+    assert_false(cp_epoch_yields(a2, a1)); /* a late link of an earlier placement does not */
+    assert_true(cp_epoch_yields(a2, b1));  /* another run: the new coordinator, though lower */
+    assert_true(cp_epoch_yields(b1, a2));
+    assert_int_equal(CP_EPOCH_SEQ(a2), 2);
 }
 
 static void test_parse_ack(void **state) {
