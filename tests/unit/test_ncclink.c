@@ -377,6 +377,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parse_id),   cmocka_unit_test(test_check_id),    cmocka_unit_test(test_parse_ack),
         cmocka_unit_test(test_act_payload), cmocka_unit_test(test_timeout_env), cmocka_unit_test(test_live_node),
+        cmocka_unit_test(test_epoch_runs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
