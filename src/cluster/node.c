@@ -76,6 +76,7 @@ typedef struct node {
     /* loaded stage */
     cp_load load;
     int loaded;
+    int rr_local;           /* stage 0: the slot the next turn's local work starts at          */
     model *m;
     model_ctx *ctx;
     slot_state *slots;
@@ -1018,8 +1019,7 @@ static void on_start(node *n, const uint8_t *p, size_t len) {
     for (int i = 0; i < q.n_prompt; i++)
         if (ss->prompt[i] < 0 || ss->prompt[i] >= n->V) return ST_WARN("START: token id out of range, dropped");
     ss->active = 1, ss->seq_id = q.seq_id, ss->params = q, ss->n_prompt = q.n_prompt, ss->prefilled = 0;
-    ss->pending_local = 0;
-    prefill_chunk(n, q.slot);
+    ss->pending_local = 0; /* its chunks run in the loop's local work, this same turn */
 }
 
 static void on_act(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
@@ -1218,6 +1218,8 @@ static int node_loop(node *n) {
         xs[nx++] = n->data_in;
         xs[nx++] = n->data_out;
         xport_wait(xs, nx, &n->pipe_rd, 1, busy ? 0 : 100);
+        const uint64_t t_turn = st_time_ns();
+        int probed = 0;
         take_new_links(n);
         for (int i = 0; i < NODE_MAX_CTRL; i++) {
             while (n->ctrl[i]) {
@@ -1228,10 +1230,12 @@ static int node_loop(node *n) {
                 }
                 if (r == 0) break;
                 xport *x = n->ctrl[i];
+                probed |= m.type == CP_PROBE_REQ || m.type == CP_LOAD; /* seconds by design, before a run */
                 on_control(n, x, &m);
                 if (n->ctrl[i] == x) xport_release(x);
             }
         }
+        const uint64_t t_probe = st_time_ns();
         for (int i = 0; i < NODE_MAX_PROBE; i++) {
             while (n->probe[i]) {
                 int r = xport_recv(n->probe[i], &m, &err);
@@ -1249,6 +1253,7 @@ static int node_loop(node *n) {
          * ring is never empty, and draining it to the end starved the control links (the
          * coordinator declared the node dead for a missing heartbeat) */
         const uint64_t t_data = st_time_ns();
+        int n_data = 0;
         for (int k = 0; n->data_in && k < NODE_DATA_BURST && st_time_ns() - t_data < NODE_DATA_BURST_NS; k++) {
             int r = xport_recv(n->data_in, &m, &err);
             if (r < 0) {
@@ -1258,6 +1263,7 @@ static int node_loop(node *n) {
             }
             if (r == 0) break;
             uint64_t t_in = st_time_ns();
+            n_data++;
             if (m.type == DP_ACT) on_act(n, m.data, m.len, t_in);
             else if (m.type == DP_TOKEN) on_token(n, m.data, m.len, t_in);
             else if (m.type == CP_NCCL_ID) on_nccl_id(n, m.data, m.len);
@@ -1294,16 +1300,35 @@ static int node_loop(node *n) {
         }
         for (int i = 0; i < NODE_MAX_CTRL; i++)
             if (n->ctrl[i]) xport_flush(n->ctrl[i]);
-        /* stage 0 work queued locally: one prefill chunk per slot per turn, local decodes */
-        if (n->loaded && n->load.stage == 0)
-            for (int s = 0; s < n->load.n_slots; s++) {
+        const uint64_t t_local = st_time_ns();
+        /* stage 0 work queued locally: one prefill chunk per slot, local decodes, round robin
+         * from where the last turn stopped, until NODE_DATA_BURST_NS is spent (at least one
+         * piece): 16 sequences starting together ran 16 chunks in one turn, seconds without
+         * answering a heartbeat on a busy machine */
+        if (n->loaded && n->load.stage == 0) {
+            const int S = n->load.n_slots;
+            for (int k = 0; k < S; k++) {
+                const int s = (n->rr_local + k) % S;
                 slot_state *ss = &n->slots[s];
                 if (ss->active && ss->prefilled < ss->n_prompt) prefill_chunk(n, s);
                 else if (ss->pending_local) {
                     ss->pending_local = 0;
                     decode_step(n, s, ss->pend_tok, ss->pend_pos, 0);
+                } else continue;
+                if (st_time_ns() - t_local > NODE_DATA_BURST_NS) {
+                    n->rr_local = (s + 1) % S;
+                    break;
                 }
             }
+        }
+        /* a turn this long keeps the coordinator's heartbeats waiting (it declares a node dead
+         * after 1.5 s by default): say where it went */
+        const uint64_t t_end = st_time_ns();
+        if (!probed && t_end - t_turn > 1000000000ull)
+            ST_WARN("loop turn of %.0f ms (control %.0f ms, probes %.0f ms, %d data messages %.0f ms, local prefill / "
+                    "decode %.0f ms): heartbeats wait",
+                    (t_end - t_turn) / 1e6, (t_probe - t_turn) / 1e6, (t_data - t_probe) / 1e6, n_data,
+                    (t_local - t_data) / 1e6, (t_end - t_local) / 1e6);
     }
     return 0;
 }
