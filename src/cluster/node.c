@@ -1300,6 +1300,11 @@ static int node_loop(node *n) {
         }
         for (int i = 0; i < NODE_MAX_CTRL; i++)
             if (n->ctrl[i]) xport_flush(n->ctrl[i]);
+        /* the end of a pull that did not fit the socket waits in the send queue: the prober
+         * sends nothing more until it has it, so only this flush delivers it */
+        for (int i = 0; i < NODE_MAX_PROBE; i++)
+            if (n->probe[i]) xport_flush(n->probe[i]);
+        if (n->data_in) xport_flush(n->data_in); /* NCCL acks go back upstream */
         const uint64_t t_local = st_time_ns();
         /* stage 0 work queued locally: one prefill chunk per slot, local decodes, round robin
          * from where the last turn stopped, until NODE_DATA_BURST_NS is spent (at least one
