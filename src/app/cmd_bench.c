@@ -512,6 +512,7 @@ static int bench_cuda_devsynth(const char *spec, bench_result *r, int prompt, in
     r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
     r->max_ctx_target = d.max_pos;
     r->max_ctx_stable = ctx;
+    r->lat_at_max_ctx_ms = r->lat_p50_ms; /* these steps ran at the end of the context */
     r->kv_bytes = (double)info.kv_bytes / conc; /* one sequence's (the cache holds conc slots) */
     snprintf(r->max_ctx_note, sizeof r->max_ctx_note, "decode from position %d (KV filled synthetically); CUDA events per graph replay", p0);
     if (conc > 1 && conc_phase(&CONC_GPU, cm, r, conc, prompt, V, next, pos0 > prompt, p0, gen, outt)) goto out;
@@ -614,6 +615,7 @@ static int bench_cuda_tp(const char *spec, bench_result *r, int prompt, int gen,
     r->mbu = bench_mbu(r->bytes_per_token, r->lat_mean_ms * 1e-3, r->mem_bw_gbs * 1e9);
     r->max_ctx_target = d.max_pos;
     r->max_ctx_stable = ctx;
+    r->lat_at_max_ctx_ms = r->lat_p50_ms; /* these steps ran at the end of the context */
     r->kv_bytes = (double)kvsum / conc; /* one sequence's (the cache holds conc slots) */
     snprintf(r->max_ctx_note, sizeof r->max_ctx_note,
              "decode from position %d (KV of every GPU filled synthetically); KV split over %d GPUs; CUDA events per "
