@@ -163,7 +163,12 @@ typedef struct plan_request {
     int act_bytes;             /* bytes per activation element on links (2: bf16)              */
     int max_tp;                /* largest TP group (1 = pipeline only)                         */
     int min_tp;                /* smallest unit (1 = any; N > 1: only TP groups of >= N)       */
+    int64_t objective_context; /* cached positions the objective's stage times read: 0 = an
+                                * empty context (default), N = N tokens, PLAN_AT_FULL = the
+                                * planned context (long conversations: KV reads weigh in)      */
 } plan_request;
+
+#define PLAN_AT_FULL (-1)
 
 /* Defaults: context 0 (model max), 1 slot, latency, bf16 KV, reserve 0.05, chunk 256,
  * bf16 activations, TP up to PLAN_MAX_TP. */
@@ -202,6 +207,7 @@ typedef struct plan_result {
     int64_t context;           /* the request, resolved                                       */
     int slots;
     plan_objective objective;
+    int64_t objective_context; /* resolved: the positions the objective was evaluated at        */
     int kv_elem_bytes;
     double reserve;
     int chunk;

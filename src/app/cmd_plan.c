@@ -26,6 +26,8 @@ static void plan_usage(FILE *f) {
             "  --kv-dtype bf16|f16|f32 KV cache element type (default bf16)\n"
             "  --reserve F             fraction of each device's memory held back (default 0.05)\n"
             "  --chunk N               prefill chunk, tokens per forward (default 256)\n"
+            "  --optimize-at N|full    cached positions the objective's stage times include (default 0, a short\n"
+            "                          context; full: the planned context, for long conversations)\n"
             "  --max-tp N              largest tensor-parallel group (default 8; 1 = pipeline only)\n  --tp N                  only tensor-parallel groups of N devices (compare layouts; 1 = pipeline)\n"
             "  --json                  print the plan as JSON\n"
             "  --peers ADDR,...        plan for a live cluster of `strata node`s: their devices and measured links\n"
@@ -80,9 +82,10 @@ static void print_plan(const plan_result *p, const plan_model *m, const plan_clu
     if (m->other_bytes) printf("         not loaded: %s in %llu tensors (MTP heads, extra layers)\n",
                                st_fmt_bytes((double)m->other_bytes, b1, sizeof b1), (unsigned long long)m->n_other);
     printf("cluster  %s: %d device%s\n", c->name, c->n_dev, c->n_dev == 1 ? "" : "s");
-    printf("request  context %s tokens x %d slot%s, objective %s, reserve %.1f%%, prefill chunk %d\n",
-           plan_fmt_count(p->context, n1, sizeof n1), p->slots, p->slots == 1 ? "" : "s",
-           p->objective == PLAN_THROUGHPUT ? "throughput" : "latency", p->reserve * 100, p->chunk);
+    printf("request  context %s tokens x %d slot%s, objective %s", plan_fmt_count(p->context, n1, sizeof n1), p->slots,
+           p->slots == 1 ? "" : "s", p->objective == PLAN_THROUGHPUT ? "throughput" : "latency");
+    if (p->objective_context > 0) printf(" at %s cached tokens", plan_fmt_count(p->objective_context, n2, sizeof n2));
+    printf(", reserve %.1f%%, prefill chunk %d\n", p->reserve * 100, p->chunk);
     if (!p->fits) {
         printf("\nDOES NOT FIT: %s\n", p->binding);
         if (p->max_context > 0)
@@ -156,6 +159,54 @@ static void print_plan(const plan_result *p, const plan_model *m, const plan_clu
     if (!p->exact) printf("search: heuristic device order (more than %d devices)\n", PLAN_EXACT_DEVICES);
 }
 
+/* 1 if a and b place the same layers on the same devices. */
+static int same_layout(const plan_result *a, const plan_result *b) {
+    if (a->n_stage != b->n_stage) return 0;
+    for (int i = 0; i < a->n_stage; i++) {
+        const plan_stage *x = &a->stage[i], *y = &b->stage[i];
+        if (x->layer_begin != y->layer_begin || x->layer_end != y->layer_end || x->n_tp != y->n_tp) return 0;
+        for (int j = 0; j < x->n_tp; j++)
+            if (x->member[j].dev != y->member[j].dev) return 0;
+    }
+    return 1;
+}
+
+/* One line naming a plan's stages: "33 layers on h200/gpu1, 29 on h200/gpu0" or "62 layers on
+ * TP=2 (h200/gpu0 + h200/gpu1)". */
+static void layout_line(const plan_result *p, const plan_cluster *c, char *buf, size_t cap) {
+    size_t o = 0;
+    buf[0] = 0;
+    for (int i = 0; i < p->n_stage && o < cap; i++) {
+        const plan_stage *s = &p->stage[i];
+        char lbl[160];
+        o += (size_t)snprintf(buf + o, cap - o, "%s%d%s on ", i ? ", " : "", s->layer_end - s->layer_begin, i ? "" : " layers");
+        if (o < cap && s->n_tp > 1) o += (size_t)snprintf(buf + o, cap - o, "TP=%d (", s->n_tp);
+        for (int j = 0; j < s->n_tp && o < cap; j++)
+            o += (size_t)snprintf(buf + o, cap - o, "%s%s", j ? " + " : "", dev_name(c, s->member[j].dev, lbl, sizeof lbl));
+        if (o < cap && s->n_tp > 1) o += (size_t)snprintf(buf + o, cap - o, ")");
+    }
+}
+
+/* After a plan optimised for a short context: when the layout optimised for the full context
+ * decodes faster there, one line says so (a pipeline reads its stages' KV in turn, a TP group
+ * in parallel; long conversations favour TP). Prints nothing when the solve fails. */
+static void hint_full_context(const plan_model *m, const plan_cluster *c, const plan_request *req, const plan_result *res) {
+    if (!res->fits || req->objective_context != 0) return;
+    plan_result *alt = malloc(sizeof *alt);
+    if (!alt) return;
+    plan_request r2 = *req;
+    r2.objective_context = PLAN_AT_FULL;
+    st_err e = {0};
+    if (plan_solve(m, c, &r2, alt, &e) == 0 && alt->fits && !same_layout(res, alt) && alt->tok_s_full > res->tok_s_full * 1.03) {
+        char n1[32], l1[512];
+        layout_line(alt, c, l1, sizeof l1);
+        printf("hint: at the full context (%s tokens) %s decodes at %.1f tok/s against %.1f for this plan "
+               "(--optimize-at full plans for it)\n",
+               plan_fmt_count(res->context, n1, sizeof n1), l1, alt->tok_s_full, res->tok_s_full);
+    }
+    free(alt);
+}
+
 /* `strata plan`: parses the flags, builds the model figures and the cluster, solves, prints. */
 int cmd_plan(int argc, char **argv) {
     const char *dir = NULL, *config = NULL, *synthetic = NULL, *cluster = NULL, *kv = "bf16";
@@ -210,6 +261,13 @@ int cmd_plan(int argc, char **argv) {
             else if (!strcmp(a, "--chunk")) req.chunk = (int)n, chunk_given = 1;
             else if (!strcmp(a, "--tp")) req.min_tp = req.max_tp = (int)n;
             else req.max_tp = (int)n;
+        } else if (!strcmp(a, "--optimize-at")) {
+            if (!strcmp(v, "full")) req.objective_context = PLAN_AT_FULL;
+            else if (parse_count(v, &n) || n < 0) {
+                fprintf(stderr, "strata plan: --optimize-at is a token count or 'full', got '%s'\n", v);
+                return 2;
+            } else
+                req.objective_context = n;
         } else if (!strcmp(a, "--objective")) {
             if (!strcmp(v, "latency")) req.objective = PLAN_LATENCY;
             else if (!strcmp(v, "throughput")) req.objective = PLAN_THROUGHPUT;
@@ -323,6 +381,7 @@ int cmd_plan(int argc, char **argv) {
             free(txt);
         } else {
             print_plan(res, &pm, &cl, kv);
+            hint_full_context(&pm, &cl, &req, res);
         }
         if (rc == ST_ERR_LIMIT && json) { /* the text form already said it */
             char n1[32];

@@ -13,6 +13,9 @@
  *   hop          = latency + hidden x 2 B / bandwidth to every member of the next unit
  *   latency objective     minimise sum(stage) + sum(hop); ties: the slower bottleneck loses
  *   throughput objective  minimise max(stage, hop transfer); ties: the lower latency wins
+ *   both evaluate stage times at request.objective_context cached positions: 0 (default) is
+ *   the short-context figure; at the full context the KV reads weigh in, which favours TP
+ *   (each member reads 1/t of the KV) over a pipeline (each stage reads its layers' KV in turn)
  * The token id's trip from the last stage back to stage 0 is reported but not optimised.
  *
  * Search: dynamic programming over (devices used so far, the device that sends on, layers
@@ -46,6 +49,7 @@ typedef struct solver {
     const plan_request *r;
     int L, D;
     int64_t ctx;               /* context being planned (tokens per sequence)                */
+    int64_t obj_ctx;           /* cached positions the objective's stage times read           */
     int slots;
     uint64_t *ps_brepl, *ps_bshard, *ps_rrepl, *ps_rshard; /* [L+1] prefix sums of bytes      */
     double *ps_flops;          /* [L+1]                                                       */
@@ -424,7 +428,7 @@ static int optimize(solver *s, int obj, double cap, span *spans, int *n_spans, d
                         const int last = b == L;
                         /* past bmax nothing fits, not even [k, L) as the last stage (more memory) */
                         if (last ? !s->fit_last[fi] : b > bmax) break;
-                        double t = s->t_stage ? s->t_stage[fi * NK + (size_t)b] : stage_time(s, u, k, b, first, last, 0);
+                        double t = s->t_stage ? s->t_stage[fi * NK + (size_t)b] : stage_time(s, u, k, b, first, last, s->obj_ctx);
                         if (t > lim) break;
                         double c1, c2;
                         if (obj == OBJ_SUM) {
@@ -696,9 +700,12 @@ int plan_solve(const plan_model *m, const plan_cluster *c, const plan_request *r
     if ((double)plan_model_kv_bytes(m, r->kv_elem_bytes) * m->n_layer * (double)ctx * r->slots > 1e18)
         return st_err_set(err, ST_ERR_ARG, "a KV cache for %s tokens x %d slots would exceed 1 EB", plan_fmt_count(ctx, a, sizeof a),
                           r->slots);
+    if (r->objective_context < PLAN_AT_FULL)
+        return st_err_set(err, ST_ERR_ARG, "objective context %lld is not a token count", (long long)r->objective_context);
     out->context = ctx;
     out->slots = r->slots;
     out->objective = r->objective;
+    out->objective_context = r->objective_context == PLAN_AT_FULL ? ctx : r->objective_context < ctx ? r->objective_context : ctx;
     out->kv_elem_bytes = r->kv_elem_bytes;
     out->reserve = r->reserve;
     out->chunk = r->chunk;
@@ -710,6 +717,7 @@ int plan_solve(const plan_model *m, const plan_cluster *c, const plan_request *r
     s.L = m->n_layer;
     s.D = c->n_dev;
     s.slots = r->slots;
+    s.obj_ctx = out->objective_context;
     s.exact = s.D <= PLAN_EXACT_DEVICES;
     s.coll_per_layer = 2 + (m->qk_norm_full ? 1 : 0);
     s.kv_tok_layer = plan_model_kv_bytes(m, r->kv_elem_bytes);
@@ -748,7 +756,8 @@ int plan_solve(const plan_model *m, const plan_cluster *c, const plan_request *r
         solver_free(&s);
         return st_err_set(err, ST_ERR_NOMEM, "out of memory");
     }
-    /* stage times do not depend on the context: tabulate them once when the table is modest */
+    /* the objective's stage times do not depend on the context being tried for memory (the
+     * max-context search): tabulate them once when the table is modest */
     if (UL * NL <= ((size_t)8 << 20)) { /* <= 64 MiB */
         s.t_stage = malloc(UL * NL * sizeof *s.t_stage);
         if (s.t_stage)
@@ -756,7 +765,7 @@ int plan_solve(const plan_model *m, const plan_cluster *c, const plan_request *r
                 for (int a = 0; a < s.L; a++)
                     for (int b = a + 1; b <= s.L; b++)
                         s.t_stage[((size_t)ui * (size_t)s.L + (size_t)a) * NL + (size_t)b] =
-                            stage_time(&s, &s.units[ui], a, b, a == 0, b == s.L, 0);
+                            stage_time(&s, &s.units[ui], a, b, a == 0, b == s.L, s.obj_ctx);
     }
 
     span sp[PLAN_MAX_DEVICES];
@@ -824,6 +833,7 @@ char *plan_result_json(const plan_result *p, const plan_model *m, const plan_clu
     json_object_set_new(jr, "context", json_integer(p->context));
     json_object_set_new(jr, "slots", json_integer(p->slots));
     json_object_set_new(jr, "objective", json_string(p->objective == PLAN_THROUGHPUT ? "throughput" : "latency"));
+    json_object_set_new(jr, "objective_context", json_integer(p->objective_context));
     json_object_set_new(jr, "kv_elem_bytes", json_integer(p->kv_elem_bytes));
     json_object_set_new(jr, "reserve", json_real(p->reserve));
     json_object_set_new(jr, "chunk", json_integer(p->chunk));

@@ -438,6 +438,48 @@ static void test_seed_latency(void **state) {
     plan_model_free(&pm);
 }
 
+/* The objective at the full context (--optimize-at full): on two H200s the short-context
+ * optimum is a pipeline (no all-reduces), but at 196,608 cached tokens every step reads 46.5
+ * GiB of KV, which a pipeline reads stage after stage and a TP=2 group half per GPU at once:
+ * the full-context objective picks TP and is faster there; the short-context figure of its
+ * plan is no better than the pipeline's (that one is optimal for it). */
+static void test_optimize_at_full(void **state) {
+    (void)state;
+    plan_model pm;
+    plan_cluster c;
+    minimax_model(&pm);
+    char *path = repo_path("examples/clusters/h200-x2.json");
+    st_err err = {0};
+    if (plan_cluster_load(&c, path, &err)) fail_msg("%s", err.msg);
+    free(path);
+    plan_request r;
+    plan_request_init(&r);
+    r.context = MM_CTX;
+    plan_result *p0 = calloc(1, sizeof *p0), *pf = calloc(1, sizeof *pf);
+    if (plan_solve(&pm, &c, &r, p0, &err)) fail_msg("%s", err.msg);
+    check_valid(p0, &pm, &c, 0.05);
+    assert_int_equal(p0->objective_context, 0);
+    assert_int_equal(p0->n_stage, 2);
+    r.objective_context = PLAN_AT_FULL;
+    if (plan_solve(&pm, &c, &r, pf, &err)) fail_msg("%s", err.msg);
+    check_valid(pf, &pm, &c, 0.05);
+    assert_int_equal(pf->objective_context, MM_CTX);
+    assert_int_equal(pf->n_stage, 1);
+    assert_int_equal(pf->stage[0].n_tp, 2);
+    assert_true(pf->t_token_full < 0.8 * p0->t_token_full);
+    assert_true(pf->t_token >= p0->t_token);
+    /* a count above the context is clamped to it; below PLAN_AT_FULL is refused */
+    r.objective_context = 10 * MM_CTX;
+    if (plan_solve(&pm, &c, &r, pf, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(pf->objective_context, MM_CTX);
+    r.objective_context = -2;
+    assert_int_equal(plan_solve(&pm, &c, &r, pf, &err), ST_ERR_ARG);
+    assert_non_null(strstr(err.msg, "objective context"));
+    free(p0), free(pf);
+    plan_cluster_free(&c);
+    plan_model_free(&pm);
+}
+
 /* Throughput objective: all three devices in a pipeline. The 36 GB MacBook holds what fits:
  *   usable floor(36 GiB x 0.95) = 36,721,970,380; minus runtime 1,073,741,824 and scratch
  *   (14 threads) 45,440,256 (+ 800,256 logits if last) leaves ~35.6e9 for layers at
@@ -634,6 +676,20 @@ static void test_cli(void **state) {
     assert_string_equal(json_string_value(json_object_get(m0, "node")), "mbp");
     assert_int_equal(json_integer_value(json_object_get(m0, "kv")), 10ll * 4096 * 196608);
     json_decref(j);
+    /* the two-H200 machine: the short-context plan is a pipeline, and one line names the
+     * layout that is faster at the full context; --optimize-at full plans that one */
+    char *h2 = repo_path("examples/clusters/h200-x2.json");
+    snprintf(args, sizeof args, "--config %s --cluster %s --context 196608", cfg, h2);
+    st = run_cli(args, out, 1 << 16);
+    if (st != 0 || !strstr(out, "hint: at the full context (196,608 tokens) 62 layers on TP=2")) fail_msg("exit %d:\n%s", st, out);
+    snprintf(args, sizeof args, "--config %s --cluster %s --context 196608 --optimize-at full", cfg, h2);
+    st = run_cli(args, out, 1 << 16);
+    if (st != 0 || strstr(out, "hint:") || !strstr(out, "objective latency at 196,608 cached tokens") || !strstr(out, "0/2"))
+        fail_msg("exit %d:\n%s", st, out);
+    snprintf(args, sizeof args, "--config %s --cluster %s --optimize-at soon", cfg, h2);
+    st = run_cli(args, out, 1 << 16);
+    if (st != 2 || !strstr(out, "--optimize-at is a token count or 'full', got 'soon'")) fail_msg("exit %d:\n%s", st, out);
+    free(h2);
     unlink(cfg);
     free(cl);
     free(out);
@@ -1085,6 +1141,7 @@ int main(void) {
         cmocka_unit_test(test_impossible),
         cmocka_unit_test(test_tp_only_when_faster),
         cmocka_unit_test(test_many_devices),
+        cmocka_unit_test(test_optimize_at_full),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
