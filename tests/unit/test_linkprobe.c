@@ -12,6 +12,7 @@
 
 #include "cluster/linkprobe.h"
 #include "strata/cluster.h"
+#include "live_node.h"
 
 #include <pthread.h>
 #include <signal.h>
@@ -20,50 +21,24 @@
 #include <string.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t g_stop;
-static node_opts g_no;
-static char g_addr[64];
-static pthread_t g_th;
-static st_err g_nerr;
+static live_node g_node;
+static const char *g_addr;
 static xport_key g_key;
-
-static void *node_thread(void *arg) {
-    st_err *err = arg;
-    node_run(&g_no, &g_stop, err);
-    return NULL;
-}
 
 static int node_up(void **state) {
     (void)state;
-    static char port_file[] = "/tmp/strata-linkprobe-XXXXXX";
-    int pfd = mkstemp(port_file);
-    if (pfd < 0) return -1;
-    close(pfd);
-    unlink(port_file);
-    g_no = (node_opts){.listen = "127.0.0.1:0", .port_file = port_file, .cluster_key = "linkprobe-test",
-                       .bw_probe_mb = -1, .n_threads = 1, .xport_pref = XPORT_PREF_TCP};
-    if (pthread_create(&g_th, NULL, node_thread, &g_nerr)) return -1;
-    int port = 0;
-    for (int i = 0; i < 400 && !port; i++) {
-        FILE *f = fopen(port_file, "r");
-        if (f) {
-            if (fscanf(f, "%d", &port) != 1) port = 0;
-            fclose(f);
-        }
-        if (!port) usleep(10000);
-    }
-    unlink(port_file);
-    if (!port) return -1;
-    snprintf(g_addr, sizeof g_addr, "127.0.0.1:%d", port);
+    g_node = (live_node){.opts = {.cluster_key = "linkprobe-test", .bw_probe_mb = -1, .n_threads = 1,
+                                  .xport_pref = XPORT_PREF_TCP}};
+    if (live_node_start(&g_node)) return -1;
+    g_addr = g_node.addr;
     st_err err = {0};
     return xport_key_init(&g_key, "linkprobe-test", &err) ? -1 : 0;
 }
 
 static int node_down(void **state) {
     (void)state;
-    g_stop = 1;
-    pthread_join(g_th, NULL);
-    return 0;
+    live_node_stop(&g_node);
+    return g_node.err.code ? -1 : 0;
 }
 
 /* A pull of 48 MiB read one frame per 2 ms: the node's socket stays full, so its last

@@ -12,6 +12,7 @@
 
 #include "cluster/ncclink.h"
 #include "strata/cluster.h"
+#include "live_node.h"
 
 #include <pthread.h>
 #include <signal.h>
@@ -153,15 +154,6 @@ static void test_timeout_env(void **state) {
 /* ------------------------------------------------------------------------------------------ */
 /* a live node                                                                                */
 
-static volatile sig_atomic_t g_stop;
-static node_opts g_no;
-
-static void *node_thread(void *arg) {
-    st_err *err = arg;
-    node_run(&g_no, &g_stop, err);
-    return NULL;
-}
-
 /* Waits up to ms for a frame of `type` on x; 1 and *m filled (release it), 0 on timeout. */
 static int wait_frame(xport *x, uint16_t type, xport_msg *m, int ms) {
     st_err err = {0};
@@ -183,29 +175,12 @@ static void test_live_node(void **state) {
     (void)state;
     const char *fx = getenv("STRATA_FIXTURES");
     if (!fx) fx = "tests/fixtures";
-    char model[1024], port_file[] = "/tmp/strata-ncclink-XXXXXX";
+    char model[1024];
     snprintf(model, sizeof model, "%s/models/qwen3-bf16", fx);
-    int pfd = mkstemp(port_file);
-    assert_true(pfd >= 0);
-    close(pfd);
-    unlink(port_file);
-    g_no = (node_opts){.listen = "127.0.0.1:0", .port_file = port_file, .cluster_key = "ncclink-test",
-                       .bw_probe_mb = -1, .n_threads = 1};
-    st_err nerr = {0};
-    pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, node_thread, &nerr), 0);
-    int port = 0;
-    for (int i = 0; i < 400 && !port; i++) {
-        FILE *f = fopen(port_file, "r");
-        if (f) {
-            if (fscanf(f, "%d", &port) != 1) port = 0;
-            fclose(f);
-        }
-        if (!port) usleep(10000);
-    }
-    assert_true(port > 0);
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+    static live_node ln;
+    ln = (live_node){.opts = {.cluster_key = "ncclink-test", .bw_probe_mb = -1, .n_threads = 1}};
+    assert_int_equal(live_node_start(&ln), 0);
+    const char *addr = ln.addr;
     xport_key key;
     st_err err = {0};
     assert_int_equal(xport_key_init(&key, "ncclink-test", &err), 0);
@@ -367,10 +342,8 @@ static void test_live_node(void **state) {
 
     close(lfd);
     xport_close(ctrl);
-    g_stop = 1;
-    pthread_join(th, NULL);
-    assert_int_equal(nerr.code, 0);
-    unlink(port_file);
+    live_node_stop(&ln);
+    assert_int_equal(ln.err.code, 0);
 }
 
 int main(void) {
