@@ -10,20 +10,12 @@
 # NSYS=MODEL:CONFIG (an nsys timeline of that bench: per-kernel times inside the decode graph).
 # Every phase is bounded; everything goes under $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/strata-ab-out}
-mkdir -p "$OUT"
-C=.devcarry
-S=$C/bin/strata
-T_START=$(date +%s)
-BUDGET=${BUDGET:-420}
+. "$(dirname "$0")/lib.sh"
+gpu_setup ab 420
 MODELS=${MODELS:-"qwen3-8b:q4g64 qwen3-8b:bf16"}
 CONFIGS=${CONFIGS:-"base:STRATA_CUDA_NO_PDL=1 pdl"}
 ROUNDS=${ROUNDS:-1}
 FLAGS=${FLAGS:-"--prompt 512 --gen 128"}
-PYCUBLAS=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
-export LD_LIBRARY_PATH="$C/lib:/usr/local/cuda/lib64:${PYCUBLAS:+$PYCUBLAS:}${LD_LIBRARY_PATH:-}"
-export NCCL_NVLS_ENABLE=0
-left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
 SUM="$OUT/ab-summary.md"
 : > "$SUM"
 

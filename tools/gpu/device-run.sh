@@ -9,21 +9,12 @@
 # of weights generated on the device). Everything goes under $OUT; a summary table is printed
 # last.
 set -uo pipefail
-OUT=${OUT:-/tmp/strata-gpu-out}
-mkdir -p "$OUT"
-C=.devcarry
-S=$C/bin/strata
-T_START=$(date +%s)
-BUDGET=${BUDGET:-460}
-CUDA_LIBS=/usr/local/cuda/lib64:/usr/local/cuda/lib
-PYCUBLAS=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
-export LD_LIBRARY_PATH="$C/lib:$CUDA_LIBS:${PYCUBLAS:+$PYCUBLAS:}${LD_LIBRARY_PATH:-}"
-export NCCL_NVLS_ENABLE=0
+. "$(dirname "$0")/lib.sh"
+gpu_setup gpu 460
 SUMMARY="$OUT/summary.md"
 echo "| phase | rc | seconds | result |" > "$SUMMARY"
 echo "|---|---|---|---|" >> "$SUMMARY"
 
-left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
 
 # phase NAME NEED_S LIMIT_S CMD... : runs CMD with a timeout if NEED_S seconds are left
 phase() {
@@ -54,8 +45,8 @@ phase cuda-parity 30 90 "$S" cuda-parity
 # in graphs. NCCL comes from the Python package nvidia-nccl-cu13 here (strata dlopens it).
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
 if [ "${NGPU:-0}" -ge 2 ]; then
-  PYNCCL=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
-  phase comm-bench 20 90 env LD_LIBRARY_PATH="${PYNCCL:+$PYNCCL:}$LD_LIBRARY_PATH" NCCL_NVLS_ENABLE=0 \
+  PYNCCL=$(gpu_pylib nccl)
+  phase comm-bench 20 90 env LD_LIBRARY_PATH="${PYNCCL:+$PYNCCL:}$LD_LIBRARY_PATH" \
     "$S" comm-bench --json "$OUT/comm-bench.json"
 else
   echo "| comm-bench | skipped | 0 | ${NGPU:-0} GPU(s) visible, needs 2 |" >> "$SUMMARY"

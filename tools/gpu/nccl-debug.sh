@@ -3,14 +3,11 @@
 # every node's log (NCCL_DEBUG=WARN) kept under $OUT: the short check to run first when the nccl
 # modes of pipeline-run.sh misbehave. From the repo root with .devcarry/ carried and unpacked.
 set -uo pipefail
-OUT=${OUT:-/tmp/strata-nccl-debug}
-mkdir -p "$OUT"
-C=.devcarry
-S=$C/bin/strata
+. "$(dirname "$0")/lib.sh"
+gpu_setup nccl-debug 0
 M=${MODEL:-$C/fixtures/models/qwen3-bf16}
-PYNCCL=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
-export LD_LIBRARY_PATH="$C/lib:/usr/local/cuda/lib64:${PYNCCL:+$PYNCCL:}${LD_LIBRARY_PATH:-}"
-export NCCL_NVLS_ENABLE=0 NCCL_DEBUG=${NCCL_DEBUG:-WARN} STRATA_CLUSTER_KEY="nccldbg-$$"
+PYNCCL=$(gpu_pylib nccl)
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN} STRATA_CLUSTER_KEY="nccldbg-$$"
 export STRATA_NCCL_TIMEOUT_MS=${STRATA_NCCL_TIMEOUT_MS:-5000}
 echo "nccl lib dir: ${PYNCCL:-none} ($(ls "${PYNCCL:-/nonexistent}" 2>/dev/null | tr '\n' ' '))"
 pids=()

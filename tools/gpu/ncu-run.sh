@@ -9,23 +9,16 @@
 # ncu serialises the kernels, so a duration is the kernel alone — no PDL overlap with its
 # neighbours: the sum over a step is an upper bound of the graph replay's time.
 set -uo pipefail
-OUT=${OUT:-/tmp/strata-ncu-out}
-mkdir -p "$OUT"
-C=.devcarry
-S=$C/bin/strata
-T_START=$(date +%s)
-BUDGET=${BUDGET:-300}
+. "$(dirname "$0")/lib.sh"
+gpu_setup ncu 300
 MODELS=${MODELS:-"qwen3-8b:q4g64"}
 SKIP=${SKIP:-1500}
 COUNT=${COUNT:-450}
-PYCUBLAS=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
-export LD_LIBRARY_PATH="$C/lib:/usr/local/cuda/lib64:${PYCUBLAS:+$PYCUBLAS:}${LD_LIBRARY_PATH:-}"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu-run: no ncu on this machine"; exit 1; }
 echo "ncu: $NCU ($("$NCU" --version | tail -1))"
 METRICS=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size,launch__registers_per_thread,launch__occupancy_limit_registers,lts__t_sector_hit_rate.pct
 KRE='regex:^k_(mv|attn|add|qk|quant|rms|moe|swiglu|argmax|advance|embed|tp|rope|kv)'
-left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
 for spec in $MODELS; do
   [ "$(left)" -gt 40 ] || { echo "skipped $spec: time"; continue; }
   model=${spec%%@*}

@@ -24,12 +24,8 @@
 # back (the node's warning quoted).
 # Output under $OUT; a summary is printed last.
 set -uo pipefail
-OUT=${OUT:-/tmp/strata-pipeline-out}
-mkdir -p "$OUT"
-C=.devcarry
-S=$C/bin/strata
-T_START=$(date +%s)
-BUDGET=${BUDGET:-420}
+. "$(dirname "$0")/lib.sh"
+gpu_setup pipeline 420
 GPUS=${GPUS:-1}
 BENCH_MODEL=${BENCH_MODEL:-synthetic:qwen3-8b:bf16}
 NTOK=${NTOK:-128}
@@ -37,15 +33,11 @@ PHASES=${PHASES:-1234}     # which of the phases below to run
 MODES=${MODES:-stream host nccl nccl-graph}
 export STRATA_NCCL_TIMEOUT_MS=${STRATA_NCCL_TIMEOUT_MS:-10000}
 # NCCL (the nccl modes) from the Python package nvidia-nccl-cu13 when it is there (strata dlopens it)
-PYNCCL=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
-export LD_LIBRARY_PATH="$C/lib:/usr/local/cuda/lib64:${PYNCCL:+$PYNCCL:}${LD_LIBRARY_PATH:-}"
-export NCCL_NVLS_ENABLE=0
 export STRATA_CLUSTER_KEY="pipeline-$$"
 tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; pids=(); }
 trap 'cleanup; rm -rf "$tmp"' EXIT
-left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
 SUM="$OUT/summary.txt"
 : > "$SUM"
 

@@ -31,7 +31,7 @@ for bin in $B/strata $B/test_cuda_host; do
   done
 done
 cp -r tests/fixtures/models .devcarry/fixtures/
-cp tools/gpu/device-run.sh .devcarry/
+cp tools/gpu/device-run.sh tools/gpu/lib.sh .devcarry/
 size_kb=$(du -sk .devcarry | cut -f1)
 echo "prepare: .devcarry = $((size_kb / 1024)) MiB ($(ls .devcarry/lib | wc -l) libs: $(ls .devcarry/lib | tr '\n' ' '))"
 if [ "$size_kb" -gt $((60 * 1024)) ]; then echo "prepare: .devcarry exceeds 60 MiB" >&2; exit 1; fi

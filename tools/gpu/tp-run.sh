@@ -13,24 +13,16 @@
 #      at $TP_CTX (every slot's KV filled synthetically), then $N_MODEL (default qwen3-8b:q4g64)
 #      on one GPU with 64-token prompts (each slot prefilled)
 set -uo pipefail
-OUT=${OUT:-/tmp/strata-tp-out}
-mkdir -p "$OUT"
-C=.devcarry
-S=$C/bin/strata
-T_START=$(date +%s)
-BUDGET=${BUDGET:-500}
+. "$(dirname "$0")/lib.sh"
+gpu_setup tp 500
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PHASES=${PHASES:-pgct}
 TP_MODEL=${TP_MODEL:-minimax-m2.5:q5g64}
 TP_CTX=${TP_CTX:-4096}
 S_MODEL=${S_MODEL:-minimax-m2.5:q4g64}
-NCCLLIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
-PYCUBLAS=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
-export LD_LIBRARY_PATH="$C/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${PYCUBLAS:+$PYCUBLAS:}${NCCLLIB:+$NCCLLIB:}${LD_LIBRARY_PATH:-}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 SUM="$OUT/summary.md"
 echo "| phase | rc | seconds | result |" > "$SUM"
 echo "|---|---|---|---|" >> "$SUM"
-left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
 phase() {
   local name=$1 need=$2 limit=$3; shift 3
   local l; l=$(left)
