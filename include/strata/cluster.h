@@ -153,6 +153,7 @@ typedef struct coord_stats {
     double stage_compute_ms[CLUSTER_MAX_STAGES]; /* mean compute per decode step per stage       */
     double hop_ms[CLUSTER_MAX_STAGES];           /* mean per hop: i -> i+1, last -> 0 (index n-1) */
     double orch_us_per_token; /* decode token time minus compute and hops (single sequence)      */
+    double rows_per_step;     /* mean sequences per decode step (stage 0 batches them; 1 = one)   */
     double recovery_s;        /* time from loss detection to continuing                            */
     char data_link[8];        /* "tcp", "shm" or "nccl" (stage 0's link to stage 1)               */
 } coord_stats;
@@ -238,7 +239,8 @@ int coord_n_queued(const coord *c);
 /* Cumulative timings since coord_init (decode steps only), for /metrics. */
 typedef struct coord_totals {
     uint64_t n_tokens, n_decode_steps, n_recoveries;
-    double compute_s[CLUSTER_MAX_STAGES];     /* summed over decode steps, per stage            */
+    double compute_s[CLUSTER_MAX_STAGES];     /* summed over decode steps, per stage (a batched
+                                               * step once, not once per sequence in it)        */
     double hop_s[CLUSTER_MAX_STAGES];         /* per hop i -> i+1 (last -> 0 at n_stages - 1)    */
     uint64_t n_hop[CLUSTER_MAX_STAGES];
     double recovery_s;

@@ -167,7 +167,8 @@ int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen,
         }
         coord_stats st;
         if ((rc = coord_generate_many(c, seqs, n, NULL, NULL, &st, err))) goto done;
-        printf("| aggregate, %2d sequences | %.1f tok/s | %d tokens in %.2f s |\n", n, st.tok_s, st.n_tokens, st.wall_s);
+        printf("| aggregate, %2d sequences | %.1f tok/s | %d tokens in %.2f s, %.1f sequences per decode step |\n", n,
+               st.tok_s, st.n_tokens, st.wall_s, st.rows_per_step);
         if (n == conc) r->aggregate_tok_s = st.tok_s;
     }
     printf("\n");

@@ -5,7 +5,9 @@
  * writes each sampled step's logits (float32 [steps, n_vocab], raw) to a file; --check-logits
  * compares them with such a file (max|d| / max|ref| per step <= --rtol) and fails otherwise.
  * --golden K takes the prompt from MODEL_DIR/golden.safetensors (prompt_K) and checks the
- * greedy ids against transformers' greedy_K. --seqs N generates N copies concurrently. */
+ * greedy ids against transformers' greedy_K. --seqs N generates N copies concurrently; with
+ * --distinct, sequence s starts with the prompt's first id + s (mod the vocabulary) and its ids
+ * follow on an "ids s:" line. */
 #include "app.h"
 #include "strata/synth.h"
 #include "strata/cluster.h"
@@ -37,6 +39,7 @@ static void usage(FILE *f) {
                "  --ctx N --slots N --chunk N --threads N\n"
                "  --temperature T --top-k K --top-p P --seed S   sampling (default greedy)\n"
                "  --seqs N                N concurrent copies of the prompt (needs --slots >= N)\n"
+               "  --distinct              with --seqs: sequence s's first prompt id + s; prints each one's ids\n"
                "  --print-logits FILE     write every step's logits (f32 [steps, vocab])\n"
                "  --check-logits FILE --rtol X   compare with such a file (default 1e-4)\n"
                "  --no-eos                ignore the model's eos ids\n"
@@ -155,7 +158,9 @@ int cmd_cluster_gen(int argc, char **argv) {
     coord_opts o = {.cluster_key = NULL};
     smp_params sp = smp_params_default();
     sp.temperature = 0;
-    int max_tokens = 16, local = 0, golden = -1, no_eos = 0, n_seqs = 1;
+    int max_tokens = 16, local = 0, golden = -1, no_eos = 0, n_seqs = 1, distinct = 0;
+    int32_t *dprompts = NULL; /* --distinct: [n_seqs, n_prompt] */
+    int *dn_out = NULL;       /* --distinct: each sequence's count */
     const char *discover = NULL;
     char found[CLUSTER_MAX_PEERS * 64];
     double rtol = 1e-4;
@@ -200,6 +205,7 @@ int cmd_cluster_gen(int argc, char **argv) {
         else if (!strcmp(a, "--chunk") && more) o.max_batch = atoi(argv[++i]);
         else if (!strcmp(a, "--threads") && more) o.n_threads = atoi(argv[++i]);
         else if (!strcmp(a, "--seqs") && more) n_seqs = atoi(argv[++i]);
+        else if (!strcmp(a, "--distinct")) distinct = 1;
         else if (!strcmp(a, "--temperature") && more) sp.temperature = (float)atof(argv[++i]);
         else if (!strcmp(a, "--top-k") && more) sp.top_k = atoi(argv[++i]);
         else if (!strcmp(a, "--top-p") && more) sp.top_p = (float)atof(argv[++i]);
@@ -306,23 +312,37 @@ int cmd_cluster_gen(int argc, char **argv) {
         }
         if (g.ref) g.ref_steps /= (long)coord_n_vocab(c) * 4;
         coord_seq *seqs = calloc((size_t)n_seqs, sizeof *seqs);
-        for (int s = 0; seqs && s < n_seqs; s++)
-            seqs[s] = (coord_seq){.prompt = prompt, .n_prompt = n_prompt, .params = sp, .max_tokens = max_tokens,
+        if (distinct && (!(dprompts = malloc((size_t)n_seqs * (size_t)n_prompt * 4)) || !(dn_out = calloc((size_t)n_seqs, sizeof *dn_out)))) {
+            fprintf(stderr, "strata: out of memory\n");
+            free(seqs);
+            goto out;
+        }
+        for (int s = 0; seqs && s < n_seqs; s++) {
+            const int32_t *ps = prompt;
+            if (distinct) {
+                int32_t *d = dprompts + (size_t)s * (size_t)n_prompt;
+                memcpy(d, prompt, (size_t)n_prompt * 4);
+                d[0] = (int32_t)(((int64_t)d[0] + s) % coord_n_vocab(c));
+                ps = d;
+            }
+            seqs[s] = (coord_seq){.prompt = ps, .n_prompt = n_prompt, .params = sp, .max_tokens = max_tokens,
                                   .eos = NULL, .n_eos = no_eos ? 0 : -1, .out_ids = out + (size_t)s * max_tokens};
+        }
         if (!seqs || coord_generate_many(c, seqs, n_seqs, on_tok, &g, &st, &err)) {
             fprintf(stderr, "strata: %s\n", seqs ? err.msg : "out of memory");
             free(seqs);
             goto out;
         }
         n_out = seqs[0].n_out;
-        for (int s = 1; s < n_seqs; s++)
+        for (int s = 0; distinct && s < n_seqs; s++) dn_out[s] = seqs[s].n_out;
+        for (int s = 1; s < n_seqs && !distinct; s++)
             if (seqs[s].n_out != n_out || memcmp(seqs[s].out_ids, out, (size_t)n_out * 4))
                 fprintf(stderr, "strata: warning: concurrent sequence %d differs from sequence 0\n", s);
         free(seqs);
         fprintf(stderr, "stats: stages %d link %s tokens %d wall %.4f s aggregate %.1f tok/s decode %.3f ms/token"
-                        " orchestration %.1f us/token recoveries %d (%.2f s) max_gap %.3f s\n",
+                        " orchestration %.1f us/token recoveries %d (%.2f s) max_gap %.3f s rows/step %.2f\n",
                 st.n_stages, st.data_link, st.n_tokens, st.wall_s, st.tok_s, st.decode_token_ms, st.orch_us_per_token,
-                st.n_recoveries, st.recovery_s, g.max_gap_s);
+                st.n_recoveries, st.recovery_s, g.max_gap_s, st.rows_per_step);
         for (int k = 0; k < st.n_stages; k++)
             fprintf(stderr, "stats: stage %d compute %.3f ms, hop %d->%d %.3f ms, residency %.0f%%\n", k,
                     st.stage_compute_ms[k], k, (k + 1) % st.n_stages, st.hop_ms[k],
@@ -346,6 +366,11 @@ int cmd_cluster_gen(int argc, char **argv) {
     printf("ids:");
     for (int i = 0; i < n_out; i++) printf(" %d", out[i]);
     printf("\n");
+    for (int s = 1; dn_out && s < n_seqs; s++) {
+        printf("ids %d:", s);
+        for (int i = 0; i < dn_out[s]; i++) printf(" %d", out[(size_t)s * max_tokens + i]);
+        printf("\n");
+    }
     rc = 0;
     if (golden_ids) {
         int n = n_out < n_golden ? n_out : n_golden, same = 0;
@@ -362,7 +387,7 @@ out:
     if (g.logits_f) fclose(g.logits_f);
     free(g.ref);
     coord_free(c);
-    free(prompt), free(out);
+    free(prompt), free(out), free(dprompts), free(dn_out);
     sft_set_close(&gs);
     return rc;
 }

@@ -101,6 +101,9 @@ typedef struct cp_load {
     int32_t max_batch, n_threads, n_buffers, max_inflight;
     int32_t data_mac, xport_pref, exact;
     int32_t nccl;             /* 1: hidden states to a next GPU stage over NCCL (ncclink.h)  */
+    int32_t batch_rows;       /* stage 0 runs up to this many sequences' decode rows as one
+                               * step (ACT_BATCH; <= 1: one sequence per step)                */
+    int32_t pad;
     char model_dir[1024];
     char next_addr[64];
 } cp_load;
@@ -124,8 +127,19 @@ typedef struct cp_seq {
 } cp_seq;
 
 /* ACT_NCCL: the T x n_embd floats are not in this frame: the sender's GPU sends them over the
- * link's NCCL communicator, one ncclSend per such header, in header order (ncclink.h). */
-enum { ACT_FIRST = 1, ACT_LAST = 2, ACT_NCCL = 4 };
+ * link's NCCL communicator, one ncclSend per such header, in header order (ncclink.h).
+ * ACT_BATCH: T decode rows of T different sequences, one row each and each wanting its next
+ * token (with ACT_LAST): dp_row[T] follow the header, then the T x n_embd floats; the header's
+ * seq_id, slot (-1) and pos0 are unused. Never with ACT_FIRST or ACT_NCCL. */
+enum { ACT_FIRST = 1, ACT_LAST = 2, ACT_NCCL = 4, ACT_BATCH = 8 };
+
+/* One row of an ACT_BATCH step: its sequence, slot and position. */
+typedef struct dp_row {
+    uint64_t seq_id;
+    int32_t slot, pos;
+} dp_row;
+
+#define CP_BATCH_MAX 64 /* rows of an ACT_BATCH step (the last stage keeps [rows, n_vocab] logits) */
 
 typedef struct dp_act {
     uint64_t epoch, seq_id;
@@ -143,6 +157,7 @@ typedef struct dp_token {
     uint64_t compute_ns[CLUSTER_MAX_STAGES];
     uint64_t hop_ns[CLUSTER_MAX_STAGES];
     int32_t n_logits, prefill;
+    int32_t rows, pad;       /* sequences in the decode step that produced it (ACT_BATCH: T, else 1) */
 } dp_token;
 
 #endif

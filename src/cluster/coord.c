@@ -42,6 +42,7 @@ struct coord {
     int n_hop_samples[CLUSTER_MAX_STAGES];
     int n_decode_samples;
     double sum_decode_gap;
+    double sum_inv_rows;       /* sum over decode tokens of 1 / rows of their step: the steps */
     int32_t *replay;      /* [max_ctx] prompt + generated, for START on recovery */
     int loading;          /* nodes are busy loading: silence is not loss (closed links still are) */
     cp_load stage_load[CLUSTER_MAX_STAGES];     /* what each stage was told to load            */
@@ -177,6 +178,26 @@ static int wait_replies(coord *c, wait_ctx *w, const int *need, int timeout_ms, 
     }
 }
 
+/* How many sequences' decode rows stage 0 may run as one step (cp_load.batch_rows) on the
+ * S stages just placed: all slots up to CP_BATCH_MAX and the prefill chunk, when every stage
+ * is a CPU node; 1 (a step per sequence) with one slot, or with a GPU stage (its batched path
+ * is not built yet). STRATA_BATCH_ROWS=N overrides (0 or 1: off) for comparisons. */
+static int batch_rows(const coord *c, int S) {
+    int b = c->o.n_slots;
+    if (b > CP_BATCH_MAX) b = CP_BATCH_MAX;
+    if (b > c->o.max_batch) b = c->o.max_batch;
+    for (int s = 0; s < S; s++)
+        if (!strncmp(c->peers[c->stage_peer[s]].info.dev_kind, "cuda", 4)) b = 1;
+    const char *e = getenv("STRATA_BATCH_ROWS");
+    if (e && *e) {
+        char *end;
+        long v = strtol(e, &end, 10);
+        if (*end || v < 0) ST_WARN("STRATA_BATCH_ROWS=%s is not a row count: ignored", e);
+        else b = v < b ? (int)v : b;
+    }
+    return b < 1 ? 1 : b;
+}
+
 /* Places the layers on the live peers (the solver, or an even split in --peers order), then
  * LOADs every stage and, in planner mode, checks what each reports against its budget. */
 static int plan_and_load(coord *c, st_err *err) {
@@ -202,6 +223,8 @@ static int plan_and_load(coord *c, st_err *err) {
     c->n_stages = S;
     c->epoch++;
     for (int s = 0; s < S; s++) c->stage_peer[s] = alive[s], c->peers[alive[s]].stage = s;
+    const int batch = batch_rows(c, S);
+    if (batch > 1) ST_INFO("plan (epoch %llu): decode steps batch up to %d sequences", CP_EPOCH_SEQ(c->epoch), batch);
     int need[CLUSTER_MAX_PEERS] = {0};
     for (int s = 0; s < S; s++) {
         cpeer *p = &c->peers[c->stage_peer[s]];
@@ -209,7 +232,8 @@ static int plan_and_load(coord *c, st_err *err) {
                      .with_output = s == S - 1, .stage = s, .n_stages = S, .max_ctx = c->o.max_ctx,
                      .n_slots = c->o.n_slots, .max_batch = c->o.max_batch, .n_threads = c->o.n_threads,
                      .n_buffers = c->o.n_buffers, .max_inflight = c->o.max_inflight, .data_mac = c->o.data_mac,
-                     .xport_pref = c->o.xport_pref, .exact = c->o.exact, .nccl = c->o.nccl};
+                     .xport_pref = c->o.xport_pref, .exact = c->o.exact, .nccl = c->o.nccl,
+                     .batch_rows = batch};
         snprintf(l.model_dir, sizeof l.model_dir, "%s", c->o.model_dir);
         snprintf(l.next_addr, sizeof l.next_addr, "%s", c->peers[c->stage_peer[(s + 1) % S]].addr);
         ST_INFO("plan (epoch %llu): stage %d on %s: layers %d..%d%s%s", CP_EPOCH_SEQ(c->epoch), s, p->addr,
@@ -526,9 +550,11 @@ static void on_gen(coord *c, cpeer *p, const xport_msg *m, void *ud) {
         c->sum_decode_gap += (double)(now - q->t_last);
         c->n_decode_samples++;
         c->tot.n_decode_steps++;
+        const double rows = t.rows >= 1 && t.rows <= CP_BATCH_MAX ? t.rows : 1;
+        c->sum_inv_rows += 1.0 / rows;
         for (int k = 0; k < c->n_stages; k++) {
             c->sum_compute[k] += (double)t.compute_ns[k];
-            c->tot.compute_s[k] += (double)t.compute_ns[k] / 1e9;
+            c->tot.compute_s[k] += (double)t.compute_ns[k] / 1e9 / rows;
             if (t.hop_ns[k]) {
                 c->sum_hop[k] += (double)t.hop_ns[k], c->n_hop_samples[k]++;
                 c->tot.hop_s[k] += (double)t.hop_ns[k] / 1e9, c->tot.n_hop[k]++;
@@ -760,7 +786,7 @@ int coord_generate_many(coord *c, coord_seq *seqs, int n_seqs, coord_token_fn cb
     memset(c->sum_compute, 0, sizeof c->sum_compute);
     memset(c->sum_hop, 0, sizeof c->sum_hop);
     memset(c->n_hop_samples, 0, sizeof c->n_hop_samples);
-    c->n_decode_samples = 0, c->sum_decode_gap = 0;
+    c->n_decode_samples = 0, c->sum_decode_gap = 0, c->sum_inv_rows = 0;
     coord_totals t_before = c->tot;
     many_ctx g = {.c = c, .seqs = seqs, .ids = ids, .n = n_seqs, .cb = cb, .ud = ud, .t0 = st_time_ns()};
     int rc = 0;
@@ -791,6 +817,7 @@ int coord_generate_many(coord *c, coord_seq *seqs, int n_seqs, coord_token_fn cb
         int nd = c->n_decode_samples;
         if (nd) {
             stats->decode_token_ms = c->sum_decode_gap / nd / 1e6;
+            stats->rows_per_step = c->sum_inv_rows > 0 ? nd / c->sum_inv_rows : 1;
             double sum = 0;
             for (int k = 0; k < c->n_stages; k++) {
                 stats->stage_compute_ms[k] = c->sum_compute[k] / nd / 1e6;

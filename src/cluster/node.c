@@ -43,7 +43,7 @@ typedef struct slot_state {
     cp_seq params;
     int32_t *prompt;        /* [max_ctx] stage 0's prompt copy                              */
     int n_prompt, prefilled;
-    int pending_local;      /* single stage: next decode token queued                       */
+    int pending_local;      /* stage 0: next decode token queued (a single stage, or batching) */
     int32_t pend_tok, pend_pos;
     uint64_t hop_back_ns;   /* last -> stage 0 hop of the previous step                      */
     /* last stage */
@@ -81,7 +81,18 @@ typedef struct node {
     model_ctx *ctx;
     slot_state *slots;
     int32_t *pos_buf, *slot_buf;
-    float *logits, *logits2;
+    dp_row *rows_buf;       /* [max_batch] an ACT_BATCH step's rows (stage 0 builds, others copy) */
+    int32_t *tok_buf;       /* [max_batch] stage 0: the token ids of a batched decode step      */
+    int rr_dec;             /* stage 0: the slot the next batched decode starts at              */
+    /* stages > 0 with batch_rows > 1: decode rows of the messages drained in one loop turn,
+     * merged into one step (act_rows / merge_flush): the queue of a slower stage is its batch */
+    dp_act m_h;             /* the first merged message's header (its timing rides along)      */
+    dp_row *m_rows;         /* [batch_rows]                                                     */
+    float *m_hidden;        /* [batch_rows, D]                                                  */
+    int m_n;
+    uint64_t m_t_in;
+    float *logits;          /* [rows, V]: rows = batch_rows on a batching last stage, else 1    */
+    float *logits2;
     int D, V;
     /* GPU stage (--device cuda[:N]): the stage runs in gpu; one step at a time in flight,
      * described by gp (completed by gpu_complete when the stream's flag is up) */
@@ -550,6 +561,9 @@ static void stage_unload(node *n) {
         }
     free(n->slots), n->slots = NULL;
     free(n->pos_buf), free(n->slot_buf), n->pos_buf = n->slot_buf = NULL;
+    free(n->rows_buf), free(n->tok_buf), n->rows_buf = NULL, n->tok_buf = NULL;
+    free(n->m_rows), free(n->m_hidden), n->m_rows = NULL, n->m_hidden = NULL, n->m_n = 0;
+    n->rr_dec = 0;
     free(n->logits), free(n->logits2), n->logits = n->logits2 = NULL;
     ncl_drop(n, NCL_BOTH, NULL); /* aborts (never waits on the peer) before the stream is waited for */
 #ifdef STRATA_HAVE_CUDA
@@ -576,7 +590,8 @@ static int load_check(const cp_load *l) {
     return l->layer_begin >= 0 && l->layer_end > l->layer_begin && l->stage >= 0 && l->n_stages >= 1 &&
            l->n_stages <= CLUSTER_MAX_STAGES && l->stage < l->n_stages && l->max_ctx > 0 && l->max_ctx <= (1 << 24) &&
            l->n_slots > 0 && l->n_slots <= 1024 && l->max_batch > 0 && l->max_batch <= 8192 && l->n_buffers > 0 &&
-           l->n_buffers <= 1024 && l->max_inflight > 0 && memchr(l->model_dir, 0, sizeof l->model_dir) &&
+           l->n_buffers <= 1024 && l->max_inflight > 0 && l->batch_rows >= 0 && l->batch_rows <= CP_BATCH_MAX &&
+           l->batch_rows <= l->max_batch && memchr(l->model_dir, 0, sizeof l->model_dir) &&
            memchr(l->next_addr, 0, sizeof l->next_addr);
 }
 
@@ -672,9 +687,19 @@ loaded_gpu:
     n->slots = calloc((size_t)l->n_slots, sizeof *n->slots);
     n->pos_buf = malloc((size_t)l->max_batch * sizeof(int32_t));
     n->slot_buf = malloc((size_t)l->max_batch * sizeof(int32_t));
-    n->logits = malloc((size_t)n->V * sizeof(float));
+    n->rows_buf = malloc((size_t)l->max_batch * sizeof(dp_row));
+    n->tok_buf = malloc((size_t)l->max_batch * sizeof(int32_t));
+    n->logits = malloc((size_t)n->V * (size_t)(l->with_output && l->batch_rows > 1 ? l->batch_rows : 1) * sizeof(float));
     n->logits2 = malloc((size_t)n->V * sizeof(float));
-    if (!n->slots || !n->pos_buf || !n->slot_buf || !n->logits || !n->logits2) {
+    if (l->stage > 0 && l->batch_rows > 1) {
+        n->m_rows = malloc((size_t)l->batch_rows * sizeof(dp_row));
+        n->m_hidden = malloc((size_t)l->batch_rows * (size_t)n->D * sizeof(float));
+        if (!n->m_rows || !n->m_hidden) {
+            st_err_set(&err, ST_ERR_NOMEM, "stage state");
+            goto fail;
+        }
+    }
+    if (!n->slots || !n->pos_buf || !n->slot_buf || !n->rows_buf || !n->tok_buf || !n->logits || !n->logits2) {
         st_err_set(&err, ST_ERR_NOMEM, "stage state");
         goto fail;
     }
@@ -685,7 +710,8 @@ loaded_gpu:
                 goto fail;
             }
     if (l->n_stages > 1) {
-        size_t payload = l->with_output ? sizeof(dp_token) : sizeof(dp_act) + (size_t)l->max_batch * (size_t)n->D * 4;
+        size_t payload = l->with_output ? sizeof(dp_token)
+                                        : sizeof(dp_act) + (size_t)l->batch_rows * sizeof(dp_row) + (size_t)l->max_batch * (size_t)n->D * 4;
         /* The token hop back to stage 0 closes the pipeline's cycle of bounded rings. A stage
          * blocks while its output ring is full, so with more sequences in flight than slots the
          * last stage could wait on a full token ring while stage 0 waits on a full activation
@@ -750,7 +776,8 @@ static void emit_token(node *n, int slot, int32_t pos, int32_t tok, int done, co
         uint8_t *b = xport_send_buf(n->coord, len);
         if (b) {
             dp_token t = {.epoch = n->load.epoch, .seq_id = ss->seq_id, .slot = slot, .pos = pos, .token = tok,
-                          .done = done, .t_sent = st_time_ns(), .n_logits = nl, .prefill = prefill};
+                          .done = done, .t_sent = st_time_ns(), .n_logits = nl, .prefill = prefill,
+                          .rows = (h->flags & ACT_BATCH) ? h->T : 1};
             memcpy(t.compute_ns, h->compute_ns, sizeof t.compute_ns);
             memcpy(t.hop_ns, h->hop_ns, sizeof t.hop_ns);
             memcpy(b, &t, sizeof t);
@@ -765,19 +792,21 @@ static void emit_token(node *n, int slot, int32_t pos, int32_t tok, int done, co
     }
     if (!n->data_out) return;
     dp_token t = {.epoch = n->load.epoch, .seq_id = ss->seq_id, .slot = slot, .pos = pos, .token = tok,
-                  .t_sent = st_time_ns()};
+                  .t_sent = st_time_ns(), .rows = (h->flags & ACT_BATCH) ? h->T : 1};
     if (xport_send_copy(n->data_out, DP_TOKEN, &t, sizeof t, &err)) ST_WARN("token to stage 0: %s", err.msg);
 }
 
 static void last_stage_emit(node *n, dp_act *h, int32_t greedy);
+static void emit_row(node *n, const dp_act *h, int slot, int32_t pos, int32_t greedy, float *logits, int prefill);
 #ifdef STRATA_HAVE_CUDA
 static void gpu_rows(node *n, dp_act *h, const int32_t *tokens, const float *hidden_in, uint64_t t_in);
 #endif
 
-/* The send buffer for T rows of hidden states to the next stage (header + [T, D] floats), or
- * NULL with a warning when the next hop is unavailable (the step is dropped; recovery replays). */
-static uint8_t *act_send_buf(node *n, int T, size_t *len) { /* T = 0: the header alone (ACT_NCCL) */
-    *len = sizeof(dp_act) + (size_t)T * (size_t)n->D * 4;
+/* The send buffer for T rows of hidden states to the next stage (header, with_rows ? dp_row[T]
+ * : nothing, [T, D] floats), or NULL with a warning when the next hop is unavailable (the step
+ * is dropped; recovery replays). T = 0: the header alone (ACT_NCCL). */
+static uint8_t *act_send_buf(node *n, int T, int with_rows, size_t *len) {
+    *len = sizeof(dp_act) + (with_rows ? (size_t)T * sizeof(dp_row) : 0) + (size_t)T * (size_t)n->D * 4;
     uint8_t *b = xport_send_buf(n->data_out, *len);
     if (!b)
         ST_WARN("stage %d: next hop unavailable (%s), dropping step", n->load.stage,
@@ -786,13 +815,18 @@ static uint8_t *act_send_buf(node *n, int T, size_t *len) { /* T = 0: the header
 }
 
 /* Runs T rows through this stage. Input: token ids (stage 0) or hidden states. h describes
- * the rows (slot, pos0, flags, timing so far); t_in is when the input arrived. */
-static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *hidden_in, uint64_t t_in) {
+ * the rows (slot, pos0, flags, timing so far); rows (ACT_BATCH, else NULL) gives each row's
+ * sequence, slot and position instead; t_in is when the input arrived. Borrows everything. */
+static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *hidden_in, const dp_row *rows,
+                       uint64_t t_in) {
     st_err err = {0};
     const cp_load *l = &n->load;
-    for (int i = 0; i < h->T; i++) n->pos_buf[i] = h->pos0 + i, n->slot_buf[i] = h->slot;
-    slot_state *ss = &n->slots[h->slot];
-    if (h->flags & ACT_FIRST) {
+    if (rows)
+        for (int i = 0; i < h->T; i++) n->pos_buf[i] = rows[i].pos, n->slot_buf[i] = rows[i].slot;
+    else
+        for (int i = 0; i < h->T; i++) n->pos_buf[i] = h->pos0 + i, n->slot_buf[i] = h->slot;
+    if (!rows && (h->flags & ACT_FIRST)) {
+        slot_state *ss = &n->slots[h->slot];
         ss->seq_id = h->seq_id;
         if (l->with_output) {
             ss->params = h->params;
@@ -808,14 +842,18 @@ static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *h
         }
     }
 #ifdef STRATA_HAVE_CUDA
-    if (n->gpu) return gpu_rows(n, h, tokens, hidden_in, t_in);
+    if (n->gpu) {
+        if (rows) return ST_WARN("stage %d: batched decode rows on a GPU stage are not supported, step dropped", l->stage);
+        return gpu_rows(n, h, tokens, hidden_in, t_in);
+    }
 #endif
     if (!l->with_output) {
         size_t len;
-        uint8_t *b = act_send_buf(n, h->T, &len);
+        uint8_t *b = act_send_buf(n, h->T, rows != NULL, &len);
         if (!b) return;
+        const size_t rb = rows ? (size_t)h->T * sizeof(dp_row) : 0;
         uint64_t t0 = st_time_ns();
-        if (model_forward_stage(n->ctx, tokens, hidden_in, n->pos_buf, n->slot_buf, h->T, (float *)(b + sizeof(dp_act)),
+        if (model_forward_stage(n->ctx, tokens, hidden_in, n->pos_buf, n->slot_buf, h->T, (float *)(b + sizeof(dp_act) + rb),
                                 NULL, LOGITS_NONE, &err)) {
             ST_WARN("stage %d: forward failed: %s", l->stage, err.msg);
             return; /* the slot is reused by the next commit */
@@ -825,43 +863,55 @@ static void stage_rows(node *n, dp_act *h, const int32_t *tokens, const float *h
         if (l->stage > 0) h->hop_ns[l->stage - 1] = t0 > h->t_sent ? t_in - h->t_sent : 0;
         h->t_sent = st_time_ns();
         memcpy(b, h, sizeof *h);
+        if (rb) memcpy(b + sizeof *h, rows, rb);
         if (xport_send(n->data_out, DP_ACT, len, &err)) ST_WARN("stage %d: send: %s", l->stage, err.msg);
         return;
     }
     /* last stage */
     int want = (h->flags & ACT_LAST) != 0;
+    const logits_mode mode = !want ? LOGITS_NONE : rows ? LOGITS_ALL : LOGITS_LAST;
     uint64_t t0 = st_time_ns();
-    if (model_forward_stage(n->ctx, tokens, hidden_in, n->pos_buf, n->slot_buf, h->T, NULL, want ? n->logits : NULL,
-                            want ? LOGITS_LAST : LOGITS_NONE, &err)) {
+    if (model_forward_stage(n->ctx, tokens, hidden_in, n->pos_buf, n->slot_buf, h->T, NULL, want ? n->logits : NULL, mode,
+                            &err)) {
         ST_WARN("stage %d: forward failed: %s", l->stage, err.msg);
         return;
     }
     h->compute_ns[l->stage] = st_time_ns() - t0;
     if (l->stage > 0) h->hop_ns[l->stage - 1] = t_in - h->t_sent;
-    if (want) last_stage_emit(n, h, -1);
+    if (!want) return;
+    if (!rows) return last_stage_emit(n, h, -1);
+    for (int i = 0; i < h->T; i++) {
+        if (n->slots[rows[i].slot].seq_id != rows[i].seq_id) continue; /* the slot moved on: a stale row */
+        emit_row(n, h, rows[i].slot, rows[i].pos + 1, -1, n->logits + (size_t)i * (size_t)n->V, 0);
+    }
 }
 
-/* The last stage's step is done (n->logits holds the last row's logits, or `greedy` >= 0 is
- * the argmax the GPU computed): sample, count, and emit the token. */
-static void last_stage_emit(node *n, dp_act *h, int32_t greedy) {
-    const cp_load *l = &n->load;
-    slot_state *ss = &n->slots[h->slot];
+/* One sequence's step is done at the last stage: `logits` [V] holds its row's logits (they
+ * are consumed), or `greedy` >= 0 is the argmax the GPU computed. Samples, counts, and emits
+ * the token for position `pos`. */
+static void emit_row(node *n, const dp_act *h, int slot, int32_t pos, int32_t greedy, float *logits, int prefill) {
+    slot_state *ss = &n->slots[slot];
     if (!ss->smp) {
-        ST_WARN("slot %d: no sampler (sequence start lost), dropping", h->slot);
+        ST_WARN("slot %d: no sampler (sequence start lost), dropping", slot);
         return;
     }
     int32_t tok = greedy;
     if (tok < 0) {
-        memcpy(n->logits2, n->logits, (size_t)n->V * 4);
-        tok = smp_sample(ss->smp, n->logits);
+        memcpy(n->logits2, logits, (size_t)n->V * 4);
+        tok = smp_sample(ss->smp, logits);
     }
     if (tok >= 0) smp_accept(ss->smp, tok);
     ss->n_gen++;
-    int32_t pos = h->pos0 + h->T;
-    int done = tok < 0 || ss->n_gen >= ss->params.max_tokens || pos + 1 >= l->max_ctx;
+    int done = tok < 0 || ss->n_gen >= ss->params.max_tokens || pos + 1 >= n->load.max_ctx;
     for (int i = 0; i < ss->params.n_eos && i < CP_MAX_EOS; i++)
         if (tok == ss->params.eos[i]) done = 1;
-    emit_token(n, h->slot, pos, tok, done, h, (h->flags & ACT_FIRST) != 0);
+    emit_token(n, slot, pos, tok, done, h, prefill);
+}
+
+/* The last stage's step of one sequence is done (n->logits holds the last row's logits, or
+ * `greedy` >= 0 is the argmax the GPU computed). */
+static void last_stage_emit(node *n, dp_act *h, int32_t greedy) {
+    emit_row(n, h, h->slot, h->pos0 + h->T, greedy, n->logits, (h->flags & ACT_FIRST) != 0);
 }
 
 #ifdef STRATA_HAVE_CUDA
@@ -888,7 +938,7 @@ static void gpu_complete(node *n) {
     h->flags &= ~ACT_NCCL;
     if (!l->with_output) {
         size_t len;
-        uint8_t *b = act_send_buf(n, h->T, &len);
+        uint8_t *b = act_send_buf(n, h->T, 0, &len);
         if (!b) return;
         h->t_sent = st_time_ns();
         memcpy(b, h, sizeof *h);
@@ -956,7 +1006,7 @@ static void gpu_rows(node *n, dp_act *h, const int32_t *tokens, const float *hid
     if (n->nc_out && !l->with_output) io |= CUDA_STAGE_OUT_NCCL;
     size_t len = 0;
     uint8_t *b = NULL;
-    if ((io & CUDA_STAGE_OUT_NCCL) && !(b = act_send_buf(n, 0, &len))) {
+    if ((io & CUDA_STAGE_OUT_NCCL) && !(b = act_send_buf(n, 0, 0, &len))) {
         if (io & CUDA_STAGE_IN_NCCL) ncl_drop(n, CUDA_STAGE_IN_NCCL, "next hop unavailable"); /* rows unmatched */
         return;
     }
@@ -995,14 +1045,72 @@ static void prefill_chunk(node *n, int s) {
     if (ss->prefilled + T == ss->n_prompt) h.flags |= ACT_LAST;
     const int32_t *toks = ss->prompt + ss->prefilled;
     ss->prefilled += T;
-    stage_rows(n, &h, toks, NULL, st_time_ns());
+    stage_rows(n, &h, toks, NULL, NULL, st_time_ns());
 }
 
 static void decode_step(node *n, int s, int32_t tok, int32_t pos, uint64_t hop_back) {
     slot_state *ss = &n->slots[s];
     dp_act h = {.epoch = n->load.epoch, .seq_id = ss->seq_id, .slot = s, .pos0 = pos, .T = 1, .flags = ACT_LAST};
     h.hop_ns[n->load.n_stages - 1] = hop_back;
-    stage_rows(n, &h, &tok, NULL, st_time_ns());
+    stage_rows(n, &h, &tok, NULL, NULL, st_time_ns());
+}
+
+/* Stage 0: runs rows_buf[0..k) / tok_buf[0..k) as one ACT_BATCH decode step. */
+static void decode_rows(node *n, int k, uint64_t hop_back) {
+    dp_act h = {.epoch = n->load.epoch, .slot = -1, .T = k, .flags = ACT_LAST | ACT_BATCH};
+    h.hop_ns[n->load.n_stages - 1] = hop_back;
+    stage_rows(n, &h, n->tok_buf, NULL, n->rows_buf, st_time_ns());
+}
+
+/* Stage 0 with batch_rows > 1: every queued decode (pending_local) as steps of up to
+ * batch_rows rows of different sequences (ACT_BATCH), round robin from where the last step
+ * stopped, so no sequence waits behind others when more are ready than a step takes. */
+static void decode_batches(node *n) {
+    const int S = n->load.n_slots, cap = n->load.batch_rows;
+    int k = 0;
+    uint64_t hop_back = 0;
+    for (int j = 0; j < S; j++) {
+        const int s = (n->rr_dec + j) % S;
+        slot_state *ss = &n->slots[s];
+        if (!ss->pending_local) continue;
+        ss->pending_local = 0;
+        n->rows_buf[k] = (dp_row){.seq_id = ss->seq_id, .slot = s, .pos = ss->pend_pos};
+        n->tok_buf[k] = ss->pend_tok;
+        if (ss->hop_back_ns > hop_back) hop_back = ss->hop_back_ns;
+        n->rr_dec = (s + 1) % S;
+        if (++k == cap) decode_rows(n, k, hop_back), k = 0, hop_back = 0;
+    }
+    if (k) decode_rows(n, k, hop_back);
+}
+
+/* Stages > 0: runs the merged decode rows (if any) as one ACT_BATCH step. */
+static void merge_flush(node *n) {
+    if (!n->m_n) return;
+    dp_act h = n->m_h;
+    h.T = n->m_n, h.slot = -1, h.pos0 = 0, h.seq_id = 0, h.flags = ACT_LAST | ACT_BATCH;
+    n->m_n = 0;
+    stage_rows(n, &h, NULL, n->m_hidden, n->m_rows, n->m_t_in);
+}
+
+/* A checked step from the previous stage (rows: ACT_BATCH's, else NULL). Decode rows (a batch,
+ * or one sequence's single ACT_LAST row) join the merge set when this stage batches; anything
+ * else first runs the merge set, keeping the order of the link. */
+static void act_rows(node *n, dp_act *h, const dp_row *rows, const float *hidden, uint64_t t_in) {
+    const int decode = rows || (h->T == 1 && (h->flags & ACT_LAST) && !(h->flags & (ACT_FIRST | ACT_NCCL)));
+    if (!n->m_rows || !decode || !hidden || n->gpu) {
+        merge_flush(n);
+        return stage_rows(n, h, NULL, hidden, rows, t_in);
+    }
+    for (int i = 0; i < h->T; i++) {
+        const dp_row r = rows ? rows[i] : (dp_row){.seq_id = h->seq_id, .slot = h->slot, .pos = h->pos0};
+        int dup = n->m_n == n->load.batch_rows;
+        for (int j = 0; j < n->m_n && !dup; j++) dup = n->m_rows[j].slot == r.slot;
+        if (dup) merge_flush(n);
+        if (n->m_n == 0) n->m_h = *h, n->m_t_in = t_in;
+        n->m_rows[n->m_n] = r;
+        memcpy(n->m_hidden + (size_t)n->m_n * (size_t)n->D, hidden + (size_t)i * (size_t)n->D, (size_t)n->D * 4);
+        n->m_n++;
+    }
 }
 
 static void on_start(node *n, const uint8_t *p, size_t len) {
@@ -1022,11 +1130,36 @@ static void on_start(node *n, const uint8_t *p, size_t len) {
     ss->pending_local = 0; /* its chunks run in the loop's local work, this same turn */
 }
 
+/* An ACT_BATCH step from the previous stage (header h already checked for its epoch): every
+ * row's slot and position in range, no slot twice, the frame exactly rows + hidden states.
+ * Runs it, or drops it with one line. */
+static void on_act_batch(node *n, const dp_act *hp, const uint8_t *p, size_t len, uint64_t t_in) {
+    dp_act h = *hp;
+    const cp_load *l = &n->load;
+    if (l->stage == 0 || (h.flags & (ACT_FIRST | ACT_NCCL)) || !(h.flags & ACT_LAST) || h.T < 1 || h.T > CP_BATCH_MAX ||
+        h.T > l->max_batch)
+        return ST_WARN("ACT: bad batch header (T %d, flags 0x%x), dropped", h.T, h.flags);
+    const size_t rb = (size_t)h.T * sizeof(dp_row);
+    if (len != sizeof h + rb + (size_t)h.T * (size_t)n->D * 4)
+        return ST_WARN("ACT: batch of %d rows in %zu bytes (expected %zu), dropped", h.T, len,
+                       sizeof h + rb + (size_t)h.T * (size_t)n->D * 4);
+    memcpy(n->rows_buf, p + sizeof h, rb);
+    for (int i = 0; i < h.T; i++) {
+        const dp_row *r = &n->rows_buf[i];
+        if (r->slot < 0 || r->slot >= l->n_slots || r->pos < 0 || r->pos + 1 >= l->max_ctx)
+            return ST_WARN("ACT: batch row %d (slot %d, position %d) out of range, dropped", i, r->slot, r->pos);
+        for (int j = 0; j < i; j++)
+            if (n->rows_buf[j].slot == r->slot) return ST_WARN("ACT: batch names slot %d twice, dropped", r->slot);
+    }
+    act_rows(n, &h, n->rows_buf, (const float *)(p + sizeof h + rb), t_in);
+}
+
 static void on_act(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
     dp_act h;
     if (len < sizeof h) return ST_WARN("ACT: short message dropped");
     memcpy(&h, p, sizeof h);
     if (!n->loaded || h.epoch != n->load.epoch) return; /* stale epoch: silently dropped */
+    if (h.flags & ACT_BATCH) return on_act_batch(n, &h, p, len, t_in);
     if (n->load.stage == 0 || h.slot < 0 || h.slot >= n->load.n_slots || h.T < 1 || h.T > n->load.max_batch ||
         h.pos0 < 0 || h.pos0 + h.T > n->load.max_ctx) {
         if (h.flags & ACT_NCCL) ncl_drop(n, CUDA_STAGE_IN_NCCL, "bad ACT fields"); /* its rows stay unmatched */
@@ -1051,7 +1184,7 @@ static void on_act(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
                 n->ncl_n_in);
         return ncl_drop(n, CUDA_STAGE_IN_NCCL, "test: a step dropped without its receive");
     }
-    stage_rows(n, &h, NULL, on_nccl ? NULL : (const float *)(p + sizeof h), t_in);
+    act_rows(n, &h, NULL, on_nccl ? NULL : (const float *)(p + sizeof h), t_in);
 }
 
 static void on_token(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
@@ -1062,7 +1195,12 @@ static void on_token(node *n, const uint8_t *p, size_t len, uint64_t t_in) {
     if (n->load.stage != 0 || t.slot < 0 || t.slot >= n->load.n_slots || t.pos < 1 || t.pos >= n->load.max_ctx ||
         t.token < 0 || t.token >= n->V)
         return ST_WARN("TOKEN: bad fields, dropped");
-    if (n->slots[t.slot].seq_id != t.seq_id) return;
+    slot_state *ss = &n->slots[t.slot];
+    if (ss->seq_id != t.seq_id) return;
+    if (n->load.batch_rows > 1) { /* with the others ready this turn, in decode_batches */
+        ss->pending_local = 1, ss->pend_tok = t.token, ss->pend_pos = t.pos, ss->hop_back_ns = t_in - t.t_sent;
+        return;
+    }
     decode_step(n, t.slot, t.token, t.pos, t_in - t.t_sent);
 }
 
@@ -1270,6 +1408,7 @@ static int node_loop(node *n) {
             else ST_WARN("data message type 0x%x dropped", m.type);
             if (n->data_in) xport_release(n->data_in);
         }
+        merge_flush(n); /* the decode rows this turn drained, as one step */
 #ifdef STRATA_HAVE_CUDA
         /* a step with NCCL io past its timeout: gpu_drain aborts the link and reports it */
         if (n->gp.active && (cuda_stage_done(n->gpu) ||
@@ -1311,6 +1450,7 @@ static int node_loop(node *n) {
          * piece): 16 sequences starting together ran 16 chunks in one turn, seconds without
          * answering a heartbeat on a busy machine */
         if (n->loaded && n->load.stage == 0) {
+            if (n->load.batch_rows > 1) decode_batches(n); /* decodes first: they are one step each */
             const int S = n->load.n_slots;
             for (int k = 0; k < S; k++) {
                 const int s = (n->rr_local + k) % S;

@@ -220,6 +220,19 @@ many=$(gen "$m" --peers "$(peers 0 1)" --stages 2 --slots 24 --prompt-ids 3,1,4,
 [ -n "$one" ] && [ "$one" = "$many" ] && ok || fail "concurrency: 24 sequences over 2 stages differ from one ($many)"
 grep -qE "replaying|lost|ring full" "$tmp/err" && fail "concurrency: 24 sequences stalled: $(grep -m1 -E 'replaying|lost|ring full' "$tmp/err")" || ok
 [ $(( $(date +%s) - t0 )) -lt 8 ] && ok || fail "concurrency: 24 sequences took $(( $(date +%s) - t0 )) s"
+# batched decode: 12 different sequences over 2 stages, stage 0 batching their decode rows (and
+# stage 1 merging what it drains) against one sequence per step (STRATA_BATCH_ROWS=1): every
+# sequence's ids equal, and the batched run did run several sequences per step
+dargs=(--peers "$(peers 0 1)" --stages 2 --slots 12 --prompt-ids 3,1,4,1,5,9,2,6 --max-tokens 24 --no-eos --seqs 12 --distinct)
+bat=$(gen "$m" "${dargs[@]}" 2>"$tmp/err.b")
+one_step=$(STRATA_BATCH_ROWS=1 gen "$m" "${dargs[@]}" 2>"$tmp/err.n")
+[ "$(grep -c '^ids' <<<"$bat")" = 12 ] && [ "$bat" = "$one_step" ] && ok ||
+    fail "batched decode: ids differ from one sequence per step: $(diff <(echo "$bat") <(echo "$one_step") | head -3)"
+[ "$(sort -u <<<"$bat" | sed 's/^ids[0-9 ]*://' | sort -u | wc -l)" -gt 1 ] && ok || fail "batched decode: --distinct sequences all equal"
+rps=$(grep -o 'rows/step [0-9.]*' "$tmp/err.b" | awk '{print $2}')
+awk -v r="${rps:-0}" 'BEGIN { exit !(r > 1.5) }' && ok || fail "batched decode: ${rps:-?} sequences per step (not batched?)"
+grep -q 'rows/step 1.00' "$tmp/err.n" && ok || fail "STRATA_BATCH_ROWS=1: $(grep -o 'rows/step [0-9.]*' "$tmp/err.n")"
+grep -q "decode steps batch up to 12 sequences" "$tmp/err.b" && ok || fail "batched decode: not announced"
 
 # bench --peers: the seed's table on the cluster, the 16-sequence aggregate without a stall, and
 # the stable context (--context: a second placement with one slot, filled by a real prefill)
