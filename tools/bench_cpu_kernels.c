@@ -9,12 +9,15 @@
  *           per-token total as tok/s and model-bandwidth utilisation (MBU);
  *   attention  one layer's attention for a 256-token prefill chunk at 256..511 and a decode
  *           token at 512;
+ *   rows    batched decode: the seven layer linears of 28 layers (fast path) with T = 1..16 rows
+ *           per call, as a pipeline stage or the serve scheduler runs T sequences in one step:
+ *           ms per step, per row, and the speed-up over T single-row steps;
  *   hot     the fast decode linear on one 3072 x 1024 weight that stays in L3: the kernel's
  *           compute ceiling (GB/s of weight bytes without DRAM), to compare with `linear`;
  *   model   a synthetic qwen3-0.6b (random weights, built in memory) through model_forward:
  *           decode tok/s + MBU (p50 and min step), and a 512-token prefill. --pos N decodes from
  *           position N (after the prefill's K/V; default 16); --no-prefill skips the prefill.
- * usage: bench_cpu_kernels [bw|linear|attention|model|hot|all] [--fmt q4g64|bf16|both] [--threads N]
+ * usage: bench_cpu_kernels [bw|linear|attention|model|rows|hot|all] [--fmt q4g64|bf16|both] [--threads N]
  *                          [--iters N] [--gen N] [--pos N] [--no-prefill] [--no-exact] [--cpu-time]
  * --iters also sets the attention part's repetitions (best of max(iters, 5)). STRATA_NO_ACTQ8=1
  * switches the 4-bit kernels from int8 back to int16 activations (decode and prefill GEMM),
@@ -270,6 +273,50 @@ static void bench_linear(const fmt_spec *f, int threads, int iters, int do_exact
     for (int l = 0; l < Q_LAYERS; l++)
         for (int s = 0; s < 7; s++) weight_drop(&L[l][s]);
     weight_drop(&head);
+    free(L);
+}
+
+/* Batched decode: the 28 layers' linears (fast path, no lm_head) at T = 1..16 rows per call,
+ * best of `iters` steps each. */
+static void bench_rows(const fmt_spec *f, int threads, int iters) {
+    wt_linear (*L)[7] = calloc(Q_LAYERS, sizeof *L);
+    for (int l = 0; l < Q_LAYERS; l++)
+        for (int s = 0; s < 7; s++)
+            if (weight_make(&L[l][s], shape_rc[s][0], shape_rc[s][1], f->qbits, f->group)) {
+                fprintf(stderr, "out of memory\n");
+                exit(1);
+            }
+    const int TM = 16;
+    float *x = st_alloc_aligned((size_t)TM * Q_FF * 4), *y = st_alloc_aligned((size_t)TM * Q_FF * 4);
+    for (size_t i = 0; i < (size_t)TM * Q_FF; i++) x[i] = rng_f();
+    st_pool *pool = st_pool_init(threads);
+    cpu_scratch sc;
+    if (cpu_scratch_init(&sc, st_pool_threads(pool), Q_FF, 64, 0)) exit(1);
+    printf("\n== %s: batched decode, 28 layers' linears (no lm_head), %d threads, best of %d steps\n", f->name,
+           st_pool_threads(pool), iters);
+    printf("   %4s %10s %10s %10s\n", "rows", "ms/step", "ms/row", "vs 1 row");
+    const int Ts[] = {1, 2, 3, 4, 5, 6, 8, 12, 16};
+    double t1 = 0;
+    for (size_t k = 0; k < sizeof Ts / sizeof Ts[0]; k++) {
+        const int T = Ts[k];
+        double best = 1e30;
+        for (int it = 0; it < iters; it++) {
+            uint64_t t0 = now_ns();
+            for (int l = 0; l < Q_LAYERS; l++)
+                for (int s = 0; s < 7; s++) cpu_linear(pool, &sc, y, x, &L[l][s], T);
+            double d = (double)(now_ns() - t0);
+            if (d < best) best = d;
+        }
+        if (T == 1) t1 = best;
+        fflush(stdout);
+        printf("   %4d %10.2f %10.2f %9.2fx\n", T, best / 1e6, best / 1e6 / T, t1 * T / best);
+    }
+    cpu_scratch_free(&sc);
+    st_pool_free(pool);
+    st_free_aligned(x);
+    st_free_aligned(y);
+    for (int l = 0; l < Q_LAYERS; l++)
+        for (int s = 0; s < 7; s++) weight_drop(&L[l][s]);
     free(L);
 }
 
@@ -581,7 +628,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--no-prefill")) g_no_prefill = 1;
         else if (argv[i][0] != '-') what = argv[i];
         else {
-            fprintf(stderr, "usage: bench_cpu_kernels [bw|linear|attention|model|hot|all] [--fmt q4g64|bf16|both] [--threads N] "
+            fprintf(stderr, "usage: bench_cpu_kernels [bw|linear|attention|model|rows|hot|all] [--fmt q4g64|bf16|both] [--threads N] "
                             "[--iters N] [--gen N] [--pos N] [--no-prefill] [--no-exact] [--cpu-time]\n");
             return 2;
         }
@@ -602,6 +649,7 @@ int main(int argc, char **argv) {
         if (!strcmp(what, "linear") || !strcmp(what, "all")) bench_linear(&fmts[k], threads, iters, do_exact);
         if (!strcmp(what, "model") || !strcmp(what, "all")) bench_model(&fmts[k], threads, gen, start_pos, do_exact);
         if (!strcmp(what, "hot")) bench_hot(&fmts[k], threads, iters);
+        if (!strcmp(what, "rows")) bench_rows(&fmts[k], threads, iters);
     }
     if (!strcmp(what, "attention") || !strcmp(what, "all")) bench_attention(threads, iters, do_exact);
     return 0;

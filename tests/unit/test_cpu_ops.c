@@ -270,9 +270,25 @@ static int teardown(void **state) {
     return 0;
 }
 
+/* The rows token t of T shares a fast linear call with (cpu_linear_fast): its chunk of
+ * max_batch rows, and within a chunk of up to max(4, mv_split) rows its balanced fused pass of
+ * <= 4 rows; a larger chunk runs whole on the GEMM. */
+static int token_chunk(int T, int t, int maxb, int mv_split) {
+    const int c0 = t / maxb * maxb, c = T - c0 < maxb ? T - c0 : maxb;
+    if (c > (mv_split > 4 ? mv_split : 4)) return c;
+    const int np = (c + 3) / 4;
+    for (int i = 0, u = 0; i < np; i++) {
+        const int k = (c - u + (np - i) - 1) / (np - i);
+        if (t - c0 < u + k) return k;
+        u += k;
+    }
+    return c;
+}
+
 /* Checks one weight for every T in ts: reference vs naive (1e-6) and every fast ISA vs the
- * reference (1e-5), with max_batch 256 and 8 (the latter chunks T = 17 into 8 + 8 + 1).
- * Returns the number of failed comparisons. */
+ * reference (1e-5), with max_batch 256 and 8 (the latter chunks T = 17 into 8 + 8 + 1), the
+ * rows of a small chunk as fused passes of <= 4 (mv_split 8, the default) and on the GEMM
+ * (mv_split 0). Returns the number of failed comparisons. */
 static int check_linear(const wt_linear *w, const int *ts, int nts, const char *label) {
     int fails = 0, lv[2], nlv = simd_levels(lv);
     size_t cap = (size_t)w->cols;
@@ -306,23 +322,24 @@ static int check_linear(const wt_linear *w, const int *ts, int nts, const char *
             if (w->qbits) actq_emulate(w, x, T, kblk[k2], kqmax[k2], k2 == 2, yq[k2]);
         }
         for (int l = 0; l < nlv; l++)
-            for (int mb = 0; mb < 2; mb++)
+            for (int mb = 0; mb < 4; mb++)
                 for (int am = 2; am >= 0; am--) { /* activations: 2 int8 + int16, 1 int16 only, 0 float */
                     cpu_scratch sf;
-                    assert_int_equal(cpu_scratch_init(&sf, 2, cap, mb ? 8 : 256, 0), ST_OK);
+                    assert_int_equal(cpu_scratch_init(&sf, 2, cap, mb & 1 ? 8 : 256, 0), ST_OK);
+                    sf.mv_split = mb & 2 ? 0 : 8;
                     sf.simd = lv[l];
                     sf.actq = am >= 1;
                     sf.actq_gemm = am >= 1;
                     sf.actq8 = am == 2;
                     for (size_t i = 0; i < n; i++) fast[i] = NAN;
-                    cpu_linear(mb ? NULL : g_pool, &sf, fast, x, w, T);
+                    cpu_linear(mb & 1 ? NULL : g_pool, &sf, fast, x, w, T);
                     /* each token's chunk: T <= 4 directly, else chunks of max_batch and a last
                      * one of T % max_batch tokens; its quantization from cpu_simd_actq */
                     const int maxb = sf.max_batch;
                     int kind[64];
                     assert_true(T <= 64);
                     for (int t = 0; t < T; t++) {
-                        int chunk = T <= 4 ? T : (t / maxb + 1) * maxb <= T ? maxb : T % maxb, blk = 0;
+                        int chunk = token_chunk(T, t, maxb, sf.mv_split), blk = 0;
                         int qmax = cpu_simd_actq(&sf, w, chunk, &blk);
                         kind[t] = !qmax ? -1 : qmax == 127 ? 2 : blk == 64 ? 1 : 0;
                         assert_true(qmax == 0 || (qmax == 127 && blk == 32) || (qmax == 32767 && (blk == 32 || blk == 64)));
@@ -335,15 +352,16 @@ static int check_linear(const wt_linear *w, const int *ts, int nts, const char *
                     }
                     cpu_scratch_free(&sf);
                     static const char *const am_name[3] = {"", ", int16 activations", ", int8/int16 activations"};
-                    snprintf(what, sizeof what, "%s T=%d fast (%s, max_batch %d%s) vs reference", label, T,
-                             lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256, am_name[am]);
+                    snprintf(what, sizeof what, "%s T=%d fast (%s, max_batch %d, mv_split %d%s) vs reference", label, T,
+                             lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb & 1 ? 8 : 256, mb & 2 ? 0 : 8, am_name[am]);
                     fails += !(bound_err(fast, refd, bound, n, what) <= 1.0);
                     for (int t = 0; t < T; t++) { /* quantized tokens also against the emulation, at float tolerance */
                         if (kind[t] < 0) continue;
                         static const char *const kn[3] = {"int16, decode 32-blocks", "int16, prefill 64-blocks",
                                                           "int8, 32-blocks"};
-                        snprintf(what, sizeof what, "%s T=%d token %d fast (%s, max_batch %d) vs emulation (%s)", label, T, t,
-                                 lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb ? 8 : 256, kn[kind[t]]);
+                        snprintf(what, sizeof what, "%s T=%d token %d fast (%s, max_batch %d, mv_split %d) vs emulation (%s)", label,
+                                 T, t, lv[l] == CPU_SIMD_AVX512 ? "avx512" : "avx2", mb & 1 ? 8 : 256, mb & 2 ? 0 : 8,
+                                 kn[kind[t]]);
                         size_t o = (size_t)t * w->rows;
                         fails += !(rel_err(fast + o, yq[kind[t]] + o, mag + o, (size_t)w->rows, 1e-5, what) <= 1e-5);
                     }
@@ -388,7 +406,9 @@ static void test_linear_quant(void **state) {
     (void)state;
     const int widths[] = {2, 3, 4, 5, 6, 8}, groups[] = {32, 64, 128};
     const sft_dtype sdts[] = {SFT_BF16, SFT_F16, SFT_F32};
-    const int ts[] = {1, 2, 3, 4, 5, 17};
+    /* 7: batched decode, fused passes of 4 + 3; 12: the GEMM (max_batch 256), or chunks of 8 + 4
+     * as fused passes (max_batch 8) */
+    const int ts[] = {1, 2, 3, 4, 5, 17, 7, 12};
     int fails = 0, cases = 0;
     for (int bi = 0; bi < 6; bi++)
         for (int gi = 0; gi < 3; gi++)
@@ -403,7 +423,7 @@ static void test_linear_quant(void **state) {
                     char label[96];
                     snprintf(label, sizeof label, "q%dg%d %s [%lld x %lld]", widths[bi], g, sft_dtype_name(sdts[si]),
                              (long long)t.w.rows, (long long)t.w.cols);
-                    fails += check_linear(&t.w, ts, sh == 0 ? 6 : 2, label);
+                    fails += check_linear(&t.w, ts, sh == 0 ? 8 : 2, label);
                     cases++;
                     weight_free(&t);
                 }

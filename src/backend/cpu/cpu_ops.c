@@ -23,6 +23,8 @@ int cpu_scratch_init(cpu_scratch *s, int n_threads, size_t row_cap, int max_batc
     s->actq = !exact && !getenv("STRATA_NO_ACTQ");
     s->actq_gemm = s->actq && !getenv("STRATA_NO_ACTQ_GEMM");
     s->actq8 = s->actq && !getenv("STRATA_NO_ACTQ8");
+    const char *ms = getenv("STRATA_MV_SPLIT");
+    s->mv_split = ms && *ms ? atoi(ms) : 8;
     s->buf = st_alloc_aligned((size_t)n_threads * s->row_cap * sizeof(float));
     if (!s->buf) return ST_ERR_NOMEM;
     if (s->simd >= CPU_SIMD_AVX2) {

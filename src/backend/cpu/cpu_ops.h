@@ -25,6 +25,8 @@ typedef struct cpu_scratch {
                          * (decode, and prefill with actq_gemm): ~1/258 of the int16 precision,
                          * within golden.json's bf16_activations tolerance (cpu_simd_actq)        */
     int max_batch;      /* token rows the fast buffers hold; larger T is processed in chunks      */
+    int mv_split;       /* fast linears of T <= mv_split rows run as fused passes of <= 4 rows
+                         * (batched decode), larger T on the GEMM (STRATA_MV_SPLIT=N; default 8)  */
     float *xp;          /* [max_batch + 8, row_cap]      fast: permuted / panel-packed activations */
     float *xs;          /* [4, row_cap/32 + 16]          fast: per-group sums of the activations   */
     float *tbuf;        /* [n_threads, tbuf_cap]         fast: weight tiles, row scales, scores    */
