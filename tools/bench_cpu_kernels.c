@@ -180,17 +180,34 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* Runs the decode (T = 1) and prefill (T = 256) linear sequences of 28 layers in format f
- * through path exact / fast and prints the per-shape table. */
-static void bench_linear(const fmt_spec *f, int threads, int iters, int do_exact) {
+/* The seven layer linears of 28 qwen3-0.6b layers in format f (exits when out of memory);
+ * layers_drop releases them. */
+static wt_linear (*layers_make(const fmt_spec *f))[7] {
     wt_linear (*L)[7] = calloc(Q_LAYERS, sizeof *L);
-    wt_linear head;
+    if (!L) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
     for (int l = 0; l < Q_LAYERS; l++)
         for (int s = 0; s < 7; s++)
             if (weight_make(&L[l][s], shape_rc[s][0], shape_rc[s][1], f->qbits, f->group)) {
                 fprintf(stderr, "out of memory\n");
                 exit(1);
             }
+    return L;
+}
+
+static void layers_drop(wt_linear (*L)[7]) {
+    for (int l = 0; l < Q_LAYERS; l++)
+        for (int s = 0; s < 7; s++) weight_drop(&L[l][s]);
+    free(L);
+}
+
+/* Runs the decode (T = 1) and prefill (T = 256) linear sequences of 28 layers in format f
+ * through path exact / fast and prints the per-shape table. */
+static void bench_linear(const fmt_spec *f, int threads, int iters, int do_exact) {
+    wt_linear (*L)[7] = layers_make(f);
+    wt_linear head;
     if (weight_make(&head, Q_VOCAB, Q_D, f->qbits, f->group)) {
         fprintf(stderr, "out of memory\n");
         exit(1);
@@ -270,22 +287,14 @@ static void bench_linear(const fmt_spec *f, int threads, int iters, int do_exact
     st_pool_free(pool);
     st_free_aligned(x);
     st_free_aligned(y);
-    for (int l = 0; l < Q_LAYERS; l++)
-        for (int s = 0; s < 7; s++) weight_drop(&L[l][s]);
+    layers_drop(L);
     weight_drop(&head);
-    free(L);
 }
 
 /* Batched decode: the 28 layers' linears (fast path, no lm_head) at T = 1..16 rows per call,
  * best of `iters` steps each. */
 static void bench_rows(const fmt_spec *f, int threads, int iters) {
-    wt_linear (*L)[7] = calloc(Q_LAYERS, sizeof *L);
-    for (int l = 0; l < Q_LAYERS; l++)
-        for (int s = 0; s < 7; s++)
-            if (weight_make(&L[l][s], shape_rc[s][0], shape_rc[s][1], f->qbits, f->group)) {
-                fprintf(stderr, "out of memory\n");
-                exit(1);
-            }
+    wt_linear (*L)[7] = layers_make(f);
     const int TM = 16;
     float *x = st_alloc_aligned((size_t)TM * Q_FF * 4), *y = st_alloc_aligned((size_t)TM * Q_FF * 4);
     for (size_t i = 0; i < (size_t)TM * Q_FF; i++) x[i] = rng_f();
@@ -315,9 +324,7 @@ static void bench_rows(const fmt_spec *f, int threads, int iters) {
     st_pool_free(pool);
     st_free_aligned(x);
     st_free_aligned(y);
-    for (int l = 0; l < Q_LAYERS; l++)
-        for (int s = 0; s < 7; s++) weight_drop(&L[l][s]);
-    free(L);
+    layers_drop(L);
 }
 
 // ----------------------------------------------------------------------------
