@@ -788,11 +788,12 @@ static void test_attention_f16(void **state) {
     assert_int_equal(fails, 0);
 }
 
-/* The split-K decode attention (T <= 4; chunks of >= 32 positions, up to 16 per token, online
- * softmax over 64-position sub-blocks): against the double computation at contexts that give
- * one chunk, several, and chunks of several sub-blocks, with each token's K/V in a buffer of
- * exactly pos + 1 rows (AddressSanitizer catches a read past the last visible position); and
- * batch invariance: every token of a T = 2..4 call bit-identical to the same token alone. */
+/* The split-K decode attention (T <= 4 per call, T = 5..8 as balanced calls of it: batched
+ * decode; chunks of >= 32 positions, up to 16 per token, online softmax over 64-position
+ * sub-blocks): against the double computation at contexts that give one chunk, several, and
+ * chunks of several sub-blocks, with each token's K/V in a buffer of exactly pos + 1 rows
+ * (AddressSanitizer catches a read past the last visible position); and batch invariance:
+ * every token of a T = 2..8 call bit-identical to the same token alone. */
 static void test_attention_decode(void **state) {
     (void)state;
     if (cpu_simd_level() < CPU_SIMD_AVX2) skip();
@@ -802,12 +803,12 @@ static void test_attention_decode(void **state) {
     int lv[2], nlv = simd_levels(lv), fails = 0;
     for (size_t ci = 0; ci < sizeof cfg / sizeof cfg[0]; ci++)
         for (int k = 0; k < np; k += 2)
-            for (int T = 1; T <= 4; T++) {
+            for (int T = 1; T <= 8; T++) {
                 const int H = cfg[ci][0], Hkv = cfg[ci][1], hd = cfg[ci][2], kvw = Hkv * hd;
                 const float scale = 1.0f / sqrtf((float)hd);
-                int32_t pos[4];
-                float *kb[4], *vb[4];
-                const float *kp[4], *vp[4];
+                int32_t pos[8];
+                float *kb[8], *vb[8];
+                const float *kp[8], *vp[8];
                 int32_t maxp = 0;
                 for (int t = 0; t < T; t++) {
                     pos[t] = plist[(k + 5 * t) % np];

@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "backend/cpu/cpu_simd.h"
 #include "strata/model.h"
 
 #include <math.h>
@@ -71,24 +72,29 @@ static void test_stages_compose(void **state) {
     }
 }
 
-/* Three sequences decoded together (one forward of 3 rows in 3 slots) equal each sequence
- * decoded alone. */
-static void test_batched_slots(void **state) {
-    (void)state;
+/* S sequences decoded together (one forward of S rows in S slots) equal each sequence decoded
+ * alone: within 1e-5 of max |logit| at S = 3, 3e-4 at S = 12 (12 rows take the prefill kernels:
+ * other summation orders, 3-bit weights 4.4e-5), and bit for bit at
+ * S = 3 and 6 on the fast path (up to 8 rows, a batched decode step runs as fused passes of
+ * <= 4 rows whose rows do not depend on each other: the pipeline's and the serve scheduler's
+ * batches give the very output of one sequence per step). */
+static void batched_slots(int S, int exact_bits) {
     for (size_t mi = 0; mi < sizeof g_models / sizeof g_models[0]; mi++) {
         char *dir = fixture(g_models[mi]);
         st_err err = {0};
         model *m = NULL;
         assert_int_equal(model_load(&m, dir, NULL, &err), 0);
-        const int V = m->desc.n_vocab, S = 3, P = 5, G = 4;
-        model_ctx_opts co = {.max_ctx = 16, .n_slots = S, .max_batch = 8, .n_threads = 2};
+        const int V = m->desc.n_vocab, P = 5, G = 4;
+        model_ctx_opts co = {.max_ctx = 16, .n_slots = S, .max_batch = 16, .n_threads = 2};
         model_ctx *cb, *c1;
         assert_int_equal(model_ctx_init(&cb, m, &co, &err), 0);
         co.n_slots = 1;
         assert_int_equal(model_ctx_init(&c1, m, &co, &err), 0);
         float *ref = malloc((size_t)S * G * V * 4), *got = malloc((size_t)S * V * 4);
-        int32_t prompts[3][5] = {{1, 2, 3, 4, 5}, {9, 8, 7, 6, 5}, {100, 200, 300, 400, 500}};
-        int32_t next[3];
+        int32_t prompts[12][5], next[12];
+        assert_true(S <= 12);
+        for (int s = 0; s < S; s++)
+            for (int i = 0; i < P; i++) prompts[s][i] = (int32_t)((s * 97 + i * 13 + 1) % V);
         /* reference: each sequence alone, greedy-free fixed continuation tokens */
         for (int s = 0; s < S; s++) {
             assert_int_equal(model_forward_seq(c1, prompts[s], P, 0, got, LOGITS_LAST, &err), 0);
@@ -97,20 +103,25 @@ static void test_batched_slots(void **state) {
                 assert_int_equal(model_forward_seq(c1, &tk, 1, P + g, ref + ((size_t)s * G + g) * V, LOGITS_LAST, &err), 0);
             }
         }
-        /* batched: prefill each slot, then G steps of 3 rows */
+        /* batched: prefill each slot, then G steps of S rows */
         for (int s = 0; s < S; s++) {
             int32_t pos[5], slot[5];
             for (int i = 0; i < P; i++) pos[i] = i, slot[i] = s;
             assert_int_equal(model_forward(cb, prompts[s], pos, slot, P, got, LOGITS_LAST, &err), 0);
         }
         for (int g = 0; g < G; g++) {
-            int32_t pos[3], slot[3];
+            int32_t pos[12], slot[12];
             for (int s = 0; s < S; s++) next[s] = (int32_t)((s * 31 + g * 17) % V), pos[s] = P + g, slot[s] = s;
             assert_int_equal(model_forward(cb, next, pos, slot, S, got, LOGITS_ALL, &err), 0);
             for (int s = 0; s < S; s++) {
-                float d = max_abs_diff(got + (size_t)s * V, ref + ((size_t)s * G + g) * V, (size_t)V);
-                if (!(d <= 1e-5f)) fprintf(stderr, "model %s step %d seq %d: max diff %g\n", g_models[mi], g, s, d);
-                assert_true(d <= 1e-5f);
+                const float *r = ref + ((size_t)s * G + g) * V;
+                float mx = 0;
+                for (int i = 0; i < V; i++) mx = fabsf(r[i]) > mx ? fabsf(r[i]) : mx;
+                const float d = max_abs_diff(got + (size_t)s * V, r, (size_t)V), tol = exact_bits ? 0.0f : (S > 8 ? 3e-4f : 1e-5f) * (1 + mx);
+                if (!(d <= tol))
+                    fprintf(stderr, "model %s, %d rows, step %d seq %d: max diff %g (max |logit| %g)\n", g_models[mi], S, g,
+                            s, d, mx);
+                assert_true(d <= tol);
             }
         }
         free(ref), free(got);
@@ -118,6 +129,13 @@ static void test_batched_slots(void **state) {
         model_free(m);
         free(dir);
     }
+}
+
+static void test_batched_slots(void **state) {
+    (void)state;
+    batched_slots(3, 0);
+    batched_slots(12, 0);
+    if (cpu_simd_level() >= CPU_SIMD_AVX2) batched_slots(3, 1), batched_slots(6, 1);
 }
 
 /* Rows outside the vocabulary / context / slots are refused with ST_ERR_ARG, not run. */

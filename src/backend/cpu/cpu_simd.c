@@ -19,7 +19,8 @@
  *     cpu_simd.h, activations permuted to match (the "xp layout", perm_x);
  *   - bf16/f16/f32 rows converted in registers (bf16: even/odd halves of each dword).
  * A call of 5 to mv_split (default 8) rows, batched decode of several sequences, runs as
- * balanced passes of <= MV_MAX_T rows (cpu_linear_fast): cheaper than the GEMM below.
+ * balanced passes of <= MV_MAX_T rows (cpu_linear_fast): cheaper than the GEMM below, and each
+ * row's result is bit-identical to the row alone (so is attention's, below).
  *
  * Linear, T > MV_MAX_T (prefill): the activations are packed into panels of 6 tokens
  * ([k][6]); each pool task dequantizes GM_TILES tiles of 16 weight rows once into f32
@@ -35,7 +36,8 @@
  * P V with up to 8 output vectors in registers over all positions.
  * Attention, T <= MV_MAX_T (decode): split-K over positions (fd_*): tasks of (token, chunk of
  * positions) stream the chunk's K and V rows of all KV heads in memory order, online softmax,
- * then a fold of the chunks per (token, head) in a fixed order (batch invariant).
+ * then a fold of the chunks per (token, head) in a fixed order (batch invariant); T up to
+ * mv_split as balanced calls of <= MV_MAX_T rows.
  */
 #include "cpu_simd.h"
 
@@ -2053,6 +2055,27 @@ static int fd_fits(const cpu_scratch *s, int T, int n_head, int hd) {
            (size_t)FD_SB * hp <= s->tbuf_cap;
 }
 
+/* The split-K decode kernel on T <= MV_MAX_T rows (fd_fits holds). */
+static void fd_run(st_pool *pool, cpu_scratch *s, float *out, const float *q, const void *const *kslot,
+                   const void *const *vslot, int kv_es, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
+                   size_t kv_stride, float scale) {
+    fd_job j = {.out = out, .q = q, .k = kslot, .v = vslot, .T = T, .n_head = n_head, .n_head_kv = n_head_kv,
+                .hd = hd, .hp = (n_head + 7) & ~7, .kvw = (int)kv_stride, .es = kv_es, .scale = scale, .part = s->ap,
+                .s = s};
+    j.ml = s->ap + (size_t)T * FD_MAX_CH * n_head * hd;
+    for (int t = 0; t < T; t++) {
+        const int np = pos[t] + 1;
+        int nc = (np + FD_MIN_CH - 1) / FD_MIN_CH;
+        nc = nc < FD_MAX_CH ? nc : FD_MAX_CH;
+        j.npos[t] = np;
+        j.ch_len[t] = (np + nc - 1) / nc;
+        j.n_ch[t] = (np + j.ch_len[t] - 1) / j.ch_len[t];
+        j.task0[t + 1] = j.task0[t] + j.n_ch[t];
+    }
+    st_pool_run(pool, fd_task, &j, j.task0[T]);
+    st_pool_run(pool, fd_combine_task, &j, T * n_head);
+}
+
 void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *q, const void *const *kslot,
                         const void *const *vslot, int kv_es, const int32_t *pos, int T, int n_head, int n_head_kv, int hd,
                         size_t kv_stride, float scale) {
@@ -2060,22 +2083,19 @@ void cpu_attention_fast(st_pool *pool, cpu_scratch *s, float *out, const float *
     ST_ASSERT(s->simd >= CPU_SIMD_AVX2 && hd % 8 == 0 && n_head % n_head_kv == 0 && s->tbuf &&
               s->tbuf_cap >= 8 * s->row_cap);
     for (int t = 0; t < T; t++) ST_ASSERT((size_t)pos[t] < s->row_cap);
-    if (fd_fits(s, T, n_head, hd)) {
-        fd_job j = {.out = out, .q = q, .k = kslot, .v = vslot, .T = T, .n_head = n_head, .n_head_kv = n_head_kv,
-                    .hd = hd, .hp = (n_head + 7) & ~7, .kvw = (int)kv_stride, .es = kv_es, .scale = scale, .part = s->ap,
-                    .s = s};
-        j.ml = s->ap + (size_t)T * FD_MAX_CH * n_head * hd;
-        for (int t = 0; t < T; t++) {
-            const int np = pos[t] + 1;
-            int nc = (np + FD_MIN_CH - 1) / FD_MIN_CH;
-            nc = nc < FD_MAX_CH ? nc : FD_MAX_CH;
-            j.npos[t] = np;
-            j.ch_len[t] = (np + nc - 1) / nc;
-            j.n_ch[t] = (np + j.ch_len[t] - 1) / j.ch_len[t];
-            j.task0[t + 1] = j.task0[t] + j.n_ch[t];
+    /* up to MV_MAX_T rows on the split-K decode kernel; up to mv_split rows (batched decode of
+     * several sequences) as balanced calls of it, so each row stays bit-identical to its row
+     * alone (the prefill kernel below sums in another order) */
+    const int split = s->mv_split > MV_MAX_T ? s->mv_split : MV_MAX_T;
+    if (T <= split && fd_fits(s, T < MV_MAX_T ? T : MV_MAX_T, n_head, hd)) {
+        const int nc = (T + MV_MAX_T - 1) / MV_MAX_T;
+        const size_t row = (size_t)n_head * hd;
+        for (int i = 0, t0 = 0; i < nc; i++) {
+            const int k = (T - t0 + (nc - i) - 1) / (nc - i);
+            fd_run(pool, s, out + (size_t)t0 * row, q + (size_t)t0 * row, kslot + t0, vslot + t0, kv_es, pos + t0, k,
+                   n_head, n_head_kv, hd, kv_stride, scale);
+            t0 += k;
         }
-        st_pool_run(pool, fd_task, &j, j.task0[T]);
-        st_pool_run(pool, fd_combine_task, &j, T * n_head);
         return;
     }
     const int rep = n_head / n_head_kv, nh = rep < 8 ? rep : 8;
