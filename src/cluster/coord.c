@@ -181,23 +181,25 @@ static int wait_replies(coord *c, wait_ctx *w, const int *need, int timeout_ms, 
 /* How many sequences' decode rows stage 0 may run as one step (cp_load.batch_rows) on the
  * S stages just placed: all slots up to COORD_CPU_BATCH and the prefill chunk, when every stage
  * is a CPU node; 1 (a step per sequence) with one slot, or with a GPU stage (its batched path
- * is not built yet). STRATA_BATCH_ROWS=N lowers it (0 or 1: off) for comparisons. */
+ * is not built yet). STRATA_BATCH_ROWS=N replaces COORD_CPU_BATCH: 0 or 1 turn batching off,
+ * N > 8 (up to CP_BATCH_MAX) trades bit-identical outputs for throughput at high concurrency
+ * on many-core nodes, where a GEMM over many rows reads the weights once. */
 #define COORD_CPU_BATCH 8 /* a CPU step of up to 8 rows runs every row exactly as alone (fused
                            * passes of <= 4 rows, cpu_simd.c), so batching never changes a
                            * sequence's output; beyond 8 the prefill kernels sum in other orders */
 static int batch_rows(const coord *c, int S) {
-    int b = c->o.n_slots;
-    if (b > COORD_CPU_BATCH) b = COORD_CPU_BATCH;
-    if (b > c->o.max_batch) b = c->o.max_batch;
-    for (int s = 0; s < S; s++)
-        if (!strncmp(c->peers[c->stage_peer[s]].info.dev_kind, "cuda", 4)) b = 1;
+    int cap = COORD_CPU_BATCH;
     const char *e = getenv("STRATA_BATCH_ROWS");
     if (e && *e) {
         char *end;
         long v = strtol(e, &end, 10);
-        if (*end || v < 0) ST_WARN("STRATA_BATCH_ROWS=%s is not a row count: ignored", e);
-        else b = v < b ? (int)v : b;
+        if (*end || v < 0 || v > CP_BATCH_MAX) ST_WARN("STRATA_BATCH_ROWS=%s is not a row count 0..%d: ignored", e, CP_BATCH_MAX);
+        else cap = (int)v;
     }
+    int b = c->o.n_slots < cap ? c->o.n_slots : cap;
+    if (b > c->o.max_batch) b = c->o.max_batch;
+    for (int s = 0; s < S; s++)
+        if (!strncmp(c->peers[c->stage_peer[s]].info.dev_kind, "cuda", 4)) b = 1;
     return b < 1 ? 1 : b;
 }
 
