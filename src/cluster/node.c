@@ -1136,9 +1136,10 @@ static void on_start(node *n, const uint8_t *p, size_t len) {
 static void on_act_batch(node *n, const dp_act *hp, const uint8_t *p, size_t len, uint64_t t_in) {
     dp_act h = *hp;
     const cp_load *l = &n->load;
-    if (l->stage == 0 || (h.flags & (ACT_FIRST | ACT_NCCL)) || !(h.flags & ACT_LAST) || h.T < 1 || h.T > CP_BATCH_MAX ||
-        h.T > l->max_batch)
+    if (l->stage == 0 || (h.flags & (ACT_FIRST | ACT_NCCL)) || !(h.flags & ACT_LAST) || h.T < 1)
         return ST_WARN("ACT: bad batch header (T %d, flags 0x%x), dropped", h.T, h.flags);
+    if (h.T > l->batch_rows) /* the logits and merge buffers hold batch_rows rows */
+        return ST_WARN("ACT: batch of %d rows on a stage loaded for %d, dropped", h.T, l->batch_rows);
     const size_t rb = (size_t)h.T * sizeof(dp_row);
     if (len != sizeof h + rb + (size_t)h.T * (size_t)n->D * 4)
         return ST_WARN("ACT: batch of %d rows in %zu bytes (expected %zu), dropped", h.T, len,

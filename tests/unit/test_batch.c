@@ -4,8 +4,9 @@
  * ACT_BATCH frame and, in a second turn, as single-sequence frames. Every token the node sends
  * back equals the argmax of the same rows run here through a second copy of the stage (the
  * same CPU kernels and row order), and carries the number of rows its step ran. Malformed
- * batches (a slot twice, a wrong length, a slot or position out of range, too many rows, a
- * batch that claims a sequence start) are dropped without a token while the node keeps serving;
+ * batches (a slot twice, a wrong length, a slot or position out of range, more rows than the
+ * stage batches, a batch that claims a sequence start) are dropped without a token while the
+ * node keeps serving (under ASan: without touching memory past its buffers);
  * a row whose sequence has left its slot gets no token, the other rows do. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -22,7 +23,7 @@
 #include <string.h>
 
 #define EPOCH 5
-#define SLOTS 4
+#define SLOTS 6
 #define CTX 32
 
 typedef struct fx {
@@ -217,6 +218,16 @@ static void test_batched_decode(void **state) {
     dp_act hn = hb;
     hn.flags &= ~ACT_LAST; /* every batch row wants its token */
     send_act(&f, &hn, rows, hid, 0);
+    { /* more rows than the stage was loaded to batch (4): its logits hold 4 rows */
+        dp_row five[5];
+        float *h5 = calloc(5 * (size_t)f.D, 4);
+        assert_non_null(h5);
+        for (int i = 0; i < 5; i++) five[i] = (dp_row){.seq_id = 100 + i, .slot = i, .pos = 3};
+        dp_act h5h = hb;
+        h5h.T = 5;
+        send_act(&f, &h5h, five, h5, 0);
+        free(h5);
+    }
     no_token(&f, 400);
     still_alive(&f);
 
