@@ -1,9 +1,11 @@
 /* live_node.h — a `strata node` on a thread of a unit test (node_run with a port file), for
- * tests that talk to a real node loop over real links. Header-only; include once per test. */
+ * tests that talk to a real node loop over real links, and wait_frame to read its answers.
+ * Header-only; include once per test. */
 #ifndef STRATA_TEST_LIVE_NODE_H
 #define STRATA_TEST_LIVE_NODE_H
 
 #include "strata/cluster.h"
+#include "strata/xport.h"
 
 #include <pthread.h>
 #include <signal.h>
@@ -53,6 +55,24 @@ static int live_node_start(live_node *n) {
         return -1;
     }
     snprintf(n->addr, sizeof n->addr, "127.0.0.1:%d", port);
+    return 0;
+}
+
+/* Waits up to ms for a frame of `type` on x (others are released and skipped); 1 with *m
+ * filled (release it), 0 on timeout or a broken link. */
+static inline int wait_frame(xport *x, uint16_t type, xport_msg *m, int ms) {
+    st_err err = {0};
+    for (int t = 0; t < ms; t += 5) {
+        xport_flush(x);
+        int r = xport_recv(x, m, &err);
+        if (r < 0) return 0;
+        if (r == 1) {
+            if (m->type == type) return 1;
+            xport_release(x);
+            continue;
+        }
+        xport_wait(&x, 1, NULL, 0, 5);
+    }
     return 0;
 }
 

@@ -37,23 +37,6 @@ typedef struct fx {
     float *logits;        /* [CP_BATCH_MAX, V]                                               */
 } fx;
 
-/* Waits up to ms for a frame of `type` on x; 1 and *m filled (release it), 0 on timeout. */
-static int wait_frame(xport *x, uint16_t type, xport_msg *m, int ms) {
-    st_err err = {0};
-    for (int t = 0; t < ms; t += 5) {
-        xport_flush(x);
-        int r = xport_recv(x, m, &err);
-        if (r < 0) return 0;
-        if (r == 1) {
-            if (m->type == type) return 1;
-            xport_release(x);
-            continue;
-        }
-        xport_wait(&x, 1, NULL, 0, 5);
-    }
-    return 0;
-}
-
 static int argmax(const float *v, int n) {
     int b = 0;
     for (int i = 1; i < n; i++)
@@ -94,6 +77,21 @@ static void recv_tokens(fx *f, int n, int32_t tok[SLOTS], int32_t pos[SLOTS], in
         assert_true(t.slot >= 0 && t.slot < SLOTS);
         assert_int_equal((int)t.seq_id, 100 + t.slot);
         tok[t.slot] = t.token, pos[t.slot] = t.pos, rows_of[t.slot] = t.rows;
+    }
+}
+
+/* Receives n tokens, one for each slot order[i], and checks them against the reference rows in
+ * f->logits (row i for order[i]): the argmax, position pos, and the rows of the step that ran
+ * them (rows > 0: exactly; 0: anything from 1 to n, merged or not). */
+static void expect_rows(fx *f, const int *order, int n, int32_t pos, int rows) {
+    int32_t tok[SLOTS], got_pos[SLOTS], rows_of[SLOTS];
+    recv_tokens(f, n, tok, got_pos, rows_of);
+    for (int i = 0; i < n; i++) {
+        const int s = order[i];
+        assert_int_equal(tok[s], argmax(f->logits + (size_t)i * f->V, f->V));
+        assert_int_equal(got_pos[s], pos);
+        if (rows) assert_int_equal(rows_of[s], rows);
+        else assert_true(rows_of[s] >= 1 && rows_of[s] <= n);
     }
 }
 
@@ -191,13 +189,7 @@ static void test_batched_decode(void **state) {
     dp_act hb = {.epoch = EPOCH, .slot = -1, .T = 3, .flags = ACT_LAST | ACT_BATCH};
     send_act(&f, &hb, rows, hid, 0);
     assert_int_equal(model_forward_stage(f.ref, NULL, hid, pbuf, sbuf, 3, NULL, f.logits, LOGITS_ALL, &err), 0);
-    recv_tokens(&f, 3, tok, pos, rows_of);
-    for (int i = 0; i < 3; i++) {
-        const int s = order[i];
-        assert_int_equal(tok[s], argmax(f.logits + (size_t)i * f.V, f.V));
-        assert_int_equal(pos[s], 3);
-        assert_int_equal(rows_of[s], 3); /* one step ran them all */
-    }
+    expect_rows(&f, order, 3, 3, 3); /* one step ran them all */
 
     /* malformed batches: each dropped, no token, the node serves on */
     for (int i = 0; i < 3; i++) rows[i].pos = 3, hidden_row(hid + (size_t)i * f.D, f.D, order[i], 3);
@@ -239,13 +231,7 @@ static void test_batched_decode(void **state) {
         pbuf[i] = 3, sbuf[i] = order[i];
     }
     assert_int_equal(model_forward_stage(f.ref, NULL, hid, pbuf, sbuf, 3, NULL, f.logits, LOGITS_ALL, &err), 0);
-    recv_tokens(&f, 3, tok, pos, rows_of);
-    for (int i = 0; i < 3; i++) {
-        const int s = order[i];
-        assert_int_equal(tok[s], argmax(f.logits + (size_t)i * f.V, f.V));
-        assert_int_equal(pos[s], 4);
-        assert_true(rows_of[s] >= 1 && rows_of[s] <= 3);
-    }
+    expect_rows(&f, order, 3, 4, 0);
 
     /* a row whose sequence left its slot (another seq_id): no token for it, the others get theirs */
     for (int i = 0; i < 3; i++) {

@@ -154,23 +154,6 @@ static void test_timeout_env(void **state) {
 /* ------------------------------------------------------------------------------------------ */
 /* a live node                                                                                */
 
-/* Waits up to ms for a frame of `type` on x; 1 and *m filled (release it), 0 on timeout. */
-static int wait_frame(xport *x, uint16_t type, xport_msg *m, int ms) {
-    st_err err = {0};
-    for (int t = 0; t < ms; t += 5) {
-        xport_flush(x);
-        int r = xport_recv(x, m, &err);
-        if (r < 0) return 0;
-        if (r == 1) {
-            if (m->type == type) return 1;
-            xport_release(x);
-            continue;
-        }
-        xport_wait(&x, 1, NULL, 0, 5);
-    }
-    return 0;
-}
-
 static void test_live_node(void **state) {
     (void)state;
     const char *fx = getenv("STRATA_FIXTURES");
