@@ -43,7 +43,10 @@
 extern "C" {
 #endif
 
-#define XPORT_VERSION 1
+/* The handshake's protocol version: a peer of another version is refused at connect, with a
+ * line naming both. It covers the cluster messages carried over the links too (cluster_proto.h):
+ * 2 = batched decode (cp_load.batch_rows, dp_token.rows, ACT_BATCH rows). */
+#define XPORT_VERSION 2
 #define XPORT_HDR 24
 #define XPORT_MAC 32
 #define XPORT_DATA_TYPES 0x100 /* types >= this are data frames (MAC optional) */

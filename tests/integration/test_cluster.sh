@@ -150,7 +150,7 @@ if STRATA_XPORT_TEST_VERSION=99 gen "$m" --peers "$P3" --prompt-ids 1 --max-toke
     fail "auth: a version mismatch was accepted"
 else ok; fi
 grep -q "version mismatch" "$tmp/err" && ok || fail "auth: coordinator did not log the version mismatch"
-grep -q "version mismatch (ours 1, peer 99)" "$tmp/n0.log" && ok || fail "auth: node did not log the version mismatch"
+grep -q "version mismatch (ours 2, peer 99)" "$tmp/n0.log" && ok || fail "auth: node did not log the version mismatch"
 if env -u STRATA_CLUSTER_KEY timeout 20 "$bin" cluster-gen "$m" --peers "$P3" --prompt-ids 1 --max-tokens 2 >/dev/null 2>"$tmp/err"; then
     fail "auth: ran without a key"
 else ok; fi
