@@ -27,6 +27,15 @@ try {
 
   await page.fill("#max-tokens", "200");
   await page.fill("#chat-input", "Hello strata, please stream a few tokens.");
+  // every text the assistant message shows, recorded in the page as the DOM changes (polling
+  // from here missed the whole stream when CI's load slowed the round trips past its 0.6 s)
+  await page.evaluate(() => {
+    window.__partials = new Set();
+    new MutationObserver(() => {
+      const t = document.querySelector(".msg.assistant .text");
+      if (t && t.textContent) window.__partials.add(t.textContent);
+    }).observe(document.body, { subtree: true, childList: true, characterData: true });
+  });
   await page.click("#chat-send");
   // record the assistant text as it grows
   const seen = new Set();
@@ -52,8 +61,9 @@ try {
     if (Date.now() - t0 > 60000) { fail("the answer did not finish in 60 s"); break; }
     await new Promise((r) => setTimeout(r, 15));
   }
-  if (seen.size < 3) fail(`the answer did not stream: only ${seen.size} distinct partial texts`);
-  else ok(`chat streamed: ${seen.size} distinct partial texts before the end`);
+  const partials = await page.evaluate(() => window.__partials.size);
+  if (partials < 3) fail(`the answer did not stream: only ${partials} distinct partial texts (${seen.size} seen by polling)`);
+  else ok(`chat streamed: ${partials} distinct partial texts before the end (${seen.size} seen by polling)`);
   const meta = await page.textContent(".msg.assistant .meta");
   ok("answer meta: " + meta);
   // the live panel picks up the tokens on its next /metrics poll
