@@ -28,6 +28,15 @@ typedef struct lat_rec {
     int n, cap;
 } lat_rec;
 
+/* toks[0..n) = token ids below V from a xorshift64 stream started at seed (a prompt that is
+ * the same on every run). */
+static void random_ids(int32_t *toks, int n, int V, uint64_t seed) {
+    uint64_t x = seed;
+    for (int i = 0; i < n; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        toks[i] = (int32_t)(x % (uint64_t)V);
+    }
+}
 static void on_token(void *ud, int seq, int32_t id, const float *logits, int n_vocab) {
     (void)id, (void)logits, (void)n_vocab;
     lat_rec *r = ud;
@@ -64,11 +73,7 @@ static void bench_cluster_max_ctx(const char *model_dir, const char *peers, int6
         goto done;
     }
     const int V = coord_n_vocab(c);
-    uint64_t x = 0x2545F4914F6CDD1Dull;
-    for (int i = 0; i < n_prompt; i++) {
-        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        toks[i] = (int32_t)(x % (uint64_t)V);
-    }
+    random_ids(toks, n_prompt, V, 0x2545F4914F6CDD1Dull);
     smp_params greedy = smp_params_default();
     greedy.temperature = 0;
     fprintf(stderr, "strata: stable context: prefill of %d tokens through %d stages, then %d decoded ...\n", n_prompt,
@@ -115,11 +120,7 @@ int bench_cluster(const char *model_dir, const char *peers, int prompt, int gen,
         rc = st_err_set(err, ST_ERR_NOMEM, "out of memory");
         goto done;
     }
-    uint64_t x = 0x9E3779B97F4A7C15ull;
-    for (int i = 0; i < prompt; i++) {
-        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        toks[i] = (int32_t)(x % (uint64_t)V);
-    }
+    random_ids(toks, prompt, V, 0x9E3779B97F4A7C15ull);
     smp_params greedy = smp_params_default();
     greedy.temperature = 0;
     coord_stats st1;
